@@ -1,0 +1,223 @@
+"""Spatial (channel-wise) dropout for any spatial rank and any channel position."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._module import StructuredDropout
+from ._validation import (
+    check_bool,
+    check_channel_dim,
+    check_float_input,
+    check_generator,
+    check_min_rank,
+    check_p,
+    squeeze_if,
+)
+
+__all__ = [
+    "SpatialDropout",
+    "SpatialDropout1d",
+    "SpatialDropout2d",
+    "SpatialDropout3d",
+    "spatial_dropout",
+]
+
+_LAYOUT = "(N, C, *spatial), or (N, *spatial, C) with channel_dim=-1"
+
+
+def spatial_dropout(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    channel_dim: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Zero whole channels of each sample at random (spatial dropout).
+
+    For every sample ``n`` and channel ``c`` the slice ``input[n, c]`` (the channel axis given by
+    ``channel_dim``) is either zeroed, with probability ``p``, or kept and scaled by
+    ``1 / (1 - p)``. Adjacent positions of a feature map are strongly correlated, so dropping
+    single activations barely regularises a conv net; dropping whole feature maps does
+    (Tompson et al., "Efficient Object Localization Using Convolutional Networks", CVPR 2015,
+    https://arxiv.org/abs/1411.4280).
+
+    For channels-first input this is a drop-in for :func:`torch.nn.functional.dropout1d`,
+    ``dropout2d`` and ``dropout3d``: with the same seed it draws the same random numbers and
+    returns the same bits (the scale is rounded to the input's dtype, as torch does). Unlike
+    those it works for any rank and any channel position, and never guesses: dim 0 is always
+    the batch.
+
+    Args:
+        input: a floating-point tensor with at least 3 dims, dim 0 the batch.
+        p: probability of zeroing a channel, in ``[0, 1]``. Default: 0.5.
+        training: apply dropout if ``True``; else return ``input`` unchanged. Default: True.
+        inplace: write the result into ``input``. Default: False.
+        channel_dim: the channel axis, any dim but 0; ``-1`` for channels-last. Default: 1.
+        generator: the random number generator to draw from. Default: the global one.
+
+    Shape:
+        - Input: :math:`(N, C, *)` or, with ``channel_dim=-1``, :math:`(N, *, C)`.
+        - Output: the same shape, dtype and memory format as the input.
+
+    Returns:
+        The tensor with dropped channels zeroed and kept ones scaled.
+
+    Examples:
+        >>> import torch
+        >>> from spatialdrop.functional import spatial_dropout
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.ones(2, 4, 3, 3)
+        >>> y = spatial_dropout(x, p=0.5, generator=g)
+        >>> y[:, :, 0, 0]
+        tensor([[0., 0., 2., 0.],
+                [0., 0., 2., 2.]])
+        >>> bool((y == y[:, :, :1, :1]).all())  # each (n, c) slice is all kept or all dropped
+        True
+        >>> spatial_dropout(torch.ones(1, 5, 7, 3), p=0.5, channel_dim=-1).shape
+        torch.Size([1, 5, 7, 3])
+    """
+    fn = "spatial_dropout"
+    check_float_input(fn, input)
+    p = check_p(fn, p)
+    check_min_rank(fn, input, 3, _LAYOUT)
+    dim = check_channel_dim(fn, channel_dim, input.dim())
+    check_bool(fn, "training", training)
+    check_bool(fn, "inplace", inplace)
+    check_generator(fn, generator)
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    if p == 1.0:
+        zero = input.new_zeros(())
+        return input.mul_(zero) if inplace else input * zero
+    noise = input.new_empty(channel_noise_shape(input, dim))
+    with torch.no_grad():
+        noise.bernoulli_(1.0 - p, generator=generator)
+        noise.div_(1.0 - p)
+    return input.mul_(noise) if inplace else input * noise
+
+
+def channel_noise_shape(input: Tensor, channel_dim: int) -> list[int]:
+    """Shape ``(N, 1, .., C, .., 1)`` of a per-(sample, channel) tensor broadcastable to ``input``."""
+    shape = [1] * input.dim()
+    shape[0] = input.shape[0]
+    shape[channel_dim] = input.shape[channel_dim]
+    return shape
+
+
+class SpatialDropout(StructuredDropout):
+    r"""Spatial (channel-wise) dropout for input of any rank ≥ 3.
+
+    See :func:`spatialdrop.functional.spatial_dropout`: each ``input[n, c]`` slice is zeroed
+    with probability ``p`` or kept and scaled by ``1 / (1 - p)``. Eval mode is the identity.
+
+    Args:
+        p: probability of zeroing a channel, in ``[0, 1]``. Default: 0.5.
+        inplace: write the result into the input. Default: False.
+        channel_dim: the channel axis (never 0, the batch); ``-1`` for channels-last. Default: 1.
+
+    Shape:
+        - Input: :math:`(N, C, *)` or, with ``channel_dim=-1``, :math:`(N, *, C)`; batched only.
+        - Output: same as the input.
+
+    Examples:
+        >>> import torch
+        >>> from spatialdrop import SpatialDropout
+        >>> m = SpatialDropout(p=0.2, channel_dim=-1)
+        >>> m
+        SpatialDropout(p=0.2, inplace=False, channel_dim=-1)
+        >>> m(torch.randn(8, 100, 64)).shape  # (N, L, C) token features
+        torch.Size([8, 100, 64])
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Apply :func:`~spatialdrop.functional.spatial_dropout` with this module's settings."""
+        x, unbatched = self.batched(input)
+        out = spatial_dropout(x, self.p, self.training, self.inplace, channel_dim=self.channel_dim)
+        return squeeze_if(out, unbatched)
+
+
+class SpatialDropout1d(SpatialDropout):
+    r"""Spatial dropout for sequences: zeroes whole channels of ``(N, C, L)`` or ``(C, L)`` input.
+
+    A drop-in for :class:`torch.nn.Dropout1d` that also takes channels-last ``(N, L, C)`` input
+    with ``channel_dim=-1``.
+
+    Args:
+        p: probability of zeroing a channel, in ``[0, 1]``. Default: 0.5.
+        inplace: write the result into the input. Default: False.
+        channel_dim: the channel axis of the batched layout, 1 or 2 (-1). Default: 1.
+
+    Shape:
+        - Input: :math:`(N, C, L)` or unbatched :math:`(C, L)`; with ``channel_dim=-1``
+          :math:`(N, L, C)` or :math:`(L, C)`.
+        - Output: same as the input.
+
+    Examples:
+        >>> import torch
+        >>> from spatialdrop import SpatialDropout1d
+        >>> SpatialDropout1d(0.1)(torch.randn(4, 16, 50)).shape
+        torch.Size([4, 16, 50])
+        >>> SpatialDropout1d(0.1, channel_dim=-1)(torch.randn(50, 16)).shape  # unbatched (L, C)
+        torch.Size([50, 16])
+    """
+
+    spatial_dims = 1
+
+
+class SpatialDropout2d(SpatialDropout):
+    r"""Spatial dropout for images: zeroes whole channels of ``(N, C, H, W)`` or ``(C, H, W)``.
+
+    A drop-in for :class:`torch.nn.Dropout2d`, except that a 3-D input is read as unbatched
+    ``(C, H, W)`` (torch reads it as ``(N, C, L)`` and warns), and channels-last ``(N, H, W, C)``
+    works with ``channel_dim=-1``.
+
+    Args:
+        p: probability of zeroing a channel, in ``[0, 1]``. Default: 0.5.
+        inplace: write the result into the input. Default: False.
+        channel_dim: the channel axis of the batched layout. Default: 1.
+
+    Shape:
+        - Input: :math:`(N, C, H, W)` or unbatched :math:`(C, H, W)`; with ``channel_dim=-1``
+          :math:`(N, H, W, C)` or :math:`(H, W, C)`.
+        - Output: same as the input.
+
+    Examples:
+        >>> import torch
+        >>> from spatialdrop import SpatialDropout2d
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> y = SpatialDropout2d(0.5)(torch.ones(6, 4, 4))  # unbatched: one mask per channel
+        >>> y.amax(dim=(1, 2)) == y.amin(dim=(1, 2))
+        tensor([True, True, True, True, True, True])
+    """
+
+    spatial_dims = 2
+
+
+class SpatialDropout3d(SpatialDropout):
+    r"""Spatial dropout for volumes: zeroes whole channels of ``(N, C, D, H, W)`` or ``(C, D, H, W)``.
+
+    A drop-in for :class:`torch.nn.Dropout3d` that also takes channels-last input.
+
+    Args:
+        p: probability of zeroing a channel, in ``[0, 1]``. Default: 0.5.
+        inplace: write the result into the input. Default: False.
+        channel_dim: the channel axis of the batched layout. Default: 1.
+
+    Shape:
+        - Input: :math:`(N, C, D, H, W)` or unbatched :math:`(C, D, H, W)`; with
+          ``channel_dim=-1`` :math:`(N, D, H, W, C)` or :math:`(D, H, W, C)`.
+        - Output: same as the input.
+
+    Examples:
+        >>> import torch
+        >>> from spatialdrop import SpatialDropout3d
+        >>> SpatialDropout3d(0.2)(torch.randn(2, 8, 4, 4, 4)).shape
+        torch.Size([2, 8, 4, 4, 4])
+    """
+
+    spatial_dims = 3

@@ -1,0 +1,368 @@
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.dropout import _DropoutNd
+from torch.utils.checkpoint import checkpoint
+
+from conftest import FLOAT_DTYPES, RANKS, assert_binomial, shape_for
+from spatialdrop import SpatialDropout, SpatialDropout1d, SpatialDropout2d, SpatialDropout3d
+from spatialdrop.functional import spatial_dropout
+
+TORCH_FN = {1: F.dropout1d, 2: F.dropout2d, 3: F.dropout3d}
+MODULES = {1: SpatialDropout1d, 2: SpatialDropout2d, 3: SpatialDropout3d}
+
+
+def _grad_of(fn, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = fn(x)
+    g = torch.linspace(-1, 1, y.numel(), dtype=torch.float32).reshape(y.shape).to(y.dtype)
+    y.backward(g)
+    return y.detach(), x.grad
+
+
+# --- drop-in exactness against torch ------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bit_exact_with_torch(rank: int, dtype: torch.dtype, p: float, seed: int) -> None:
+    x = torch.randn(shape_for(rank, n=3, c=7), dtype=dtype)
+    ours, g_ours = _grad_of(lambda t: spatial_dropout(t, p), x, seed)
+    theirs, g_theirs = _grad_of(lambda t: TORCH_FN[rank](t, p), x, seed)
+    assert ours.dtype == dtype
+    assert torch.equal(ours, theirs)
+    assert torch.equal(g_ours, g_theirs)
+    # the module gives the same bits as the function
+    torch.manual_seed(seed)
+    assert torch.equal(MODULES[rank](p)(x), theirs)
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("seed", [0, 5])
+def test_channels_last_equals_torch_on_moved_axis(rank: int, dtype: torch.dtype, seed: int) -> None:
+    x = torch.randn(shape_for(rank, n=3, c=7), dtype=dtype)
+    x_last = x.movedim(1, -1).contiguous()
+    torch.manual_seed(seed)
+    theirs = TORCH_FN[rank](x, 0.4)
+    torch.manual_seed(seed)
+    ours = spatial_dropout(x_last, 0.4, channel_dim=-1)
+    assert torch.equal(ours, theirs.movedim(1, -1))
+    torch.manual_seed(seed)
+    assert torch.equal(MODULES[rank](0.4, channel_dim=-1)(x_last), ours)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_unbatched_matches_torch_where_torch_is_right(rank: int) -> None:
+    # torch handles unbatched (C, L) in dropout1d and (C, D, H, W) in dropout3d correctly
+    x = torch.randn(shape_for(rank, n=1, c=9)[1:])
+    torch.manual_seed(3)
+    theirs = TORCH_FN[rank](x, 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(MODULES[rank](0.5)(x), theirs)
+
+
+def test_unbatched_2d_is_masked_per_channel_unlike_torch() -> None:
+    x = torch.ones(16, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        theirs = F.dropout2d(x, 0.5)  # torch reads (C, H, W) as (N, C, L): masks rows
+    torch.manual_seed(0)
+    ours = SpatialDropout2d(0.5)(x)
+    per_channel = ours.reshape(16, -1)
+    assert (per_channel.amax(1) == per_channel.amin(1)).all()
+    rows = theirs.reshape(16, -1)
+    assert not (rows.amax(1) == rows.amin(1)).all()
+    torch.manual_seed(0)
+    assert torch.equal(ours, spatial_dropout(x.unsqueeze(0), 0.5).squeeze(0))
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_p_one_matches_torch(rank: int) -> None:
+    x = torch.randn(shape_for(rank))
+    x[0, 0] = float("nan")
+    ours, theirs = spatial_dropout(x, 1.0), TORCH_FN[rank](x, 1.0)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+    assert (ours[1:] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("p", "training", "numel"), [(0.0, True, 1), (1.0, True, 1), (0.5, False, 1), (0.5, True, 0)]
+)
+def test_no_random_numbers_drawn(p: float, training: bool, numel: int) -> None:
+    x = torch.randn(2, 3, 4, 4) if numel else torch.randn(0, 3, 4, 4)
+    state = torch.get_rng_state()
+    spatial_dropout(x, p, training)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_random_numbers_drawn_like_torch() -> None:
+    x = torch.randn(5, 7, 3, 3)
+    torch.manual_seed(0)
+    F.dropout2d(x, 0.3)
+    after_torch = torch.get_rng_state()
+    torch.manual_seed(0)
+    spatial_dropout(x, 0.3)
+    assert torch.equal(after_torch, torch.get_rng_state())
+
+
+# --- semantics ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_eval_and_p_zero_are_identity(rank: int) -> None:
+    x = torch.randn(shape_for(rank))
+    m = MODULES[rank](0.5).eval()
+    assert m(x) is x
+    assert spatial_dropout(x, 0.5, training=False) is x
+    assert spatial_dropout(x, 0.0) is x
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"p": 1.5}, ValueError, r"spatial_dropout: p must be a probability in \[0, 1\], got 1.5"),
+        ({"p": -0.1}, ValueError, r"p must be a probability in \[0, 1\], got -0.1"),
+        ({"p": float("nan")}, ValueError, r"p must be .* got nan"),
+        ({"p": True}, TypeError, r"p must be a real number in \[0, 1\], got True"),
+        ({"p": "0.5"}, TypeError, r"p must be a real number"),
+        ({"channel_dim": 0}, ValueError, r"channel_dim must be a dim .* other than the batch"),
+        ({"channel_dim": 4}, ValueError, r"channel_dim must be .* 1 .. 3 or -1 .. -3, got 4"),
+        ({"channel_dim": -4}, ValueError, r"channel_dim must be .*got -4"),
+        ({"channel_dim": 1.0}, TypeError, r"channel_dim must be an int, got 1.0"),
+        ({"training": 1}, TypeError, r"training must be a bool, got 1"),
+        ({"inplace": None}, TypeError, r"inplace must be a bool, got None"),
+        ({"generator": 3}, TypeError, r"generator must be None or a torch.Generator, got int"),
+    ],
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_bad_arguments_raise_even_in_eval(kwargs: dict, exc: type, match: str, training: bool) -> None:
+    kwargs = {"training": training, **kwargs}
+    with pytest.raises(exc, match=match):
+        spatial_dropout(torch.randn(2, 3, 4, 4), **kwargs)
+
+
+def test_bad_inputs_raise() -> None:
+    with pytest.raises(TypeError, match=r"input must be a floating-point tensor .* got torch.int64"):
+        spatial_dropout(torch.ones(2, 3, 4, dtype=torch.long), 0.5, training=False)
+    with pytest.raises(TypeError, match=r"input must be a torch.Tensor, got list"):
+        spatial_dropout([1.0, 2.0], 0.5)  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"input must be a tensor with at least 3 dims .* got shape \(2, 3\)"
+    ):
+        spatial_dropout(torch.ones(2, 3), 0.5, training=False)
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_module_rejects_wrong_rank_with_accepted_shapes(rank: int) -> None:
+    m = MODULES[rank](0.5).eval()
+    bad = torch.ones((2,) * (rank + 3))
+    with pytest.raises(
+        ValueError,
+        match=rf"{MODULES[rank].__name__}: input must be a {rank + 2}-D batched .* or {rank + 1}-D unbatched",
+    ):
+        m(bad)
+    with pytest.raises(ValueError, match="input must be a tensor with at least 3 dims"):
+        SpatialDropout(0.5)(torch.ones(4, 5))
+
+
+@pytest.mark.parametrize("cls", [SpatialDropout, SpatialDropout1d, SpatialDropout2d, SpatialDropout3d])
+def test_module_constructor_validates(cls: type) -> None:
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: p must be a probability"):
+        cls(2.0)
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: inplace must be a bool"):
+        cls(0.5, inplace="yes")
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: channel_dim must be"):
+        cls(0.5, channel_dim=0)
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: channel_dim must be an int"):
+        cls(0.5, channel_dim="last")
+
+
+def test_module_is_a_torch_dropout_and_has_repr_and_state() -> None:
+    m = SpatialDropout2d(0.25, channel_dim=-1)
+    assert isinstance(m, _DropoutNd)
+    assert repr(m) == "SpatialDropout2d(p=0.25, inplace=False, channel_dim=-1)"
+    assert repr(SpatialDropout3d()) == "SpatialDropout3d(p=0.5, inplace=False)"
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), m)
+    net2 = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), SpatialDropout2d(0.25, channel_dim=-1))
+    net2.load_state_dict(net.state_dict())
+    assert set(net.state_dict()) == {"0.weight", "0.bias"}
+
+
+def test_generator_reproducible_and_global_rng_untouched() -> None:
+    x = torch.randn(8, 16, 3, 3)
+    state = torch.get_rng_state()
+    a = spatial_dropout(x, 0.5, generator=torch.Generator().manual_seed(7))
+    b = spatial_dropout(x, 0.5, generator=torch.Generator().manual_seed(7))
+    c = spatial_dropout(x, 0.5, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(state, torch.get_rng_state())
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_inplace_writes_input_and_keeps_autograd_rules() -> None:
+    x = torch.randn(4, 6, 5, 5)
+    y = x.clone()
+    torch.manual_seed(1)
+    expected = spatial_dropout(x, 0.5)
+    torch.manual_seed(1)
+    out = spatial_dropout(y, 0.5, inplace=True)
+    assert out.data_ptr() == y.data_ptr()
+    assert torch.equal(y, expected)
+    # inplace on a non-leaf works and differentiates
+    leaf = torch.randn(4, 6, 5, 5, requires_grad=True)
+    torch.manual_seed(1)
+    z = spatial_dropout(leaf * 1.0, 0.5, inplace=True)
+    z.sum().backward()
+    torch.manual_seed(1)
+    assert torch.equal(leaf.grad, spatial_dropout(torch.ones_like(leaf), 0.5))
+    # inplace on a leaf that requires grad is torch's own error
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad"):
+        spatial_dropout(leaf, 0.5, inplace=True)
+    # module with unbatched input and inplace writes through the view
+    u = torch.ones(6, 5, 5)
+    SpatialDropout2d(0.5, inplace=True)(u)
+    assert ((u == 0) | (u == 2)).all()
+
+
+# --- shapes, layouts, batch sizes --------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("n", [0, 1, 2])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_batch_sizes_and_dtype_kept(rank: int, n: int, dtype: torch.dtype) -> None:
+    x = torch.randn(shape_for(rank, n=n), dtype=dtype)
+    y = MODULES[rank](0.5)(x)
+    assert y.shape == x.shape
+    assert y.dtype == dtype
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_channels_last_memory_format_kept(rank: int) -> None:
+    fmt = torch.channels_last if rank == 2 else torch.channels_last_3d
+    x = torch.randn(shape_for(rank)).contiguous(memory_format=fmt)
+    torch.manual_seed(0)
+    y = spatial_dropout(x, 0.5)
+    assert y.is_contiguous(memory_format=fmt)
+    torch.manual_seed(0)
+    assert torch.equal(y, spatial_dropout(x.contiguous(), 0.5))
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_non_contiguous_input(rank: int) -> None:
+    base = torch.randn(shape_for(rank, n=4, c=6))
+    x = base.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    assert not x.is_contiguous()
+    torch.manual_seed(2)
+    a = spatial_dropout(x, 0.3)
+    torch.manual_seed(2)
+    assert torch.equal(a, spatial_dropout(base, 0.3))
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_gradient_is_mask_times_scale(rank: int) -> None:
+    x = torch.randn(shape_for(rank), requires_grad=True)
+    torch.manual_seed(4)
+    y = spatial_dropout(x, 0.25)
+    y.sum().backward()
+    mask = (y.detach() != 0).to(x.dtype)
+    assert torch.equal(x.grad, mask / 0.75)
+
+
+def test_only_channel_noise_is_saved_for_backward() -> None:
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    saved: list[torch.Size] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        spatial_dropout(x, 0.5)
+    assert saved == [torch.Size([4, 8, 1, 1])]
+
+
+# --- statistics --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
+@pytest.mark.parametrize("channel_dim", [1, -1])
+def test_drop_rate_and_structure(rank: int, p: float, channel_dim: int) -> None:
+    n, c = 64, 50
+    x = torch.ones(shape_for(rank, n=n, c=c, side=3))
+    if channel_dim == -1:
+        x = x.movedim(1, -1).contiguous()
+    y = spatial_dropout(x, p, channel_dim=channel_dim).movedim(channel_dim, 1)
+    flat = y.reshape(n, c, -1)
+    # every (n, c) slice is all zero or all kept
+    assert (flat.amax(-1) == flat.amin(-1)).all()
+    scale = torch.tensor(1.0) / (1 - p)  # rounded to float32, as the op does
+    assert ((flat == 0) | (flat == scale)).all()
+    dropped = int((flat[..., 0] == 0).sum())
+    assert_binomial(dropped, n * c, p, "dropped channels")
+
+
+def test_mean_preserved_in_expectation() -> None:
+    # E[y] = x; the sample mean over n*c independent channels of y / x is (kept/total) / (1-p)
+    p, n, c = 0.3, 200, 100
+    x = torch.full((n, c, 2, 2), 3.0)
+    y = spatial_dropout(x, p)
+    kept = int((y[:, :, 0, 0] != 0).sum())
+    assert_binomial(kept, n * c, 1 - p, "kept channels")
+    assert torch.allclose(y[y != 0], torch.tensor(3.0 / 0.7))
+
+
+# --- transforms: compile, vmap, checkpoint -----------------------------------------------
+
+
+def test_torch_compile_fullgraph_matches_eager() -> None:
+    import torch._inductor.config as inductor_config
+
+    x = torch.randn(4, 6, 5, 5)
+    m = SpatialDropout2d(0.4)
+    with inductor_config.patch(fallback_random=True):
+        compiled = torch.compile(m, fullgraph=True)
+        torch.manual_seed(0)
+        a = compiled(x)
+    torch.manual_seed(0)
+    b = m(x)
+    assert torch.equal(a, b)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_vmap(randomness: str) -> None:
+    x = torch.ones(5, 3, 20, 2, 2)  # vmapped over dim 0; each call sees (3, 20, 2, 2)
+    y = torch.func.vmap(lambda t: spatial_dropout(t, 0.5), randomness=randomness)(x)
+    flat = y.reshape(5, 3, 20, -1)
+    assert (flat.amax(-1) == flat.amin(-1)).all()
+    same = all(torch.equal(y[0], y[i]) for i in range(1, 5))
+    assert same == (randomness == "same")
+
+
+def test_checkpoint_recomputes_the_same_mask() -> None:
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    drop = SpatialDropout2d(0.5)
+
+    def block(t: torch.Tensor) -> torch.Tensor:
+        return drop(conv(t)).relu()
+
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    torch.manual_seed(11)
+    block(x).sum().backward()
+    g_plain = x.grad.clone()
+    x.grad = None
+    torch.manual_seed(11)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert torch.equal(g_plain, x.grad)
