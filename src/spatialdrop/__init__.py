@@ -7,15 +7,44 @@ and their relatives. Functions live in :mod:`spatialdrop.functional`, modules he
 from __future__ import annotations
 
 from . import functional
+from .alpha import AlphaSpatialDropout, AlphaSpatialDropout1d, AlphaSpatialDropout2d, AlphaSpatialDropout3d
+from .drop_path import DropPath, drop_path_rates
+from .filter_dropout import FilterDropout, filter_dropout, remove_filter_dropout
+from .gaussian import (
+    GaussianSpatialDropout,
+    GaussianSpatialDropout1d,
+    GaussianSpatialDropout2d,
+    GaussianSpatialDropout3d,
+)
+from .schedule import DropSchedule
 from .spatial_dropout import SpatialDropout, SpatialDropout1d, SpatialDropout2d, SpatialDropout3d
+from .tools import MCPrediction, add_dropout, mc_dropout, mc_predict
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlphaSpatialDropout",
+    "AlphaSpatialDropout1d",
+    "AlphaSpatialDropout2d",
+    "AlphaSpatialDropout3d",
+    "DropPath",
+    "DropSchedule",
+    "FilterDropout",
+    "GaussianSpatialDropout",
+    "GaussianSpatialDropout1d",
+    "GaussianSpatialDropout2d",
+    "GaussianSpatialDropout3d",
+    "MCPrediction",
     "SpatialDropout",
     "SpatialDropout1d",
     "SpatialDropout2d",
     "SpatialDropout3d",
     "__version__",
+    "add_dropout",
+    "drop_path_rates",
+    "filter_dropout",
     "functional",
+    "mc_dropout",
+    "mc_predict",
+    "remove_filter_dropout",
 ]
