@@ -134,10 +134,10 @@ def drop_path_rates(depth: int, p_max: float, *, rule: str = "paper") -> list[fl
     p_max = check_p(fn, p_max, arg="p_max")
     check_choice(fn, "rule", rule, ("paper", "linspace"))
     if rule == "paper":
-        return [p_max * ell / depth for ell in range(1, depth + 1)]
+        return [p_max * (ell / depth) for ell in range(1, depth + 1)]
     if depth == 1:
         return [0.0]
-    return [p_max * i / (depth - 1) for i in range(depth)]
+    return [p_max * (i / (depth - 1)) for i in range(depth)]
 
 
 class DropPath(StructuredDropout):
