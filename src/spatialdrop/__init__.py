@@ -7,15 +7,21 @@ and their relatives. Functions live in :mod:`spatialdrop.functional`, modules he
 from __future__ import annotations
 
 from . import functional
+from .keyed import MaskKey, keyed_masks, keyed_normal, keyed_uniform, mask_context
 from .spatial_dropout import SpatialDropout, SpatialDropout1d, SpatialDropout2d, SpatialDropout3d
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MaskKey",
     "SpatialDropout",
     "SpatialDropout1d",
     "SpatialDropout2d",
     "SpatialDropout3d",
     "__version__",
     "functional",
+    "keyed_masks",
+    "keyed_normal",
+    "keyed_uniform",
+    "mask_context",
 ]
