@@ -517,6 +517,8 @@ def test_torch_compile_fullgraph_no_recompile_per_step() -> None:
             eager = m(x)
             assert torch.equal(compiled(x), eager)  # inductor's integer code gives the same bits
     assert counters["stats"]["unique_graphs"] == 1  # the step is a graph input, not a constant
+    with pytest.raises(RuntimeError, match="mask_context"):  # compiled, still the clear error
+        compiled(x)
     torch._dynamo.reset()
 
 
@@ -544,6 +546,9 @@ def test_vmap_over_samples_equals_the_batch() -> None:
         return spatial_dropout(xi.unsqueeze(0), 0.5, key=MaskKey(2, 7, 11, sid.unsqueeze(0))).squeeze(0)
 
     assert torch.equal(torch.func.vmap(one)(x, ids), batch)
+    # vmap over steps (a batched step, unbatched ids): each step's numbers, as called one by one
+    steps = torch.func.vmap(lambda st: keyed_uniform(MaskKey(2, st, 11, ids), 5))(torch.arange(3))
+    assert all(torch.equal(steps[s], keyed_uniform(MaskKey(2, s, 11, ids), 5)) for s in range(3))
     # a keyed layer under vmap: the masks come from the context, the same for every vmapped copy
     m = keyed_masks(SpatialDropout2d(0.5), 2)
     xs = torch.ones(3, 6, 8, 2, 2)

@@ -22,6 +22,7 @@ keys) and as a reference in tests.
 from __future__ import annotations
 
 import functools
+import struct
 from typing import Union
 
 import torch
@@ -43,9 +44,10 @@ ROUND_B = 0xCD9E8D57  # multiplier of word 2 (PHILOX_M4x32_1)
 KEY_A = 0x9E3779B9  # Weyl increment of key word 0 (golden ratio)
 KEY_B = 0xBB67AE85  # Weyl increment of key word 1 (sqrt(3) - 1)
 
-# Triton's uint_to_uniform_float scale for 32-bit input, rounded to float32 (its literal is a
-# float32 constant in the kernel): the largest value with (2**31 - 1) * scale < 1 in float32.
-UNIFORM_SCALE = 4.6566127342e-10
+# Triton's uint_to_uniform_float scale for 32-bit input, 4.6566127342e-10 (the largest value with
+# (2**31 - 1) * scale < 1 in float32), rounded to float32 as Triton does with the literal. As an
+# exact float32 value the product is the same whether a backend multiplies in float32 or float64.
+UNIFORM_SCALE = struct.unpack("<f", struct.pack("<f", 4.6566127342e-10))[0]
 
 Word = Union[Tensor, int]
 
@@ -191,7 +193,7 @@ def uint32_to_uniform(x: Tensor) -> Tensor:
     range map onto ``[0, 2**31)``); the result is that int, rounded to float32, times
     :data:`UNIFORM_SCALE` in float32.
     """
-    r = torch.where(x > 0x7FFFFFFF, MASK32 - x, x)
+    r = x ^ ((x >> 31) * MASK32)  # x, or MASK32 - x = -v - 1 for the words with v < 0
     return r.to(torch.float32) * UNIFORM_SCALE
 
 
