@@ -157,8 +157,8 @@ def philox4x32(
     # row 0 to c2' = hi(A c0) ^ c3 ^ k1 and row 1 to c0' = hi(B c2) ^ c1 ^ k0, and the low
     # products (c3', c1') must be swapped to pair up again, hence the flip. Odd rounds see the
     # rows the other way round and use the multipliers and keys in the other order.
-    e = torch.stack((w0.reshape(-1), w2.reshape(-1)))
-    o = torch.stack((w3.reshape(-1), w1.reshape(-1)))
+    e = torch.stack((w0, w2)).reshape(2, -1)
+    o = torch.stack((w3, w1)).reshape(2, -1)
     k0, k1 = k0 & MASK32, k1 & MASK32
     dev = e.device
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
@@ -193,7 +193,7 @@ def uint32_to_uniform(x: Tensor) -> Tensor:
     range map onto ``[0, 2**31)``); the result is that int, rounded to float32, times
     :data:`UNIFORM_SCALE` in float32.
     """
-    r = x ^ ((x >> 31) * MASK32)  # x, or MASK32 - x = -v - 1 for the words with v < 0
+    r = torch.minimum(x, MASK32 - x)  # x if v >= 0, else MASK32 - x = -v - 1
     return r.to(torch.float32) * UNIFORM_SCALE
 
 

@@ -25,6 +25,7 @@ step)``, with ``sid = sample_ids[i]`` read as 64-bit two's complement, converted
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import numbers
 import threading
@@ -143,10 +144,19 @@ def check_key(fn: str, key: Any, batch_size: int | None = None) -> MaskKey:
     return key
 
 
-def _layer_key(seed: int, layer: int) -> tuple[int, int]:
-    """The Philox key of a (seed, layer): a pseudo-random function of both, 64 bits."""
+def _derive_layer_key(seed: int, layer: int) -> tuple[int, int]:
     w = philox4x32_int(layer & MASK32, layer >> 32, 0, _KEY_DOMAIN, seed & MASK32, seed >> 32)
     return w[0], w[1]
+
+
+_derive_layer_key_cached = functools.lru_cache(maxsize=4096)(_derive_layer_key)
+
+
+def _layer_key(seed: int, layer: int) -> tuple[int, int]:
+    """The Philox key of a (seed, layer): a pseudo-random function of both, 64 bits."""
+    if torch.compiler.is_compiling():  # traced once per graph: no cache needed
+        return _derive_layer_key(seed, layer)
+    return _derive_layer_key_cached(seed, layer)
 
 
 def _step_word(step: int | Tensor, device: torch.device) -> int | Tensor:

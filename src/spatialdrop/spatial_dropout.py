@@ -86,6 +86,11 @@ def spatial_dropout(
         True
         >>> spatial_dropout(torch.ones(1, 5, 7, 3), p=0.5, channel_dim=-1).shape
         torch.Size([1, 5, 7, 3])
+        >>> from spatialdrop import MaskKey  # keyed: sample 11 gets its mask in any batch
+        >>> key = MaskKey(seed=0, step=0, layer=0, sample_ids=torch.tensor([10, 11]))
+        >>> alone = key._replace(sample_ids=torch.tensor([11]))
+        >>> torch.equal(spatial_dropout(x, 0.5, key=key)[1], spatial_dropout(x[1:], 0.5, key=alone)[0])
+        True
     """
     fn = "spatial_dropout"
     check_float_input(fn, input)
