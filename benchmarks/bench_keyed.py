@@ -2,8 +2,9 @@
 
 Run: ``PYTHONPATH=src python benchmarks/bench_keyed.py`` (``--quick`` for a smoke run).
 
-The two variants are timed in alternation (one keyed call, one unkeyed call, repeat), so that
-load from other processes falls on both alike; the table reports the median of each and the ratio.
+The two variants are timed in alternation (unkeyed, keyed, keyed, unkeyed, ...), so that load
+from other processes and the cost of going first fall on both alike; the table reports the median
+of each and the ratio.
 The keyed path adds the Philox draws for the N * C (sample, channel) pairs (``keyed_uniform``
 is timed alone too); everything else, the multiply that dominates, is shared.
 """
@@ -35,9 +36,10 @@ def _alternating(fns: dict[str, Callable[[], object]], repeats: int, warmup: int
         for f in fns.values():
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, f in fns.items():
-            times[name].append(_time(f))
+    names = list(fns)
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else names[::-1]:  # ABBA: neither goes first always
+            times[name].append(_time(fns[name]))
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
