@@ -2,9 +2,9 @@
 
 Run: ``PYTHONPATH=src python benchmarks/bench_keyed.py`` (``--quick`` for a smoke run).
 
-The two variants are timed in alternation (unkeyed, keyed, keyed, unkeyed, ...), so that load
-from other processes and the cost of going first fall on both alike; the table reports the median
-of each and the ratio.
+The two variants are timed in alternating blocks (unkeyed, keyed, keyed, unkeyed, ...), so that
+load from other processes falls on both alike; the table reports the median of each and the
+ratio.
 The keyed path adds the Philox draws for the N * C (sample, channel) pairs (``keyed_uniform``
 is timed alone too); everything else, the multiply that dominates, is shared.
 """
@@ -31,15 +31,23 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _alternating(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
+def _alternating(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, block: int = 4
+) -> dict[str, float]:
+    """Median ms of each function, timed in alternating blocks (A-block, B-block, B, A, ...).
+
+    Blocks, not single calls, so that the allocator settles into each variant's pattern (a
+    big output that lands on fresh pages costs page faults); the order alternates so that
+    neither variant always goes first.
+    """
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else names[::-1]:  # ABBA: neither goes first always
-            times[name].append(_time(fns[name]))
+    for i in range(-(-repeats // block)):
+        for name in names if i % 2 == 0 else names[::-1]:
+            for _ in range(warmup):
+                fns[name]()
+            for _ in range(min(block, repeats - i * block)):
+                times[name].append(_time(fns[name]))
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 31)
-    warmup = 1 if args.quick else 5
+    warmup = 1 if args.quick else 2  # before each block
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, p = {args.p}, median of {repeats}")
     print("| shape | pass | unkeyed ms | keyed ms | keyed / unkeyed | keyed_uniform(N, C) ms |")
     print("|---|---|---:|---:|---:|---:|")
