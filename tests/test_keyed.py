@@ -15,6 +15,9 @@ from torch.utils.checkpoint import checkpoint
 
 from conftest import FLOAT_DTYPES, assert_binomial
 from spatialdrop import (
+    AlphaSpatialDropout2d,
+    DropPath,
+    GaussianSpatialDropout2d,
     MaskKey,
     SpatialDropout,
     SpatialDropout1d,
@@ -25,21 +28,36 @@ from spatialdrop import (
     mask_context,
 )
 from spatialdrop._philox import MASK32, philox4x32_int, uint32_to_uniform_int
+from spatialdrop._module import StructuredDropout
 from spatialdrop.functional import spatial_dropout
 from spatialdrop.keyed import layer_id
 
 SEED = 20240607
 
 
+class _Residual(nn.Module):
+    def __init__(self, channels: int, p: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.drop_path = DropPath(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.conv(x))
+
+
 def _net() -> nn.Sequential:
+    """A small conv net with every keyed layer: each one's output is recorded by ``_run``."""
     g = torch.Generator().manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         nn.ReLU(),
         SpatialDropout2d(0.3),
+        _Residual(8, 0.5),
         nn.Conv2d(8, 16, 3, padding=1),
         nn.Tanh(),
         SpatialDropout2d(0.5),
+        GaussianSpatialDropout2d(0.3),
+        AlphaSpatialDropout2d(0.3),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(16, 4),
@@ -62,7 +80,7 @@ def _run(
     hooks = [
         m.register_forward_hook(lambda _m, _i, o: seen.append(o.detach()))
         for m in net.modules()
-        if isinstance(m, SpatialDropout2d)
+        if isinstance(m, StructuredDropout)
     ]
     x = x.clone().requires_grad_(True)
     with mask_context(step=step, sample_ids=ids):
@@ -179,6 +197,32 @@ def test_same_masks_for_every_dtype(dtype: torch.dtype) -> None:
     assert torch.equal(y[y != 0], (x.to(dtype) * scale)[y != 0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_layers_same_masks_for_every_dtype(dtype: torch.dtype) -> None:
+    from spatialdrop.functional import alpha_spatial_dropout, drop_path, gaussian_spatial_dropout
+
+    key = MaskKey(SEED, 2, 5, torch.arange(40))
+    ones = torch.ones(40, 16, 3, 3)
+    # DropPath: the same samples dropped
+    ref = drop_path(ones, 0.5, key=key) == 0
+    assert torch.equal(drop_path(ones.to(dtype), 0.5, key=key) == 0, ref)
+    assert 0 < int(ref[:, 0, 0, 0].sum()) < 40
+    # alpha: the same channels set to the saturation value (the output of a dropped 1 differs from a kept 1)
+    a32 = alpha_spatial_dropout(ones, 0.4, key=key)
+    a = alpha_spatial_dropout(ones.to(dtype), 0.4, key=key)
+    dropped32 = a32 != a32.max()
+    assert torch.equal(a != a.max(), dropped32)
+    assert 0 < int(dropped32.sum()) < dropped32.numel()
+    # Gaussian: the same normal draws; the factor is computed in float32 (float64 for float64
+    # input) and rounded once to the input's dtype
+    g32 = gaussian_spatial_dropout(ones, 0.3, key=key)
+    g = gaussian_spatial_dropout(ones.to(dtype), 0.3, key=key)
+    if dtype == torch.float64:
+        torch.testing.assert_close(g, g32.double(), rtol=1e-6, atol=0.0)
+    else:
+        assert torch.equal(g, g32.to(dtype))
+
+
 def test_keyed_gradient_inplace_and_trivial_p() -> None:
     key = MaskKey(1, 0, 0, torch.arange(4))
     x = torch.randn(4, 6, 5, 5, requires_grad=True)
@@ -218,13 +262,15 @@ def test_one_batch_equals_two_micro_batches() -> None:
         seens.append(s)
     assert torch.equal(out8, torch.cat(outs))
     assert torch.equal(gx8, torch.cat(gxs))
-    for layer in range(2):  # each dropout layer's output, masks included, bit for bit
+    assert len(seen8) == 5
+    for layer in range(5):  # each dropout layer's output, masks included, bit for bit
         assert torch.equal(seen8[layer], torch.cat([s[layer] for s in seens]))
     # parameter gradients: sums over the batch, equal up to the order of the summation
     for name, g in _grads(big).items():
         torch.testing.assert_close(_grads(small)[name], g, rtol=1e-5, atol=1e-6)
-    # masks are not a trivial all-keep: both layers drop something
-    assert all((s == 0).any() for s in seen8)
+    # masks are not a trivial all-keep: the spatial dropout layers drop channels, DropPath samples
+    assert (seen8[0] == 0).any() and (seen8[2] == 0).any()
+    assert (seen8[1] == 0).flatten(1).all(1).any()
 
 
 def test_masks_follow_samples_not_positions() -> None:
@@ -287,7 +333,8 @@ def test_one_process_equals_two_gloo_processes(tmp_path: Path) -> None:
         torch.set_num_threads(threads)
     assert torch.equal(out, torch.cat([r["out"] for r in ranks]))
     assert torch.equal(gx, torch.cat([r["gx"] for r in ranks]))
-    for layer in range(2):
+    assert len(seen) == 5
+    for layer in range(5):
         assert torch.equal(seen[layer], torch.cat([r["seen"][layer] for r in ranks]))
     # DDP averages the ranks' gradients of the local sums: twice that is the full batch's sum
     for name, g in _grads(net).items():

@@ -17,6 +17,7 @@ from ._validation import (
     check_p,
     squeeze_if,
 )
+from .keyed import MaskKey, check_key_arg, keyed_uniform
 from .spatial_dropout import channel_noise_shape
 
 __all__ = [
@@ -33,13 +34,20 @@ _LAYOUT = "(N, C, *spatial), or (N, *spatial, C) with channel_dim=-1"
 SELU_NEG_SATURATION = 1.7580993408473766
 
 
-def _draw_keep(input: Tensor, channel_dim: int, p: float, generator: torch.Generator | None) -> Tensor:
+def _draw_keep(
+    input: Tensor, channel_dim: int, p: float, generator: torch.Generator | None, key: MaskKey | None
+) -> Tensor:
     """Every random number of alpha spatial dropout is drawn here: 1 (kept) or 0 per (sample, channel).
 
     Drawn with ``bernoulli_`` on a ``new_empty`` tensor in the input's dtype, the call that
     :func:`torch.nn.functional.feature_alpha_dropout` makes, so the same seed gives the same mask.
     """
-    keep = input.new_empty(channel_noise_shape(input, channel_dim))
+    shape = channel_noise_shape(input, channel_dim)
+    if key is not None:
+        with torch.no_grad():
+            u = keyed_uniform(key, input.shape[channel_dim], device=input.device)
+            return (u >= p).to(input.dtype).view(shape)
+    keep = input.new_empty(shape)
     with torch.no_grad():
         keep.bernoulli_(1.0 - p, generator=generator)
     return keep
@@ -53,6 +61,7 @@ def alpha_spatial_dropout(
     *,
     channel_dim: int = 1,
     generator: torch.Generator | None = None,
+    key: MaskKey | None = None,
 ) -> Tensor:
     r"""Channel-wise alpha dropout: drop whole channels of a SELU network, keeping mean 0 and variance 1.
 
@@ -77,6 +86,9 @@ def alpha_spatial_dropout(
         inplace: write the result into ``input``. Default: False.
         channel_dim: the channel axis, any dim but 0; ``-1`` for channels-last. Default: 1.
         generator: the random number generator to draw from. Default: the global one.
+        key: draw keyed masks instead (see :mod:`spatialdrop.keyed`): the same on any device,
+            dtype, batch split or world size for a given sample id. Not together with
+            ``generator``. Default: None.
 
     Shape:
         - Input: :math:`(N, C, *)` or, with ``channel_dim=-1``, :math:`(N, *, C)`.
@@ -104,9 +116,10 @@ def alpha_spatial_dropout(
     check_bool(fn, "training", training)
     check_bool(fn, "inplace", inplace)
     check_generator(fn, generator)
+    check_key_arg(fn, key, generator, input.shape[0])
     if not training or p == 0.0 or input.numel() == 0:
         return input
-    keep = _draw_keep(input, dim, p, generator)
+    keep = _draw_keep(input, dim, p, generator, key)
     alpha = SELU_NEG_SATURATION
     a = 1.0 / math.sqrt((alpha * alpha * p + 1.0) * (1.0 - p))
     with torch.no_grad():
@@ -148,7 +161,10 @@ class AlphaSpatialDropout(StructuredDropout):
     def forward(self, input: Tensor) -> Tensor:
         """Apply :func:`~spatialdrop.functional.alpha_spatial_dropout` with this module's settings."""
         x, unbatched = self.batched(input)
-        out = alpha_spatial_dropout(x, self.p, self.training, self.inplace, channel_dim=self.channel_dim)
+        key = self.mask_key(x.shape[0], x.device)
+        out = alpha_spatial_dropout(
+            x, self.p, self.training, self.inplace, channel_dim=self.channel_dim, key=key
+        )
         return squeeze_if(out, unbatched)
 
 

@@ -16,20 +16,26 @@ from ._validation import (
     check_min_rank,
     check_p,
 )
+from .keyed import MaskKey, check_key_arg, keyed_uniform
 
 __all__ = ["DropPath", "drop_path", "drop_path_rates"]
 
 
-def _draw_keep(input: Tensor, p: float, scale: bool, generator: torch.Generator | None) -> Tensor:
+def _draw_keep(
+    input: Tensor, p: float, scale: bool, generator: torch.Generator | None, key: MaskKey | None
+) -> Tensor:
     """Every random number of DropPath is drawn here: one keep factor per sample, shape (N, 1, ...).
 
     The factor is 0 (dropped) or 1, or ``1 / (1 - p)`` when ``scale``. Drawn in the input's dtype
     with ``bernoulli_`` then ``div_``, the calls of timm's ``drop_path`` and torchvision's
     ``stochastic_depth(mode="row")``, so the same seed gives the same bits.
     """
-    noise = input.new_empty((input.shape[0],) + (1,) * (input.dim() - 1))
+    shape = (input.shape[0],) + (1,) * (input.dim() - 1)
     with torch.no_grad():
-        noise.bernoulli_(1.0 - p, generator=generator)
+        if key is not None:
+            noise = (keyed_uniform(key, 1, device=input.device) >= p).to(input.dtype).view(shape)
+        else:
+            noise = input.new_empty(shape).bernoulli_(1.0 - p, generator=generator)
         if scale:
             noise.div_(1.0 - p)
     return noise
@@ -43,6 +49,7 @@ def drop_path(
     *,
     scale: bool = True,
     generator: torch.Generator | None = None,
+    key: MaskKey | None = None,
 ) -> Tensor:
     r"""Zero whole samples of a residual branch at random (DropPath, stochastic depth).
 
@@ -63,6 +70,9 @@ def drop_path(
         inplace: write the result into ``input``. Default: False.
         scale: scale kept samples by ``1 / (1 - p)`` so the expectation is unchanged. Default: True.
         generator: the random number generator to draw from. Default: the global one.
+        key: draw keyed masks instead (see :mod:`spatialdrop.keyed`): the same on any device,
+            dtype, batch split or world size for a given sample id. Not together with
+            ``generator``. Default: None.
 
     Shape:
         - Input: :math:`(N, *)`, any number of trailing dims (tokens, channels, spatial).
@@ -89,12 +99,13 @@ def drop_path(
     check_bool(fn, "inplace", inplace)
     check_bool(fn, "scale", scale)
     check_generator(fn, generator)
+    check_key_arg(fn, key, generator, input.shape[0])
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if p == 1.0:
         zero = input.new_zeros(())
         return input.mul_(zero) if inplace else input * zero
-    noise = _draw_keep(input, p, scale, generator)
+    noise = _draw_keep(input, p, scale, generator, key)
     return input.mul_(noise) if inplace else input * noise
 
 
@@ -185,7 +196,8 @@ class DropPath(StructuredDropout):
 
     def forward(self, input: Tensor) -> Tensor:
         """Apply :func:`~spatialdrop.functional.drop_path` with this module's settings."""
-        return drop_path(input, self.p, self.training, self.inplace, scale=self.scale)
+        key = self.mask_key(input.shape[0], input.device) if input.dim() else None
+        return drop_path(input, self.p, self.training, self.inplace, scale=self.scale, key=key)
 
     def extra_repr(self) -> str:
         """``p``, ``inplace``, and ``scale`` when it is not the default."""

@@ -18,6 +18,7 @@ from ._validation import (
     float_dtype_of,
     squeeze_if,
 )
+from .keyed import MaskKey, check_key_arg, keyed_normal
 from .spatial_dropout import channel_noise_shape
 
 __all__ = [
@@ -31,7 +32,9 @@ __all__ = [
 _LAYOUT = "(N, C, *spatial), or (N, *spatial, C) with channel_dim=-1"
 
 
-def _draw_noise(input: Tensor, channel_dim: int, p: float, generator: torch.Generator | None) -> Tensor:
+def _draw_noise(
+    input: Tensor, channel_dim: int, p: float, generator: torch.Generator | None, key: MaskKey | None
+) -> Tensor:
     """Every random number of Gaussian spatial dropout is drawn here.
 
     Returns one factor ``1 + sqrt(p / (1 - p)) * eps``, ``eps ~ N(0, 1)``, per (sample, channel),
@@ -40,7 +43,11 @@ def _draw_noise(input: Tensor, channel_dim: int, p: float, generator: torch.Gene
     """
     shape = channel_noise_shape(input, channel_dim)
     with torch.no_grad():
-        eps = torch.randn(shape, generator=generator, dtype=float_dtype_of(input), device=input.device)
+        if key is not None:
+            eps = keyed_normal(key, input.shape[channel_dim], device=input.device)
+            eps = eps.to(float_dtype_of(input)).view(shape)
+        else:
+            eps = torch.randn(shape, generator=generator, dtype=float_dtype_of(input), device=input.device)
         return eps.mul_(math.sqrt(p / (1.0 - p))).add_(1.0).to(input.dtype)
 
 
@@ -52,6 +59,7 @@ def gaussian_spatial_dropout(
     *,
     channel_dim: int = 1,
     generator: torch.Generator | None = None,
+    key: MaskKey | None = None,
 ) -> Tensor:
     r"""Multiply whole channels of each sample by Gaussian noise of mean 1 (Gaussian spatial dropout).
 
@@ -71,6 +79,9 @@ def gaussian_spatial_dropout(
         inplace: write the result into ``input``. Default: False.
         channel_dim: the channel axis, any dim but 0; ``-1`` for channels-last. Default: 1.
         generator: the random number generator to draw from. Default: the global one.
+        key: draw keyed noise instead (see :mod:`spatialdrop.keyed`): the same on any device,
+            dtype, batch split or world size for a given sample id. Not together with
+            ``generator``. Default: None.
 
     Shape:
         - Input: :math:`(N, C, *)` or, with ``channel_dim=-1``, :math:`(N, *, C)`.
@@ -98,9 +109,10 @@ def gaussian_spatial_dropout(
     check_bool(fn, "training", training)
     check_bool(fn, "inplace", inplace)
     check_generator(fn, generator)
+    check_key_arg(fn, key, generator, input.shape[0])
     if not training or p == 0.0 or input.numel() == 0:
         return input
-    noise = _draw_noise(input, dim, p, generator)
+    noise = _draw_noise(input, dim, p, generator, key)
     return input.mul_(noise) if inplace else input * noise
 
 
@@ -134,7 +146,10 @@ class GaussianSpatialDropout(StructuredDropout):
     def forward(self, input: Tensor) -> Tensor:
         """Apply :func:`~spatialdrop.functional.gaussian_spatial_dropout` with this module's settings."""
         x, unbatched = self.batched(input)
-        out = gaussian_spatial_dropout(x, self.p, self.training, self.inplace, channel_dim=self.channel_dim)
+        key = self.mask_key(x.shape[0], x.device)
+        out = gaussian_spatial_dropout(
+            x, self.p, self.training, self.inplace, channel_dim=self.channel_dim, key=key
+        )
         return squeeze_if(out, unbatched)
 
 
