@@ -232,13 +232,18 @@ def block_offsets(
     coords.reverse()
     off = map_offsets[rest]
     for j, s, size, b, st in zip(coords, shift, sizes, blocks, strides):
-        if s:
+        if b <= size:
+            # positions j - b + 1 .. j, clamped into the map: a block cut by the border repeats
+            # its border position, which is harmless; scaled by the stride before clamping
+            # (monotone), which saves a pass
+            span = torch.arange(b - 1 - s, -1 - s, -1, device=seeds.device).mul_(st)
+            pos = (j * st).unsqueeze(-1).sub(span).clamp_(0, (size - 1) * st)
+        else:  # the block covers at most the whole map: positions lo .. hi, min(b, L) of them
             j = j + s
-        lo = (j - (b - 1)).clamp_(min=0)
-        hi = j.clamp(max=size - 1)
-        span = torch.arange(min(b, size), device=seeds.device)
-        # positions lo .. hi; a block cut by the border repeats hi, which is harmless
-        pos = torch.minimum(lo.unsqueeze(-1) + span, hi.unsqueeze(-1)).mul_(st)
+            lo = (j - (b - 1)).clamp_(min=0)
+            hi = j.clamp(max=size - 1)
+            span = torch.arange(size, device=seeds.device)
+            pos = torch.minimum(lo.unsqueeze(-1) + span, hi.unsqueeze(-1)).mul_(st)
         off = off.unsqueeze(-1) + pos.view((pos.shape[0],) + (1,) * (off.dim() - 1) + (pos.shape[1],))
     return off.reshape(-1)
 
