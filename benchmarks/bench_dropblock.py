@@ -10,6 +10,7 @@ torchvision, timm and the ``dropblock`` package are measured when they are impor
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -144,7 +145,7 @@ def _fp16_ok(fn: Fn) -> bool:
 
 def calibration_rows(quick: bool) -> list[dict[str, Any]]:
     """Realised drop rate (mean, corner, centre) of each method against the p asked for."""
-    maps = 1024 if quick else 4096
+    maps = 1024 if quick else 8192
     cases = [(28, 7, 0.1), (14, 5, 0.3), (7, 3, 0.3), (56, 7, 0.3), (7, 7, 0.1)]
     rows = []
     torch.manual_seed(0)
@@ -203,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = run(args.quick)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of interleaved runs\n")
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load average before: {load}; median of interleaved runs\n"
+    )
     speed = [r for r in rows if r["table"] == "speed"]
     cols = ["shape", "block", "method", "ms", "x_baseline", "speedup_vs_torchvision", "saved_over_input"]
     print(format_table(speed, cols))
