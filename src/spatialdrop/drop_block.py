@@ -226,6 +226,11 @@ def _outer_add(off: Tensor, pos: Tensor) -> Tensor:
 Plan = list[tuple[int, Tensor]]
 
 
+def _run_lengths(run: int) -> list[int]:
+    """The window lengths used for runs of at most ``run`` positions."""
+    return [1 << i for i in range(run.bit_length()) if 1 << i < run] + [run]
+
+
 def _run_length(length: int, run: int) -> int:
     """The window used for a run of ``length`` positions: the run itself if whole, else a power of 2."""
     return run if length == run else 1 << (length.bit_length() - 1)
@@ -272,35 +277,29 @@ def block_plan(
     lo = (j - (b - 1)).clamp_(min=0)
     hi = j.clamp(max=size - 1)
     run = min(b, size)
-    table = torch.tensor([0] + [_run_length(n, run) for n in range(1, run + 1)], device=seeds.device)
-    width = table[hi - lo + 1]
-    base = map_offsets[rest]
-    first = base + lo * st
-    second = base + (hi - width + 1) * st  # the second window of a cut run ends at hi
+    first = map_offsets.index_select(0, rest).add_(lo * st)
     outer = coords[:-1]
-    counts = [0] * (run + 1)
-    counts[run] = seeds.numel()
-    if run > 1:  # group the seeds by window length, keeping memory order within a group
-        order = torch.argsort(width, stable=True)
-        counts = torch.bincount(width, minlength=run + 1).tolist()
-        first, second = first[order], second[order]
-        outer = [c[order] for c in outer]
-    rows: Tensor | None = None
-    for c, s, n, k, stride in zip(outer, shift, sizes, blocks, strides):
-        pos = _positions(c, s, n, k, stride)
-        rows = pos if rows is None else _outer_add(rows, pos)
+    if run == 1:
+        groups: list[tuple[int, Tensor | None]] = [(1, None)]
+    else:
+        table = torch.tensor([0] + [_run_length(n, run) for n in range(1, run + 1)], device=seeds.device)
+        width = table.index_select(0, hi - lo + 1)
+        # the second window of a cut run ends at hi
+        second = first + (hi - lo - width + 1).mul_(st)
+        groups = [(w, (width == w).nonzero().squeeze(1)) for w in _run_lengths(run)]
     plan: Plan = []
-    start = 0
-    for w in range(1, run + 1):
-        n = counts[w]
-        if n == 0:
+    for w, which in groups:
+        if which is None:
+            heads, cs = first, outer
+        elif which.numel() == 0:
             continue
-        sl = slice(start, start + n)
-        start += n
-        heads = first[sl] if w == run else torch.cat([first[sl], second[sl]])
-        if rows is not None:
-            r = rows[sl] if w == run else torch.cat([rows[sl], rows[sl]])
-            heads = r + heads.view((-1,) + (1,) * (r.dim() - 1))
+        elif w == run:
+            heads, cs = first.index_select(0, which), [c.index_select(0, which) for c in outer]
+        else:  # two windows per run
+            heads = torch.cat([first.index_select(0, which), second.index_select(0, which)])
+            cs = [c.index_select(0, which).repeat(2) for c in outer]
+        for c, s, n, k, stride in zip(cs, shift, sizes, blocks, strides):
+            heads = _outer_add(heads, _positions(c, s, n, k, stride))
         plan.append((w, heads.reshape(-1)))
     return plan
 
