@@ -79,7 +79,7 @@ def _saved_bytes(fn: Fn, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def _time(methods: dict[str, Fn], x: torch.Tensor, repeats: int) -> dict[str, float]:
+def _time(methods: dict[str, Fn], x: torch.Tensor, repeats: int) -> dict[str, tuple[float, float]]:
     grad = torch.randn_like(x)
 
     def step(fn: Fn) -> None:
@@ -95,7 +95,7 @@ def _time(methods: dict[str, Fn], x: torch.Tensor, repeats: int) -> dict[str, fl
             start = time.perf_counter()
             step(fn)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    return {name: (statistics.median(ts) * 1e3, min(ts) * 1e3) for name, ts in times.items()}
 
 
 def speed_rows(quick: bool) -> list[dict[str, Any]]:
@@ -111,20 +111,22 @@ def speed_rows(quick: bool) -> list[dict[str, Any]]:
         rank = len(shape) - 2
         methods = _methods(rank, p, block)
         x = torch.randn(shape, requires_grad=True)
-        ms = _time(methods, x, repeats)
-        base = ms["x * 2.0"]
-        tv = next((v for k, v in ms.items() if k.startswith("torchvision")), None)
+        timed = _time(methods, x, repeats)
+        base = timed["x * 2.0"][0]
+        tv = next((v[0] for k, v in timed.items() if k.startswith("torchvision")), None)
         in_bytes = x.numel() * x.element_size()
         for name, fn in methods.items():
+            ms, best = timed[name]
             rows.append(
                 {
                     "shape": str(tuple(shape)),
                     "block": block,
                     "p": p,
                     "method": name,
-                    "ms": ms[name],
-                    "x_baseline": ms[name] / base,
-                    "speedup_vs_torchvision": (tv / ms[name]) if tv is not None else None,
+                    "ms": ms,
+                    "ms_min": best,
+                    "x_baseline": ms / base,
+                    "speedup_vs_torchvision": (tv / ms) if tv is not None else None,
                     "saved_over_input": _saved_bytes(fn, x) / in_bytes,
                 }
             )
@@ -181,6 +183,24 @@ def run(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def goals(speed: list[dict[str, Any]]) -> list[str]:
+    """The issue's goals, checked on the speed rows (medians)."""
+    out = []
+    for rank in (2, 3):
+        mine = {r["method"]: r for r in speed if r["shape"].count(",") == rank + 1}
+        per, shared = mine.get("spatialdrop per-channel"), mine.get("spatialdrop shared")
+        if per is None or shared is None:
+            continue
+        out.append(f"{rank}-D per-channel: {per['x_baseline']:.2f}x the time of x * 2.0 (goal, 2-D: <= 4)")
+        out.append(f"{rank}-D shared: {shared['x_baseline']:.2f}x the time of x * 2.0 (goal, 2-D: <= 2)")
+        speedup = per["speedup_vs_torchvision"]
+        if speedup is not None:
+            out.append(f"{rank}-D per-channel: {speedup:.1f}x faster than torchvision (goal: >= 20)")
+        saved = per["saved_over_input"]
+        out.append(f"{rank}-D per-channel saved for backward: {saved:.4f} of the input (goal: <= 1/32)")
+    return out
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "–"
@@ -210,12 +230,24 @@ def main(argv: list[str] | None = None) -> int:
         f"load average before: {load}; median of interleaved runs\n"
     )
     speed = [r for r in rows if r["table"] == "speed"]
-    cols = ["shape", "block", "method", "ms", "x_baseline", "speedup_vs_torchvision", "saved_over_input"]
+    cols = [
+        "shape",
+        "block",
+        "method",
+        "ms",
+        "ms_min",
+        "x_baseline",
+        "speedup_vs_torchvision",
+        "saved_over_input",
+    ]
     print(format_table(speed, cols))
     print()
     cal = [r for r in rows if r["table"] == "calibration"]
     cols = ["map", "block", "p", "method", "mean", "corner", "centre", "fp16_finite_nonzero"]
     print(format_table(cal, cols))
+    print()
+    for line in goals(speed):
+        print(line)
     return 0
 
 
