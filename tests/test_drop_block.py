@@ -151,6 +151,20 @@ def test_growers_match_loop_reference(sizes: tuple[int, ...], blocks: tuple[int,
     assert torch.equal(mask, ref)
 
 
+@pytest.mark.parametrize(("sizes", "blocks"), STRUCTURE_CASES)
+def test_element_by_element_fallback_writes_the_same(
+    monkeypatch: pytest.MonkeyPatch, sizes: tuple[int, ...], blocks: tuple[int, ...]
+) -> None:
+    # the path taken if a torch version refused index_fill_ through overlapping window views
+    x = torch.randn(3, 4, *sizes)
+    torch.manual_seed(3)
+    windows = drop_block(x, 0.3, blocks)
+    monkeypatch.setattr(db, "_window_views", False)
+    torch.manual_seed(3)
+    assert torch.equal(drop_block(x, 0.3, blocks), windows)
+    assert (windows == 0).any()
+
+
 @pytest.mark.parametrize("rank", RANKS)
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("seeding", ["uniform", "valid"])

@@ -304,6 +304,11 @@ def block_plan(
     return plan
 
 
+# Whether ``index_fill_`` may write through a self-overlapping window view (torch 2.x allows it;
+# should a future version refuse, the first refusal switches to one offset per element).
+_window_views = True
+
+
 def apply_plan(target: Tensor, value: float | bool, plan: Plan, last_stride: int) -> None:
     """Write ``value`` into the dense tensor ``target`` at the runs given by ``plan``.
 
@@ -311,10 +316,19 @@ def apply_plan(target: Tensor, value: float | bool, plan: Plan, last_stride: int
     (rows start one element apart, a row steps by ``last_stride``), so ``index_fill_`` writes
     it from its first offset alone. Overlapping rows only write the same value twice.
     """
+    global _window_views
     for w, heads in plan:
-        rows = target.numel() - (w - 1) * last_stride
-        windows = target.as_strided((rows, w), (1, last_stride), target.storage_offset())
-        windows.index_fill_(0, heads.long(), value)
+        index = heads.long()
+        if _window_views:
+            rows = target.numel() - (w - 1) * last_stride
+            windows = target.as_strided((rows, w), (1, last_stride), target.storage_offset())
+            try:
+                windows.index_fill_(0, index, value)
+                continue
+            except RuntimeError:
+                _window_views = False
+        span = torch.arange(w, device=index.device).mul_(last_stride)
+        _flat(target).index_fill_(0, (index.unsqueeze(1) + span).reshape(-1), value)
 
 
 def paint_blocks(
