@@ -13,9 +13,10 @@ How it is fast. ``gamma`` is tiny (about 0.002 for ``p = 0.1`` and a 7 x 7 block
 drawn sparsely: the gaps between successes of a Bernoulli(``gamma``) sequence are geometric, so
 drawing the gaps gives exactly a Bernoulli seed grid at the cost of a few random numbers per
 *seed* rather than one per position. Per-channel masks are never materialised: the output is
-``input * scale`` with the (few) dropped positions of each seed's block zeroed through one
-``index_fill_``, and only the seed indices are saved for backward, from which backward rebuilds
-the same positions. Shared masks (one per sample) are small ``(N, 1, *spatial)`` bool tensors.
+``input * scale`` with the dropped positions zeroed by ``index_fill_``, each block row written
+from its first offset through an overlapping window view (:func:`block_plan`). Backward reuses
+that write plan (int32) when it takes at most 1/32 of the input's bytes, else it rebuilds it
+from the saved seed indices. Shared masks (one per sample) are small ``(N, *spatial)`` bools.
 Under ``torch.compile`` (where data-dependent sizes break graphs) a dense path draws the whole
 seed grid and grows blocks with separable, logarithmic-depth windowed ORs.
 """
@@ -577,11 +578,12 @@ def drop_block(
     centre, by nature of the placement. A block larger than the map has no valid placement and
     raises ``ValueError``.
 
-    Memory. No float mask is built. Per-channel masks are applied by zeroing the few dropped
-    positions of ``input * scale``, and only the seed indices are saved for backward (a few
-    bytes per seed; seeds are ~``p / prod(block_size)`` of the positions). A shared mask saves
-    one bool per sample and position. Under ``torch.compile`` a dense path is used instead
-    (a full-size bool mask is saved).
+    Memory. No float mask is built. Per-channel masks are applied by zeroing the dropped
+    positions of ``input * scale``; backward keeps at most 1/32 of the input's bytes (the
+    positions to zero as int32 block-row offsets, or else only the seed indices, which are about
+    ``p / prod(block_size)`` of the positions). A shared mask keeps one bool per sample and
+    position. Under ``torch.compile`` a dense path is used instead (a full-size bool mask is
+    kept).
 
     Args:
         input: a floating-point tensor ``(N, C, *spatial)`` with at least one spatial dim.
