@@ -451,8 +451,9 @@ class _SeedMaskFunction(torch.autograd.Function):
     """``input * scale`` with every seed's block zeroed: one mask per (sample, channel).
 
     Saves for backward the write plan as int32 when that takes at most 1/32 of the input's
-    bytes (a bit per element), else only the seed indices (int32 when they fit), from which
-    backward rebuilds the plan.
+    bytes (a bit per element), else the seed indices (int32 when they fit), from which backward
+    rebuilds the plan, or, if the seeds would take more than a byte per element (tiny blocks at
+    a high ``p``), a bool mask.
     """
 
     @staticmethod
@@ -481,14 +482,20 @@ class _SeedMaskFunction(torch.autograd.Function):
             out.copy_(target)
         if inplace:
             ctx.mark_dirty(input)
+        # keep for backward the smallest of: the plan, the seeds, a bool mask (one byte each)
         heads = [h for _, h in plan]
-        plan_bytes = 4 * sum(h.numel() for h in heads)
-        if target.numel() < 2**31 and plan_bytes * 32 <= input.numel() * input.element_size():
-            ctx.widths = [w for w, _ in plan]
+        small = target.numel() < 2**31
+        ctx.mode = "mask"
+        if small and 4 * sum(h.numel() for h in heads) * 32 <= input.numel() * input.element_size():
+            ctx.mode, ctx.widths = "plan", [w for w, _ in plan]
             kept: list[Tensor] = [h.to(torch.int32) for h in heads]
-        else:
-            ctx.widths = None
-            kept = [seeds.to(torch.int32) if seeds.numel() and int(seeds[-1]) < 2**31 else seeds]
+        elif (4 if small else 8) * seeds.numel() <= target.numel():
+            ctx.mode = "seeds"
+            kept = [seeds.to(torch.int32) if small else seeds]
+        else:  # seeds denser than one in four positions (tiny blocks, high p)
+            dropped_mask = torch.zeros_like(target, dtype=torch.bool)
+            apply_plan(dropped_mask, True, plan, last_stride)
+            kept = [dropped_mask]
         ctx.save_for_backward(factor if isinstance(factor, Tensor) else None, *kept)
         ctx.scale = factor if not isinstance(factor, Tensor) else None
         ctx.geo = geo
@@ -501,11 +508,13 @@ class _SeedMaskFunction(torch.autograd.Function):
         shape, strides, last_stride = ctx.layout
         g = torch.empty_strided(shape, strides, dtype=grad.dtype, device=grad.device)
         _multiply(grad, factor if factor is not None else ctx.scale, g)
-        if ctx.widths is not None:
-            plan = list(zip(ctx.widths, kept))
+        if ctx.mode == "mask":
+            g.masked_fill_(kept[0], 0)
         else:
-            plan = _maps_plan(g, kept[0].long(), ctx.geo)
-        apply_plan(g, 0, plan, last_stride)
+            plan = (
+                list(zip(ctx.widths, kept)) if ctx.mode == "plan" else _maps_plan(g, kept[0].long(), ctx.geo)
+            )
+            apply_plan(g, 0, plan, last_stride)
         return g, None, None, None, None, None
 
 
@@ -579,11 +588,12 @@ def drop_block(
     raises ``ValueError``.
 
     Memory. No float mask is built. Per-channel masks are applied by zeroing the dropped
-    positions of ``input * scale``; backward keeps at most 1/32 of the input's bytes (the
-    positions to zero as int32 block-row offsets, or else only the seed indices, which are about
-    ``p / prod(block_size)`` of the positions). A shared mask keeps one bool per sample and
-    position. Under ``torch.compile`` a dense path is used instead (a full-size bool mask is
-    kept).
+    positions of ``input * scale``; for backward autograd keeps the positions to zero as int32
+    block-row offsets when they take at most 1/32 of the input's bytes, else the seed indices
+    (about ``p / prod(block_size)`` of the positions), and never more than one byte per
+    element (a bool mask, for tiny blocks at a high ``p``). A shared mask keeps one bool per
+    sample and position. Under ``torch.compile`` a dense path is used instead (a full-size
+    bool mask is kept).
 
     Args:
         input: a floating-point tensor ``(N, C, *spatial)`` with at least one spatial dim.
