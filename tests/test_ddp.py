@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from spatialdrop import DropPath, DropSchedule, SpatialDropout2d, filter_dropout
+from spatialdrop import DropBlock2d, DropPath, DropSchedule, SpatialDropout2d, filter_dropout
 
 WORLD = 2
 STEPS = 3
@@ -36,12 +36,13 @@ class Net(nn.Module):
         self.stem = filter_dropout(nn.Conv2d(3, 16, 3, padding=1), 0.5)
         self.drop = SpatialDropout2d(0.5)
         self.branch = nn.Sequential(nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+        self.block = DropBlock2d(0.5, 3)
         self.path = DropPath(0.5)
         self.head = nn.Linear(16, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.drop(self.stem(x))
-        h = h + self.path(self.branch(h))
+        h = h + self.path(self.block(self.branch(h)))
         return self.head(h.mean((2, 3)))
 
 
@@ -60,11 +61,12 @@ def _run_mode(rank: int, mode: str) -> dict[str, list[torch.Tensor]]:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = DropSchedule(model, target_p=0.5, total_steps=2, start_p=0.3)
     rec: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("filters", "channels", "paths", "local", "grads", "params", "rates")
+        k: [] for k in ("filters", "channels", "blocks", "paths", "local", "grads", "params", "rates")
     }
     drop = net.stem.parametrizations.weight[0]
     net.stem.register_forward_pre_hook(lambda m, a: rec["filters"].append(drop._mask.clone()))
     net.drop.register_forward_hook(lambda m, a, out: rec["channels"].append((out == 0).flatten(2).all(-1)))
+    net.block.register_forward_hook(lambda m, a, out: rec["blocks"].append(out == 0))
     net.path.register_forward_hook(lambda m, a, out: rec["paths"].append((out == 0).flatten(1).all(-1)))
     data = torch.Generator().manual_seed(1000 + rank)  # each rank its own shard of data
     for step in range(STEPS):
@@ -77,7 +79,7 @@ def _run_mode(rank: int, mode: str) -> dict[str, list[torch.Tensor]]:
                 nn.functional.cross_entropy(model(x), target).backward()
             rec["local"].append(_flat_grads(net).clone())
             opt.zero_grad()
-            for k in ("filters", "channels", "paths"):
+            for k in ("filters", "channels", "blocks", "paths"):
                 rec[k].pop()
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), target).backward()
@@ -156,19 +158,19 @@ def test_gradients_and_parameters_stay_in_sync(results: list[dict], mode: str) -
 @pytest.mark.parametrize("mode", ["default", "per_rank"])
 def test_ranks_draw_their_own_masks(results: list[dict], mode: str) -> None:
     r0, r1 = results[0][mode], results[1][mode]
-    for layer in ("filters", "channels", "paths"):
+    for layer in ("filters", "channels", "blocks", "paths"):
         assert len(r0[layer]) == STEPS
         # 16 filters, 8 x 16 channels, 8 samples, p in [0.3, 0.5]: all STEPS masks equal by chance
         # with probability below (0.7**2 + 0.3**2)**(8 * STEPS) = 3e-6 (for the 8 samples)
         assert not _same(r0[layer], r1[layer]), layer
-    for layer in ("filters", "channels"):  # and new masks from step to step
+    for layer in ("filters", "channels", "blocks"):  # and new masks from step to step
         assert len({tuple(m.flatten().tolist()) for m in r0[layer]}) > 1, layer
 
 
 def test_ranks_seeded_alike_draw_the_same_masks(results: list[dict]) -> None:
     # the pitfall the README warns about: torch.manual_seed(seed) on every rank
     r0, r1 = results[0]["same"], results[1]["same"]
-    for layer in ("filters", "channels", "paths"):
+    for layer in ("filters", "channels", "blocks", "paths"):
         assert _same(r0[layer], r1[layer]), layer
 
 
@@ -182,4 +184,4 @@ def test_schedule_agrees_across_ranks(results: list[dict], mode: str) -> None:
     assert _same(r0["rates"], r1["rates"])
     expected = [0.3, 0.4, 0.5]
     for step, rates in enumerate(r0["rates"]):
-        assert torch.allclose(rates, torch.full((3,), expected[step], dtype=rates.dtype), atol=1e-12)
+        assert torch.allclose(rates, torch.full((4,), expected[step], dtype=rates.dtype), atol=1e-12)

@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 import spatialdrop.drop_block as db
 from conftest import ALPHA, FLOAT_DTYPES, RANKS, assert_binomial, binom_bounds, shape_for
-from spatialdrop import DropBlock, DropBlock1d, DropBlock2d, DropBlock3d
+from spatialdrop import DropBlock, DropBlock1d, DropBlock2d, DropBlock3d, MaskKey
 from spatialdrop.functional import drop_block
 
 MODULES = {1: DropBlock1d, 2: DropBlock2d, 3: DropBlock3d}
@@ -51,7 +51,9 @@ def expected_scale(p: float) -> float:
 def patch_seeds(monkeypatch: pytest.MonkeyPatch, grid: torch.Tensor) -> None:
     """Make drop_block use the given bool seed grid (maps, *grid) instead of random seeds."""
 
-    def fake(numel: int, gamma: float, generator: object, device: object, *, dense: bool) -> torch.Tensor:
+    def fake(
+        numel: int, gamma: float, generator: object, device: object, *, dense: bool, key: object = None
+    ) -> torch.Tensor:
         assert numel == grid.numel()
         flat = grid.reshape(-1)
         return flat.clone() if dense else flat.nonzero().squeeze(1)
@@ -72,11 +74,24 @@ def valid_rates(sizes: tuple[int, ...], blocks: tuple[int, ...], gamma: float) -
 
 
 def dropped_counts(
-    sizes: tuple[int, ...], blocks: object, p: float, maps: int, seed: int, **kwargs: object
+    sizes: tuple[int, ...],
+    blocks: object,
+    p: float,
+    maps: int,
+    seed: int,
+    keyed: bool = False,
+    **kwargs: object,
 ) -> torch.Tensor:
-    """Per position, how many of ``maps`` independent maps (8 channels per sample) dropped it."""
+    """Per position, how many of ``maps`` independent maps (8 channels per sample) dropped it.
+
+    With ``keyed`` the masks come from a keyed generator (sample ids 0 .. maps / 8 - 1).
+    """
     x = torch.ones(maps // 8, 8, *sizes)
-    y = drop_block(x, p, blocks, generator=torch.Generator().manual_seed(seed), **kwargs)
+    if keyed:
+        kwargs["key"] = MaskKey(seed, 1, 2, torch.arange(maps // 8))
+    else:
+        kwargs["generator"] = torch.Generator().manual_seed(seed)
+    y = drop_block(x, p, blocks, **kwargs)
     return (y == 0).reshape(-1, *sizes).sum(0)
 
 
@@ -227,12 +242,15 @@ def calibration_sizes(rank: int, block: int) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("rank", RANKS)
 @pytest.mark.parametrize("block", [1, 2, 3, 5, 7])
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.5])
-def test_uniform_seeding_drops_every_position_with_probability_p(rank: int, block: int, p: float) -> None:
+@pytest.mark.parametrize("keyed", [False, True])
+def test_uniform_seeding_drops_every_position_with_probability_p(
+    rank: int, block: int, p: float, keyed: bool
+) -> None:
     # every position is dropped in one map with probability exactly p, independently across
     # maps: the count at one position over CAL_MAPS maps is Binomial(CAL_MAPS, p)
     for i, sizes in enumerate(calibration_sizes(rank, block)):
         blocks = (block,) * rank
-        counts = dropped_counts(sizes, block, p, CAL_MAPS, seed=1000 * rank + 10 * block + i)
+        counts = dropped_counts(sizes, block, p, CAL_MAPS, seed=1000 * rank + 10 * block + i, keyed=keyed)
         what = f"rank {rank}, map {sizes}, block {block}, p {p}"
         for name, pos in probe_positions(sizes).items():
             assert_binomial(int(counts[pos]), CAL_MAPS, p, f"{what}, {name}")
@@ -251,11 +269,14 @@ def test_uniform_seeding_drops_every_position_with_probability_p(rank: int, bloc
     ],
 )
 @pytest.mark.parametrize("p", [0.1, 0.3])
-def test_valid_seeding_mean_rate_is_p(sizes: tuple[int, ...], blocks: tuple[int, ...], p: float) -> None:
+@pytest.mark.parametrize("keyed", [False, True])
+def test_valid_seeding_mean_rate_is_p(
+    sizes: tuple[int, ...], blocks: tuple[int, ...], p: float, keyed: bool
+) -> None:
     gamma = db.valid_gamma(p, sizes, blocks)
     rates = valid_rates(sizes, blocks, gamma)
     assert abs(float(rates.mean()) - p) < 1e-9  # the solver, checked by brute force
-    counts = dropped_counts(sizes, blocks, p, CAL_MAPS, seed=7, seeding="valid")
+    counts = dropped_counts(sizes, blocks, p, CAL_MAPS, seed=7, keyed=keyed, seeding="valid")
     assert_mean_rate(counts, CAL_MAPS, rates, blocks, f"valid {sizes} {blocks} p {p}")
     # each position at its own (uneven, by nature of the placement) exact rate
     for name, pos in probe_positions(sizes).items():
@@ -324,6 +345,30 @@ def test_sparse_draw_is_a_bernoulli_sequence() -> None:
     # the top-up loop (a short first batch) keeps it exact: many seeds in a tiny grid
     many = db._draw_seeds(50, 0.9, g, torch.device("cpu"), dense=False)
     assert many.unique().numel() == many.numel()
+
+
+def test_keyed_sparse_draw_is_a_bernoulli_sequence_per_sample() -> None:
+    n, row, gamma = 50, 4000, 0.003
+    key = MaskKey(5, 0, 1, torch.arange(n))
+    seeds = db._draw_seeds(n * row, gamma, None, torch.device("cpu"), dense=False, key=key)
+    assert bool((seeds.diff() > 0).all())
+    assert int(seeds.min()) >= 0
+    assert int(seeds.max()) < n * row
+    assert_binomial(seeds.numel(), n * row, gamma, "keyed seeds")
+    # each sample's seeds depend only on its id: a batch of one gives the same row
+    alone = db._draw_seeds(
+        row, gamma, None, torch.device("cpu"), dense=False, key=key._replace(sample_ids=torch.tensor([7]))
+    )
+    assert torch.equal(alone, seeds[(seeds >= 7 * row) & (seeds < 8 * row)] - 7 * row)
+    # first and last places of a row get seeds at the same rate; the top-up loop stays exact
+    hits = torch.zeros(4)
+    many = MaskKey(6, 0, 1, torch.arange(3000))
+    s = db._draw_seeds(4 * 3000, 0.2, None, torch.device("cpu"), dense=False, key=many)
+    hits.index_add_(0, s % 4, torch.ones(s.numel()))
+    for i in range(4):
+        assert_binomial(int(hits[i]), 3000, 0.2, f"keyed place {i}")
+    dense = db._draw_seeds(4 * 3000, 0.2, None, torch.device("cpu"), dense=True, key=many)
+    assert_binomial(int(dense.sum()), 4 * 3000, 0.2, "keyed dense places")
 
 
 # --- gradients, memory, dtypes -------------------------------------------------------------

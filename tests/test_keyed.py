@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from conftest import FLOAT_DTYPES, assert_binomial
 from spatialdrop import (
     AlphaSpatialDropout2d,
+    DropBlock2d,
     DropPath,
     GaussianSpatialDropout2d,
     MaskKey,
@@ -52,6 +53,7 @@ def _net() -> nn.Sequential:
         nn.Conv2d(3, 8, 3, padding=1),
         nn.ReLU(),
         SpatialDropout2d(0.3),
+        DropBlock2d(0.2, 3),
         _Residual(8, 0.5),
         nn.Conv2d(8, 16, 3, padding=1),
         nn.Tanh(),
@@ -262,16 +264,17 @@ def test_one_batch_equals_two_micro_batches() -> None:
         seens.append(s)
     assert torch.equal(out8, torch.cat(outs))
     assert torch.equal(gx8, torch.cat(gxs))
-    assert len(seen8) == 5
-    for layer in range(5):  # each dropout layer's output, masks included, bit for bit
+    assert len(seen8) == 6
+    for layer in range(6):  # each dropout layer's output, masks included, bit for bit
         assert torch.equal(seen8[layer], torch.cat([s[layer] for s in seens]))
     # parameter gradients: sums over the batch, equal up to the order of the summation
     for name, g in _grads(big).items():
         torch.testing.assert_close(_grads(small)[name], g, rtol=1e-5, atol=1e-6)
     # masks are not a trivial all-keep: the spatial dropout layers drop channels, DropPath samples
     assert (seen8[0] == 0).any()
-    assert (seen8[2] == 0).any()
-    assert (seen8[1] == 0).flatten(1).all(1).any()
+    assert (seen8[3] == 0).any()
+    assert ((seen8[1] == 0) & (seen8[0] != 0)).any()  # DropBlock drops kept positions
+    assert (seen8[2] == 0).flatten(1).all(1).any()  # DropPath
 
 
 def test_masks_follow_samples_not_positions() -> None:
@@ -334,8 +337,8 @@ def test_one_process_equals_two_gloo_processes(tmp_path: Path) -> None:
         torch.set_num_threads(threads)
     assert torch.equal(out, torch.cat([r["out"] for r in ranks]))
     assert torch.equal(gx, torch.cat([r["gx"] for r in ranks]))
-    assert len(seen) == 5
-    for layer in range(5):
+    assert len(seen) == 6
+    for layer in range(6):
         assert torch.equal(seen[layer], torch.cat([r["seen"][layer] for r in ranks]))
     # DDP averages the ranks' gradients of the local sums: twice that is the full batch's sum
     for name, g in _grads(net).items():

@@ -47,6 +47,7 @@ from ._validation import (
     float_dtype_of,
     squeeze_if,
 )
+from .keyed import MaskKey, check_key_arg, keyed_uniform
 
 __all__ = [
     "DropBlock",
@@ -67,7 +68,13 @@ BlockSize = Union[int, Sequence[int]]
 
 
 def _draw_seeds(
-    numel: int, gamma: float, generator: torch.Generator | None, device: torch.device, *, dense: bool
+    numel: int,
+    gamma: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+    *,
+    dense: bool,
+    key: MaskKey | None = None,
 ) -> Tensor:
     """Draw a flat Bernoulli(``gamma``) seed grid of ``numel`` places.
 
@@ -81,12 +88,18 @@ def _draw_seeds(
         device: where to draw.
         dense: return a bool tensor of ``numel`` places (one uniform per place, static shape,
             for ``torch.compile``) instead of the sorted int64 indices of the seeds.
+        key: draw from this keyed generator instead (see :mod:`spatialdrop.keyed`): the grid
+            is then split into one row per sample (``numel`` must be a multiple of the number
+            of sample ids), and row ``i`` depends only on the key's seed, step, layer and
+            ``sample_ids[i]``.
 
     Returns:
         With ``dense``, a bool tensor of shape ``(numel,)``; else the sorted indices of the
         places holding a seed, an int64 tensor of data-dependent length. Both are exactly a
         sequence of independent Bernoulli(``gamma``) trials.
     """
+    if key is not None:
+        return _draw_keyed_seeds(numel, gamma, key, device, dense=dense)
     if dense:
         return torch.rand(numel, generator=generator, device=device) < gamma
     if gamma <= 0.0 or numel == 0:
@@ -111,6 +124,34 @@ def _draw_seeds(
             break
         last = end
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _draw_keyed_seeds(numel: int, gamma: float, key: MaskKey, device: torch.device, *, dense: bool) -> Tensor:
+    """The keyed form of :func:`_draw_seeds`: the same Bernoulli grid, one row per sample.
+
+    Sparse: each row's seeds come from geometric gaps of its own keyed uniforms (columns of
+    ``keyed_uniform`` do not depend on how many are drawn, so topping up a short row by drawing
+    more columns leaves every row's earlier numbers, and so its seeds, unchanged).
+    """
+    n = key.sample_ids.numel()
+    row = numel // n if n else 0
+    if dense:
+        return (keyed_uniform(key, row, device=device) < gamma).view(-1)
+    if gamma <= 0.0 or numel == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    log_q = math.log1p(-gamma)
+    mean = row * gamma
+    count = int(mean + 6.0 * math.sqrt(mean) + 16.0)
+    while True:
+        u = keyed_uniform(key, count, device=device).double()
+        gaps = torch.log1p(u.neg_()).div_(log_q).floor_().add_(1.0).clamp_(max=float(row + 1))
+        pos = gaps.long().cumsum_(1).sub_(1)
+        if bool((pos[:, -1] >= row).all()):
+            break
+        count *= 2
+    inside = pos < row
+    pos.add_(torch.arange(n, device=device).mul_(row).unsqueeze(1))
+    return pos[inside]  # row by row, ascending: sorted flat indices
 
 
 # --- calibration ---------------------------------------------------------------------------
@@ -566,6 +607,7 @@ def drop_block(
     seeding: str = "uniform",
     scale: str = "expected",
     generator: torch.Generator | None = None,
+    key: MaskKey | None = None,
 ) -> Tensor:
     r"""Zero contiguous blocks of each feature map at random (DropBlock), for any spatial rank.
 
@@ -613,6 +655,9 @@ def drop_block(
             nothing kept becomes all zeros); ``"none"`` does not rescale.
             Default: ``"expected"``.
         generator: the random number generator to draw from. Default: the global one.
+        key: draw keyed masks instead (see :mod:`spatialdrop.keyed`): a sample's masks depend
+            only on the key's seed, step, layer and the sample's id, the same on any device,
+            dtype, batch split or world size. Not together with ``generator``. Default: None.
 
     Shape:
         - Input: :math:`(N, C, *)` or, with ``channel_dim=-1``, :math:`(N, *, C)`.
@@ -657,6 +702,7 @@ def drop_block(
     check_choice(fn, "seeding", seeding, SEEDINGS)
     check_choice(fn, "scale", scale, SCALES)
     check_generator(fn, generator)
+    check_key_arg(fn, key, generator, input.shape[0])
     geo = _Geometry(input, cd, blocks, shared_channels, seeding)
     if seeding == "valid" and any(b > s for b, s in zip(blocks, geo.sizes)):
         fail(
@@ -679,9 +725,11 @@ def drop_block(
     maps = geo.maps(input.shape[0])
     places = maps * math.prod(geo.grid)
     if compiling:
-        return _drop_block_dense(input, gamma, factor, scale == "realized", geo, inplace, places, generator)
+        return _drop_block_dense(
+            input, gamma, factor, scale == "realized", geo, inplace, places, generator, key
+        )
     with torch.no_grad():
-        seeds = _draw_seeds(places, gamma, generator, input.device, dense=False)
+        seeds = _draw_seeds(places, gamma, generator, input.device, dense=False, key=key)
     if not geo.shared:
         out: Tensor = _SeedMaskFunction.apply(input, seeds, factor, scale == "realized", geo, inplace)
         return out
@@ -708,12 +756,14 @@ def _drop_block_dense(
     inplace: bool,
     places: int,
     generator: torch.Generator | None,
+    key: MaskKey | None,
 ) -> Tensor:
     """The static-shape path used under ``torch.compile``: dense seed grid, grown blocks."""
     n = input.shape[0]
     maps = geo.maps(n)
     with torch.no_grad():
-        grid = _draw_seeds(places, gamma, generator, input.device, dense=True).view((maps, *geo.grid))
+        grid = _draw_seeds(places, gamma, generator, input.device, dense=True, key=key)
+        grid = grid.view((maps, *geo.grid))
         keep = ~grow_blocks(grid, geo.sizes, geo.blocks, geo.shift)
         keep = keep.view((n, 1 if geo.shared else geo.channels, *geo.sizes)).movedim(1, geo.channel_dim)
         mult: float | Tensor | None = factor
@@ -809,6 +859,7 @@ class DropBlock(StructuredDropout):
             shared_channels=self.shared_channels,
             seeding=self.seeding,
             scale=self.scale,
+            key=self.mask_key(x.shape[0], x.device),
         )
         return squeeze_if(out, unbatched)
 
