@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import functional
 from .alpha import AlphaSpatialDropout, AlphaSpatialDropout1d, AlphaSpatialDropout2d, AlphaSpatialDropout3d
+from .drop_block import DropBlock, DropBlock1d, DropBlock2d, DropBlock3d
 from .drop_path import DropPath, drop_path_rates
 from .filter_dropout import FilterDropout, filter_dropout, remove_filter_dropout
 from .gaussian import (
@@ -27,6 +28,10 @@ __all__ = [
     "AlphaSpatialDropout1d",
     "AlphaSpatialDropout2d",
     "AlphaSpatialDropout3d",
+    "DropBlock",
+    "DropBlock1d",
+    "DropBlock2d",
+    "DropBlock3d",
     "DropPath",
     "DropSchedule",
     "FilterDropout",

@@ -1,0 +1,667 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.nn.modules.dropout import _DropoutNd
+from torch.utils.checkpoint import checkpoint
+
+import spatialdrop.drop_block as db
+from conftest import ALPHA, FLOAT_DTYPES, RANKS, assert_binomial, binom_bounds, shape_for
+from spatialdrop import DropBlock, DropBlock1d, DropBlock2d, DropBlock3d
+from spatialdrop.functional import drop_block
+
+MODULES = {1: DropBlock1d, 2: DropBlock2d, 3: DropBlock3d}
+SCALES = ["expected", "realized", "none"]
+
+
+# --- references ----------------------------------------------------------------------------
+
+
+def grid_shape(sizes: tuple[int, ...], blocks: tuple[int, ...], seeding: str) -> tuple[int, ...]:
+    if seeding == "uniform":
+        return tuple(s + b - 1 for s, b in zip(sizes, blocks))
+    return tuple(s - b + 1 for s, b in zip(sizes, blocks))
+
+
+def loop_reference(
+    seeds: torch.Tensor, sizes: tuple[int, ...], blocks: tuple[int, ...], seeding: str
+) -> torch.Tensor:
+    """Slow reference: the bool mask of dropped positions grown from a bool seed grid (maps, *grid).
+
+    Uniform seeding: the seed at grid index j drops [j - b + 1, j] ∩ [0, L) per dim; valid seeding:
+    the seed at j drops the whole block [j, j + b - 1].
+    """
+    dropped = torch.zeros((seeds.shape[0], *sizes), dtype=torch.bool)
+    for m, *js in seeds.nonzero().tolist():
+        ranges = []
+        for j, size, b in zip(js, sizes, blocks):
+            start = j - b + 1 if seeding == "uniform" else j
+            ranges.append([i for i in range(start, start + b) if 0 <= i < size])
+        for pos in itertools.product(*ranges):
+            dropped[(m, *pos)] = True
+    return dropped
+
+
+def expected_scale(p: float) -> float:
+    return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
+
+
+def patch_seeds(monkeypatch: pytest.MonkeyPatch, grid: torch.Tensor) -> None:
+    """Make drop_block use the given bool seed grid (maps, *grid) instead of random seeds."""
+
+    def fake(numel: int, gamma: float, generator: object, device: object, *, dense: bool) -> torch.Tensor:
+        assert numel == grid.numel()
+        flat = grid.reshape(-1)
+        return flat.clone() if dense else flat.nonzero().squeeze(1)
+
+    monkeypatch.setattr(db, "_draw_seeds", fake)
+
+
+def valid_rates(sizes: tuple[int, ...], blocks: tuple[int, ...], gamma: float) -> torch.Tensor:
+    """Exact per-position drop probability under valid seeding, by counting covering seeds."""
+    per_dim = []
+    for size, b in zip(sizes, blocks):
+        counts = [sum(1 for j in range(size - b + 1) if j <= i <= j + b - 1) for i in range(size)]
+        per_dim.append(torch.tensor(counts, dtype=torch.float64))
+    cover = per_dim[0]
+    for c in per_dim[1:]:
+        cover = cover.unsqueeze(-1) * c
+    return 1.0 - (1.0 - gamma) ** cover
+
+
+def dropped_counts(
+    sizes: tuple[int, ...], blocks: object, p: float, maps: int, seed: int, **kwargs: object
+) -> torch.Tensor:
+    """Per position, how many of ``maps`` independent maps (8 channels per sample) dropped it."""
+    x = torch.ones(maps // 8, 8, *sizes)
+    y = drop_block(x, p, blocks, generator=torch.Generator().manual_seed(seed), **kwargs)
+    return (y == 0).reshape(-1, *sizes).sum(0)
+
+
+def assert_mean_rate(
+    counts: torch.Tensor, maps: int, rates: torch.Tensor, blocks: tuple[int, ...], what: str
+) -> None:
+    """Check the total number of dropped (map, position) pairs with an honest bound.
+
+    Positions are correlated (neighbours share seeds), so the total is not binomial. Positions
+    whose coordinates agree modulo the block sides are at least a block apart in some dim, so
+    the seed places that can drop them are disjoint and they are independent: the count over
+    one such coset is a sum of independent Bernoulli trials, binomial under uniform seeding and
+    Poisson-binomial under valid seeding, whose tails are no heavier than the binomial with the
+    same mean (Hoeffding 1956). Bound each of the (at most prod(b)) cosets at ALPHA / #cosets
+    and add the bounds: the total falls outside with probability at most ALPHA (Bonferroni).
+    """
+    cosets = list(itertools.product(*[range(min(b, s)) for b, s in zip(blocks, counts.shape)]))
+    lo = hi = 0
+    for start in cosets:
+        sl = tuple(slice(r, None, b) for r, b in zip(start, blocks))
+        n = counts[sl].numel() * maps
+        coset_lo, coset_hi = binom_bounds(n, float(rates[sl].double().mean()), ALPHA / len(cosets))
+        lo, hi = lo + coset_lo, hi + coset_hi
+    total = int(counts.sum())
+    mean = total / (counts.numel() * maps)
+    assert lo <= total <= hi, f"{what}: mean rate {mean:.4f}, allowed [{lo}, {hi}] of {counts.numel() * maps}"
+
+
+def probe_positions(sizes: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    corner = (0,) * len(sizes)
+    far = tuple(s - 1 for s in sizes)
+    centre = tuple(s // 2 for s in sizes)
+    edge = (0, *centre[1:]) if len(sizes) > 1 else far
+    return {"corner": corner, "far corner": far, "edge": edge, "centre": centre}
+
+
+# --- structure: the growers against the loop reference -------------------------------------
+
+STRUCTURE_CASES = [
+    ((9,), (3,)),
+    ((9,), (4,)),
+    ((3,), (7,)),  # block larger than the map
+    ((7, 8), (3, 3)),
+    ((6, 9), (2, 4)),  # even, rectangular
+    ((3, 4), (5, 6)),  # larger than the map
+    ((5, 5), (1, 1)),
+    ((5, 6, 4), (3, 2, 1)),
+    ((4, 4, 4), (2, 2, 2)),
+    ((3, 2, 4), (4, 3, 5)),  # larger than the map
+]
+VALID_CASES = [(s, b) for s, b in STRUCTURE_CASES if all(bi <= si for bi, si in zip(b, s))]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "blocks", "seeding"),
+    [(s, b, "uniform") for s, b in STRUCTURE_CASES] + [(s, b, "valid") for s, b in VALID_CASES],
+)
+def test_growers_match_loop_reference(sizes: tuple[int, ...], blocks: tuple[int, ...], seeding: str) -> None:
+    maps = 5
+    grid = grid_shape(sizes, blocks, seeding)
+    seeds = torch.rand((maps, *grid), generator=torch.Generator().manual_seed(0)) < 0.08
+    assert seeds.any()
+    ref = loop_reference(seeds, sizes, blocks, seeding)
+    shift = (0,) * len(sizes) if seeding == "uniform" else tuple(b - 1 for b in blocks)
+    # dense grower (the torch.compile path)
+    assert torch.equal(db.grow_blocks(seeds, sizes, blocks, shift), ref)
+    # sparse painter (the eager path), on a transposed layout to exercise the strides
+    mask = torch.zeros((maps, *sizes), dtype=torch.bool).transpose(0, -1).contiguous().transpose(0, -1)
+    map_offsets = torch.arange(maps) * mask.stride(0)
+    flat = seeds.reshape(-1).nonzero().squeeze(1)
+    offsets = db.block_offsets(flat, grid, shift, sizes, blocks, map_offsets, mask.stride()[1:])
+    mask.as_strided((mask.numel(),), (1,)).index_fill_(0, offsets, True)
+    assert torch.equal(mask, ref)
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("seeding", ["uniform", "valid"])
+@pytest.mark.parametrize("channel_dim", [1, -1])
+@pytest.mark.parametrize("dense", [False, True])
+def test_output_is_input_times_reference_mask(
+    monkeypatch: pytest.MonkeyPatch, rank: int, shared: bool, seeding: str, channel_dim: int, dense: bool
+) -> None:
+    n, c, p = 3, 4, 0.2
+    sizes, blocks = (7, 6, 5)[:rank], (3, 2, 4)[:rank]
+    seeds = torch.rand((n if shared else n * c, *grid_shape(sizes, blocks, seeding))) < 0.05
+    patch_seeds(monkeypatch, seeds)
+    if dense:
+        monkeypatch.setattr(db, "_compiling", lambda: True)
+    ref = loop_reference(seeds, sizes, blocks, seeding).reshape(n, 1 if shared else c, *sizes)
+    x = torch.randn(n, c, *sizes)
+    expected = torch.where(ref, torch.zeros(()), x * expected_scale(p))
+    moved = x.movedim(1, -1).contiguous() if channel_dim == -1 else x
+    y = drop_block(moved, p, blocks, channel_dim=channel_dim, shared_channels=shared, seeding=seeding)
+    assert torch.equal(y.movedim(channel_dim, 1), expected)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("dense", [False, True])
+def test_realized_scale_per_sample_and_all_dropped_sample(
+    monkeypatch: pytest.MonkeyPatch, shared: bool, dense: bool
+) -> None:
+    n, c, sizes, blocks = 3, 2, (6, 5), (2, 3)
+    seeds = torch.rand((n if shared else n * c, *grid_shape(sizes, blocks, "uniform"))) < 0.1
+    seeds[: 1 if shared else c] = True  # sample 0 loses every position
+    patch_seeds(monkeypatch, seeds)
+    if dense:
+        monkeypatch.setattr(db, "_compiling", lambda: True)
+    ref = loop_reference(seeds, sizes, blocks, "uniform").reshape(n, 1 if shared else c, *sizes)
+    x = torch.randn(n, c, *sizes)
+    y = drop_block(x, 0.3, blocks, shared_channels=shared, scale="realized")
+    assert torch.equal(y[0], torch.zeros_like(y[0]))  # nothing kept: zeros, not nan
+    keep = (~ref).expand(n, c, *sizes)
+    for i in (1, 2):
+        kept = int(keep[i].sum())
+        factor = torch.tensor(keep[i].numel(), dtype=torch.float32) / kept
+        assert torch.allclose(y[i], torch.where(keep[i], x[i] * factor, torch.zeros(())), rtol=1e-6, atol=0)
+        assert int((y[i] != 0).sum()) == kept
+
+
+# --- calibration ---------------------------------------------------------------------------
+
+CAL_MAPS = 4000
+
+
+def calibration_sizes(rank: int, block: int) -> list[tuple[int, ...]]:
+    small = max(1, block - 1)
+    if rank == 1:
+        return [(max(1, block - 2),), (23,), (56,)]
+    if rank == 2:
+        return [(small, max(1, block - 3)), (14, 9), (56, 56)]
+    return [(small, 2, max(1, block - 2)), (7, 9, 8), (56, 5, 6)]
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 7])
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.5])
+def test_uniform_seeding_drops_every_position_with_probability_p(rank: int, block: int, p: float) -> None:
+    # every position is dropped in one map with probability exactly p, independently across
+    # maps: the count at one position over CAL_MAPS maps is Binomial(CAL_MAPS, p)
+    for i, sizes in enumerate(calibration_sizes(rank, block)):
+        blocks = (block,) * rank
+        counts = dropped_counts(sizes, block, p, CAL_MAPS, seed=1000 * rank + 10 * block + i)
+        what = f"rank {rank}, map {sizes}, block {block}, p {p}"
+        for name, pos in probe_positions(sizes).items():
+            assert_binomial(int(counts[pos]), CAL_MAPS, p, f"{what}, {name}")
+        assert_mean_rate(counts, CAL_MAPS, torch.full(sizes, p), blocks, f"{what}, mean")
+
+
+@pytest.mark.parametrize(
+    ("sizes", "blocks"),
+    [
+        ((56,), (7,)),
+        ((13,), (13,)),
+        ((14, 14), (5, 5)),
+        ((28, 28), (7, 7)),
+        ((9, 7), (2, 6)),
+        ((8, 9, 10), (3, 3, 3)),
+    ],
+)
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_valid_seeding_mean_rate_is_p(sizes: tuple[int, ...], blocks: tuple[int, ...], p: float) -> None:
+    gamma = db.valid_gamma(p, sizes, blocks)
+    rates = valid_rates(sizes, blocks, gamma)
+    assert abs(float(rates.mean()) - p) < 1e-9  # the solver, checked by brute force
+    counts = dropped_counts(sizes, blocks, p, CAL_MAPS, seed=7, seeding="valid")
+    assert_mean_rate(counts, CAL_MAPS, rates, blocks, f"valid {sizes} {blocks} p {p}")
+    # each position at its own (uneven, by nature of the placement) exact rate
+    for name, pos in probe_positions(sizes).items():
+        assert_binomial(int(counts[pos]), CAL_MAPS, float(rates[pos]), f"valid {name}")
+    if 1 < blocks[0] < sizes[0]:  # border positions are covered by fewer placements
+        assert float(rates[(0,) * len(sizes)]) < p < float(rates.max())
+
+
+def test_block_size_one_is_elementwise_dropout() -> None:
+    p, maps, size = 0.3, 4000, 20
+    x = torch.ones(maps // 8, 8, size)
+    dropped = drop_block(x, p, 1, generator=torch.Generator().manual_seed(3)).reshape(maps, size) == 0
+    for pos in (0, 7, size - 1):
+        assert_binomial(int(dropped[:, pos].sum()), maps, p, f"position {pos}")
+    # disjoint pairs of neighbours are independent: both dropped with probability p ** 2
+    both = int((dropped[:, 0::2] & dropped[:, 1::2]).sum())
+    assert_binomial(both, maps * size // 2, p * p, "both neighbours dropped")
+    assert db.uniform_gamma(p, (1,)) == pytest.approx(p, rel=1e-15)
+
+
+def test_blocks_make_neighbours_correlated() -> None:
+    # with blocks, a neighbour of a dropped position is dropped far more often than p
+    maps, p = 4000, 0.1
+    x = torch.ones(maps // 8, 8, 30)
+    dropped = drop_block(x, p, 5, generator=torch.Generator().manual_seed(4)).reshape(maps, 30) == 0
+    both = int((dropped[:, 10] & dropped[:, 11]).sum())
+    assert both > 0.5 * int(dropped[:, 10].sum())
+
+
+def test_shared_channels_one_mask_per_sample_at_rate_p() -> None:
+    n, c, p = 3000, 5, 0.3
+    y = drop_block(
+        torch.ones(n, c, 9, 9), p, 3, shared_channels=True, generator=torch.Generator().manual_seed(5)
+    )
+    assert (y == y[:, :1]).all()
+    dropped = y[:, 0] == 0
+    for name, pos in probe_positions((9, 9)).items():
+        assert_binomial(int(dropped[(slice(None), *pos)].sum()), n, p, name)
+
+
+def test_dense_path_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(db, "_compiling", lambda: True)
+    sizes, p = (10, 12), 0.3
+    counts = dropped_counts(sizes, (4, 3), p, CAL_MAPS, seed=9)
+    for name, pos in probe_positions(sizes).items():
+        assert_binomial(int(counts[pos]), CAL_MAPS, p, f"dense {name}")
+    assert_mean_rate(counts, CAL_MAPS, torch.full(sizes, p), (4, 3), "dense mean")
+
+
+def test_sparse_draw_is_a_bernoulli_sequence() -> None:
+    numel, gamma = 200_000, 0.003
+    g = torch.Generator().manual_seed(11)
+    seeds = db._draw_seeds(numel, gamma, g, torch.device("cpu"), dense=False)
+    assert seeds.dtype == torch.int64
+    assert bool((seeds.diff() > 0).all())
+    assert int(seeds.min()) >= 0
+    assert int(seeds.max()) < numel
+    assert_binomial(seeds.numel(), numel, gamma, "seeds")
+    # the first and last places get seeds at the same rate as the others (no edge artefact)
+    hits = torch.zeros(4)
+    for trial in range(3000):
+        s = db._draw_seeds(4, 0.2, torch.Generator().manual_seed(trial), torch.device("cpu"), dense=False)
+        hits[s] += 1
+    for i in range(4):
+        assert_binomial(int(hits[i]), 3000, 0.2, f"place {i}")
+    # the top-up loop (a short first batch) keeps it exact: many seeds in a tiny grid
+    many = db._draw_seeds(50, 0.9, g, torch.device("cpu"), dense=False)
+    assert many.unique().numel() == many.numel()
+
+
+# --- gradients, memory, dtypes -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("scale", SCALES)
+def test_gradient_is_mask_times_scale(rank: int, shared: bool, scale: str) -> None:
+    p = 0.3
+    x = torch.randn(shape_for(rank, side=8), requires_grad=True)
+    y = drop_block(x, p, 3, shared_channels=shared, scale=scale)
+    keep = y.detach() != 0
+    if scale == "expected":
+        factor = torch.tensor(expected_scale(p))
+    elif scale == "none":
+        factor = torch.tensor(1.0)
+    else:
+        kept = keep.reshape(x.shape[0], -1).sum(1).float()
+        factor = (keep[0].numel() / kept).view(-1, *[1] * rank, 1)
+    assert torch.allclose(y, x.detach() * keep * factor, rtol=1e-6, atol=0)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.allclose(x.grad, g * keep * factor, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("scale", SCALES)
+def test_saved_for_backward_is_tiny(shared: bool, scale: str) -> None:
+    x = torch.randn(8, 64, 28, 28, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = drop_block(x, 0.1, 7, shared_channels=shared, scale=scale)
+    nbytes = sum(t.numel() * t.element_size() for t in saved)
+    if shared:  # one bool per sample and position, plus one factor per sample
+        assert saved[0].dtype == torch.bool
+        assert saved[0].shape == (8, 28, 28)
+        assert nbytes <= x.numel() // 64 + 8 * 4
+    else:  # only the seed indices (and a factor per sample): far below a bit per element
+        assert saved[0].dtype == torch.int64
+        assert saved[0].dim() == 1
+        assert nbytes <= x.numel() * x.element_size() / 32
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("scale", ["expected", "realized"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_float16_large_input_is_finite_and_exact(scale: str, shared: bool) -> None:
+    x = (torch.randn(16, 64, 56, 56) * 100).half()  # 3.2 million elements: sums would overflow fp16
+    torch.manual_seed(2)
+    y = drop_block(x, 0.1, 7, scale=scale, shared_channels=shared)
+    assert y.dtype == torch.float16
+    assert bool(y.isfinite().all())
+    keep = y != 0
+    assert 0.85 < float(keep.float().mean()) < 0.95
+    if scale == "expected":
+        factor = torch.tensor(expected_scale(0.1))
+    else:
+        factor = (keep[0].numel() / keep.reshape(16, -1).sum(1).float()).view(-1, 1, 1, 1)
+    # the product is formed in float32 and rounded once
+    assert torch.equal(y, torch.where(keep, (x.float() * factor).half(), torch.zeros((), dtype=torch.half)))
+
+
+# --- the usual menu: shapes, layouts, arguments, modes -------------------------------------
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("n", [0, 1, 2])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_batch_sizes_and_dtype_kept(rank: int, n: int, dtype: torch.dtype) -> None:
+    x = torch.randn(shape_for(rank, n=n, side=6), dtype=dtype)
+    y = MODULES[rank](0.3, 3)(x)
+    assert y.shape == x.shape
+    assert y.dtype == dtype
+    scaled = (x.float() * expected_scale(0.3)).to(dtype)
+    assert ((y == 0) | (y == scaled)).all()
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("channel_dim", [1, -1])
+def test_unbatched_equals_batched_of_one(rank: int, channel_dim: int) -> None:
+    x = torch.randn(shape_for(rank, n=1, c=3, side=6))
+    if channel_dim == -1:
+        x = x.movedim(1, -1).contiguous()
+    m = MODULES[rank](0.3, 2, channel_dim=channel_dim)
+    torch.manual_seed(8)
+    a = m(x[0])
+    torch.manual_seed(8)
+    b = m(x)
+    assert a.shape == x.shape[1:]
+    assert torch.equal(a, b[0])
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"shared_channels": True}, {"seeding": "valid"}, {"scale": "realized"}, {"scale": "none"}],
+)
+def test_module_equals_function(rank: int, kwargs: dict) -> None:
+    x = torch.randn(shape_for(rank, side=7))
+    torch.manual_seed(6)
+    a = MODULES[rank](0.2, 3, **kwargs)(x)
+    torch.manual_seed(6)
+    b = drop_block(x, 0.2, 3, **kwargs)
+    assert torch.equal(a, b)
+    assert (a == 0).any() or kwargs.get("scale") == "none"
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_eval_and_p_zero_are_identity(rank: int) -> None:
+    x = torch.randn(shape_for(rank))
+    assert MODULES[rank](0.5).eval()(x) is x
+    assert drop_block(x, 0.5, training=False) is x
+    assert drop_block(x, 0.0) is x
+
+
+@pytest.mark.parametrize(("p", "training", "n"), [(0.0, True, 2), (0.5, False, 2), (0.5, True, 0)])
+def test_no_random_numbers_drawn(p: float, training: bool, n: int) -> None:
+    x = torch.randn(n, 3, 8, 8)
+    state = torch.get_rng_state()
+    drop_block(x, p, 3, training)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"p": 1.0}, ValueError, r"drop_block: p must be a probability in \[0, 1\) \(p = 1 would drop every"),
+        ({"p": 1.5}, ValueError, r"p must be a probability in \[0, 1\), got 1.5"),
+        ({"p": -0.1}, ValueError, r"p must be a probability in \[0, 1\), got -0.1"),
+        ({"p": True}, TypeError, r"p must be a real number in \[0, 1\), got True"),
+        (
+            {"block_size": 0},
+            ValueError,
+            r"drop_block: block_size must be a positive int or a tuple of 2 positive ints, got 0",
+        ),
+        (
+            {"block_size": (0, 3)},
+            ValueError,
+            r"block_size must be a positive int or a tuple of 2 positive ints, got \(0, 3\)",
+        ),
+        (
+            {"block_size": (3, 3, 3)},
+            ValueError,
+            r"block_size must be .* tuple of 2 positive ints, got \(3, 3, 3\)",
+        ),
+        ({"block_size": 2.0}, TypeError, r"block_size must be a positive int .*, got 2.0"),
+        ({"block_size": True}, TypeError, r"block_size must be .*, got True"),
+        (
+            {"block_size": (8, 3), "seeding": "valid"},
+            ValueError,
+            r"block_size must be at most the map size \(5, 6\) .* seeding='valid' .*got \(8, 3\)",
+        ),
+        ({"seeding": "same"}, ValueError, r"seeding must be one of 'uniform', 'valid', got 'same'"),
+        ({"scale": "batch"}, ValueError, r"scale must be one of 'expected', 'realized', 'none', got 'batch'"),
+        ({"shared_channels": 1}, TypeError, r"shared_channels must be a bool, got 1"),
+        ({"channel_dim": 0}, ValueError, r"channel_dim must be a dim .* other than the batch"),
+        ({"training": "yes"}, TypeError, r"training must be a bool"),
+        ({"inplace": None}, TypeError, r"inplace must be a bool, got None"),
+        ({"generator": 1}, TypeError, r"generator must be None or a torch.Generator, got int"),
+    ],
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_bad_arguments_raise_even_in_eval(kwargs: dict, exc: type, match: str, training: bool) -> None:
+    kwargs = {"training": training, **kwargs}
+    with pytest.raises(exc, match=match):
+        drop_block(torch.randn(2, 3, 5, 6), **kwargs)
+
+
+def test_bad_inputs_raise() -> None:
+    with pytest.raises(
+        TypeError, match=r"drop_block: input must be a floating-point tensor .* got torch.int64"
+    ):
+        drop_block(torch.ones(2, 3, 4, dtype=torch.long), training=False)
+    with pytest.raises(TypeError, match=r"input must be a torch.Tensor, got list"):
+        drop_block([1.0], 0.1)  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"input must be a tensor with at least 3 dims .* got shape \(2, 3\)"
+    ):
+        drop_block(torch.ones(2, 3), training=False)
+
+
+@pytest.mark.parametrize("cls", [DropBlock, DropBlock1d, DropBlock2d, DropBlock3d])
+def test_module_constructor_validates(cls: type) -> None:
+    name = cls.__name__
+    with pytest.raises(ValueError, match=rf"{name}: p must be a probability in \[0, 1\) \(p = 1 would"):
+        cls(1.0)
+    with pytest.raises(ValueError, match=rf"{name}: block_size must be a positive int"):
+        cls(0.1, 0)
+    with pytest.raises(TypeError, match=rf"{name}: block_size must be a positive int"):
+        cls(0.1, "7")
+    with pytest.raises(ValueError, match=rf"{name}: seeding must be one of"):
+        cls(0.1, seeding="centre")
+    with pytest.raises(ValueError, match=rf"{name}: scale must be one of"):
+        cls(0.1, scale="batch")
+    with pytest.raises(TypeError, match=rf"{name}: shared_channels must be a bool"):
+        cls(0.1, shared_channels=None)
+    with pytest.raises(TypeError, match=rf"{name}: inplace must be a bool"):
+        cls(0.1, inplace=1)
+    with pytest.raises(ValueError, match=rf"{name}: channel_dim must be"):
+        cls(0.1, channel_dim=0)
+    if cls is not DropBlock:
+        with pytest.raises(
+            ValueError, match=rf"{name}: block_size must be .* tuple of {cls.spatial_dims} positive"
+        ):
+            cls(0.1, (3,) * (cls.spatial_dims + 1))
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_module_rejects_wrong_rank(rank: int) -> None:
+    with pytest.raises(ValueError, match=rf"{MODULES[rank].__name__}: input must be a {rank + 2}-D batched"):
+        MODULES[rank]().eval()(torch.ones((2,) * (rank + 3)))
+
+
+def test_module_is_a_torch_dropout_with_repr_and_no_state() -> None:
+    m = DropBlock2d(0.2, (3, 5), shared_channels=True, channel_dim=-1)
+    assert isinstance(m, _DropoutNd)
+    assert repr(m) == (
+        "DropBlock2d(p=0.2, inplace=False, channel_dim=-1, block_size=(3, 5), seeding='uniform', "
+        "scale='expected', shared_channels=True)"
+    )
+    assert repr(DropBlock1d()) == (
+        "DropBlock1d(p=0.1, inplace=False, block_size=7, seeding='uniform', scale='expected', "
+        "shared_channels=False)"
+    )
+    assert m.state_dict() == {}
+
+
+def test_rank_free_module_any_rank() -> None:
+    x = torch.ones(2, 3, 5, 6, 4, 3)
+    y = DropBlock(0.3, (2, 3, 2, 1))(x)
+    assert y.shape == x.shape
+    with pytest.raises(ValueError, match=r"DropBlock: input must be a tensor with at least 3 dims"):
+        DropBlock(0.1)(torch.ones(3, 4))
+    with pytest.raises(
+        ValueError, match=r"drop_block: block_size must be .* tuple of 4 positive ints, got \(2, 3\)"
+    ):
+        DropBlock(0.1, (2, 3))(x)
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+@pytest.mark.parametrize("shared", [False, True])
+def test_channels_last_memory_format_kept(rank: int, shared: bool) -> None:
+    fmt = torch.channels_last if rank == 2 else torch.channels_last_3d
+    x = torch.randn(shape_for(rank, side=7)).contiguous(memory_format=fmt)
+    x.requires_grad_(True)
+    torch.manual_seed(0)
+    y = drop_block(x, 0.3, 3, shared_channels=shared)
+    assert y.is_contiguous(memory_format=fmt)
+    torch.manual_seed(0)
+    assert torch.equal(y, drop_block(x.detach().contiguous(), 0.3, 3, shared_channels=shared))
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, (y.detach() != 0) * torch.tensor(expected_scale(0.3)))
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_non_contiguous_input(rank: int) -> None:
+    base = torch.randn(shape_for(rank, side=7))
+    transposed = base.transpose(0, 1).contiguous().transpose(0, 1)
+    sliced = torch.randn(shape_for(rank, side=14))[(..., slice(None, None, 2))]
+    for x in (transposed, sliced):
+        assert not x.is_contiguous()
+        torch.manual_seed(2)
+        a = drop_block(x, 0.3, 3)
+        torch.manual_seed(2)
+        assert torch.equal(a, drop_block(x.contiguous(), 0.3, 3))
+
+
+def test_generator_reproducible_and_global_rng_untouched() -> None:
+    x = torch.randn(8, 16, 10, 10)
+    state = torch.get_rng_state()
+    a = drop_block(x, 0.2, 3, generator=torch.Generator().manual_seed(7))
+    b = drop_block(x, 0.2, 3, generator=torch.Generator().manual_seed(7))
+    c = drop_block(x, 0.2, 3, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(state, torch.get_rng_state())
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("scale", ["expected", "realized"])
+def test_inplace(shared: bool, scale: str) -> None:
+    kw = {"shared_channels": shared, "scale": scale}
+    x = torch.randn(4, 6, 9, 9)
+    torch.manual_seed(1)
+    expected = drop_block(x, 0.3, 3, **kw)
+    y = x.clone()
+    torch.manual_seed(1)
+    out = drop_block(y, 0.3, 3, inplace=True, **kw)
+    assert out.data_ptr() == y.data_ptr()
+    assert torch.equal(y, expected)
+    # a non-dense view is written through
+    big = torch.randn(4, 6, 9, 18)
+    view = big[..., ::2]
+    ref = view.clone()
+    torch.manual_seed(1)
+    drop_block(view, 0.3, 3, inplace=True, **kw)
+    torch.manual_seed(1)
+    assert torch.equal(view, drop_block(ref, 0.3, 3, **kw))
+    # in place on a non-leaf differentiates
+    leaf = torch.randn(4, 6, 9, 9, requires_grad=True)
+    torch.manual_seed(1)
+    z = drop_block(leaf * 1.0, 0.3, 3, inplace=True, **kw)
+    z.sum().backward()
+    torch.manual_seed(1)
+    assert torch.allclose(leaf.grad, drop_block(torch.ones_like(leaf), 0.3, 3, **kw))
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad"):
+        drop_block(leaf, 0.3, 3, inplace=True, **kw)
+
+
+def test_checkpoint_recomputes_the_same_mask() -> None:
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    drop = DropBlock2d(0.3, 3)
+
+    def block(t: torch.Tensor) -> torch.Tensor:
+        return drop(conv(t)).relu()
+
+    x = torch.randn(4, 3, 12, 12, requires_grad=True)
+    torch.manual_seed(11)
+    block(x).sum().backward()
+    g_plain = x.grad.clone()
+    x.grad = None
+    torch.manual_seed(11)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert torch.equal(g_plain, x.grad)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"seeding": "valid", "scale": "realized", "shared_channels": True}])
+def test_torch_compile_fullgraph_matches_eager_dense_path(
+    monkeypatch: pytest.MonkeyPatch, kwargs: dict
+) -> None:
+    import torch._inductor.config as inductor_config
+
+    x = torch.randn(4, 6, 9, 9, requires_grad=True)
+    m = DropBlock2d(0.3, 3, **kwargs)
+    with inductor_config.patch(fallback_random=True):
+        compiled = torch.compile(m, fullgraph=True)
+        torch.manual_seed(0)
+        a = compiled(x)
+    a.sum().backward()
+    torch._dynamo.reset()
+    # eager with the compile-time dense path draws the same numbers
+    monkeypatch.setattr(db, "_compiling", lambda: True)
+    torch.manual_seed(0)
+    b = m(x)
+    assert torch.equal(a, b)
+    assert (a == 0).any()
+    assert (a != 0).any()
+    assert torch.allclose(x.grad, torch.ones_like(x) * (a.detach() / x.detach()))
