@@ -128,8 +128,9 @@ def filter_dropout(conv: nn.Module, p: float = 0.1) -> nn.Module:
     It works through :mod:`torch.nn.utils.parametrize`, so the conv's ``state_dict`` keys become
     ``parametrizations.weight.original`` (and ``.bias.original``): load pretrained weights
     before calling this, or after :func:`remove_filter_dropout`. A state dict saved with filter
-    dropout loads into a model with filter dropout. Inside ``parametrize.cached()`` the weights
-    are computed once, so every call in that context reuses the first call's mask.
+    dropout loads into a model with filter dropout. torch refuses to pickle a parametrized
+    module (save the ``state_dict``); ``copy.deepcopy`` works. Inside ``parametrize.cached()``
+    the weights are computed once, so every call in that context reuses the first call's mask.
 
     Args:
         conv: an ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d`` (not transposed, not lazy before
@@ -199,6 +200,12 @@ def remove_filter_dropout(conv: nn.Module) -> nn.Module:
     drop = _find(conv)
     if drop is None:
         fail(fn, "conv", "a conv with filter dropout", Shown(type(conv).__name__))
+    # torch's parametrize gives a module a generated class, which copy.deepcopy shares with the
+    # copy, and remove_parametrizations deletes properties from that class: give this conv its
+    # own class first, so that removing here leaves copies working.
+    cls = type(conv)
+    own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    conv.__class__ = type(cls.__name__, cls.__bases__, own)
     for name in ("weight", "bias"):
         if not parametrize.is_parametrized(conv, name):
             continue

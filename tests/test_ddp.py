@@ -1,0 +1,185 @@
+"""Two processes, torch.distributed (gloo on loopback), DistributedDataParallel, a few steps.
+
+What it shows: gradients and parameters stay in sync across ranks while each rank draws its own
+dropout masks (unseeded processes, or seeded with ``seed + rank``); ranks seeded alike draw the
+same masks; the schedule's rate agrees across ranks. The run has a hard timeout: a hung
+process fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from spatialdrop import DropPath, DropSchedule, SpatialDropout2d, filter_dropout
+
+WORLD = 2
+STEPS = 3
+TIMEOUT_S = 90.0  # the whole run; it takes about 10 s on 2 cores
+MODES = ("default", "same", "per_rank")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = filter_dropout(nn.Conv2d(3, 16, 3, padding=1), 0.5)
+        self.drop = SpatialDropout2d(0.5)
+        self.branch = nn.Sequential(nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+        self.path = DropPath(0.5)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.stem(x))
+        h = h + self.path(self.branch(h))
+        return self.head(h.mean((2, 3)))
+
+
+def _flat_grads(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _run_mode(rank: int, mode: str) -> dict[str, list[torch.Tensor]]:
+    if mode == "same":
+        torch.manual_seed(123)
+    elif mode == "per_rank":
+        torch.manual_seed(123 + rank)  # the recommended way: a different stream per rank
+    # "default": no seeding; each process starts from its own random seed
+    net = Net()
+    model = DDP(net)  # broadcasts rank 0's parameters: the init needs no common seed
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DropSchedule(model, target_p=0.5, total_steps=2, start_p=0.3)
+    rec: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("filters", "channels", "paths", "local", "grads", "params", "rates")
+    }
+    drop = net.stem.parametrizations.weight[0]
+    net.stem.register_forward_pre_hook(lambda m, a: rec["filters"].append(drop._mask.clone()))
+    net.drop.register_forward_hook(lambda m, a, out: rec["channels"].append((out == 0).flatten(2).all(-1)))
+    net.path.register_forward_hook(lambda m, a, out: rec["paths"].append((out == 0).flatten(1).all(-1)))
+    data = torch.Generator().manual_seed(1000 + rank)  # each rank its own shard of data
+    for step in range(STEPS):
+        sched.step(step)
+        rec["rates"].append(torch.tensor([m.p for _, m in sched.modules]))
+        x = torch.randn(8, 3, 6, 6, generator=data)
+        target = torch.randint(0, 3, (8,), generator=data)
+        if step == 0:  # local gradients, without the all-reduce, differ across ranks
+            with model.no_sync():
+                nn.functional.cross_entropy(model(x), target).backward()
+            rec["local"].append(_flat_grads(net).clone())
+            opt.zero_grad()
+            for k in ("filters", "channels", "paths"):
+                rec[k].pop()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), target).backward()
+        rec["grads"].append(_flat_grads(net).clone())
+        opt.step()
+        rec["params"].append(torch.cat([p.detach().flatten() for p in net.parameters()]).clone())
+    return rec
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    try:
+        seed = torch.initial_seed()  # before any seeding: the process's own random seed
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=WORLD,
+            timeout=timedelta(seconds=60),
+        )
+        try:
+            result = {mode: _run_mode(rank, mode) for mode in MODES}
+            result["seed"] = seed  # type: ignore[assignment]
+        finally:
+            dist.destroy_process_group()
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, str(out)), daemon=True) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join(5)
+    errors = "\n".join(f.read_text() for f in sorted(out.glob("*.err")))
+    if hung:
+        pytest.fail(f"DDP workers still running after {TIMEOUT_S} s (killed)\n{errors}")
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * WORLD, f"exit codes {codes}\n{errors}"
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    assert len(a) == len(b)
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_and_parameters_stay_in_sync(results: list[dict], mode: str) -> None:
+    r0, r1 = results[0][mode], results[1][mode]
+    assert len(r0["grads"]) == STEPS
+    assert not torch.allclose(r0["local"][0], r1["local"][0])  # what each rank computed alone
+    assert _same(r0["grads"], r1["grads"])  # what DDP all-reduced
+    assert _same(r0["params"], r1["params"])
+    assert not torch.equal(r0["params"][0], r0["params"][-1])  # it did train
+
+
+@pytest.mark.parametrize("mode", ["default", "per_rank"])
+def test_ranks_draw_their_own_masks(results: list[dict], mode: str) -> None:
+    r0, r1 = results[0][mode], results[1][mode]
+    for layer in ("filters", "channels", "paths"):
+        assert len(r0[layer]) == STEPS
+        # 16 filters, 8 x 16 channels, 8 samples, p in [0.3, 0.5]: all STEPS masks equal by chance
+        # with probability below (0.7**2 + 0.3**2)**(8 * STEPS) = 3e-6 (for the 8 samples)
+        assert not _same(r0[layer], r1[layer]), layer
+    for layer in ("filters", "channels"):  # and new masks from step to step
+        assert len({tuple(m.flatten().tolist()) for m in r0[layer]}) > 1, layer
+
+
+def test_ranks_seeded_alike_draw_the_same_masks(results: list[dict]) -> None:
+    # the pitfall the README warns about: torch.manual_seed(seed) on every rank
+    r0, r1 = results[0]["same"], results[1]["same"]
+    for layer in ("filters", "channels", "paths"):
+        assert _same(r0[layer], r1[layer]), layer
+
+
+def test_unseeded_processes_start_from_different_seeds(results: list[dict]) -> None:
+    assert results[0]["seed"] != results[1]["seed"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_schedule_agrees_across_ranks(results: list[dict], mode: str) -> None:
+    r0, r1 = results[0][mode], results[1][mode]
+    assert _same(r0["rates"], r1["rates"])
+    expected = [0.3, 0.4, 0.5]
+    for step, rates in enumerate(r0["rates"]):
+        assert torch.allclose(rates, torch.full((3,), expected[step], dtype=rates.dtype), atol=1e-12)
