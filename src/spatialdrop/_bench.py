@@ -1,14 +1,19 @@
 """``spatialdrop bench``: time our layers side by side with torch's, torchvision's and timm's.
 
-Every case runs its implementations in one process, interleaved repeat by repeat (so that a busy
-moment of the machine hits all of them alike), after a warm-up, and reports the median:
+Speed cases run their implementations in one process, interleaved repeat by repeat (so that a busy
+moment of the machine slows all of them alike), after a warm-up, and report the median of:
 
 - forward time, and forward + backward time (``torch.autograd.grad`` with a ones gradient), each
-  also as a ratio to a bare ``x * 2.0`` measured in the same run;
-- the bytes saved for backward, counted with :func:`torch.autograd.graph.saved_tensors_hooks`
-  (each storage once), and as a fraction of the input's bytes;
+  also as a ratio to a bare ``x * 2.0`` measured on the same input in the same run, and the
+  forward + backward speed-up over torchvision where torchvision has the op;
+- the bytes that autograd saves for backward, counted with
+  :func:`torch.autograd.graph.saved_tensors_hooks`, each storage once, the input itself not
+  counted (it is alive anyway), also as a fraction of the input's bytes;
 - the realised drop rate on an all-ones input: over every element, at the corners of the
-  spatial map and at its centre (a uniform layer drops ``p`` everywhere).
+  spatial map and at its centre (a calibrated layer drops ``p`` everywhere).
+
+Calibration cases (DropBlock suite) only measure the drop rates, on many independent
+single-channel maps of a few sizes, and whether float16 input gives a finite, non-zero output.
 
 Peers that are not installed are listed with a note instead of numbers. The measuring code lives
 in the package (``benchmarks/`` is not installed); the scripts in ``benchmarks/`` call it.
@@ -39,10 +44,13 @@ from torch import Tensor
 from ._optional import progress
 
 __all__ = [
-    "SUITES",
+    "REFERENCE",
     "Case",
     "Impl",
     "Row",
+    "calibration_cases",
+    "cases_for",
+    "drop_rates",
     "dropblock_cases",
     "environment",
     "format_rows",
@@ -53,8 +61,8 @@ __all__ = [
 ]
 
 CMD = "bench"
-SUITES = ("spatial", "dropblock")
 REFERENCE = "x * 2.0"
+Fn = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -63,14 +71,19 @@ class Impl:
 
     library: str
     call: str
-    fn: Callable[[Tensor], Tensor] | None
+    fn: Fn | None
     note: str = ""
     drops: bool = True
+    shared_channels: bool = False
 
 
 @dataclass
 class Case:
-    """One input shape and the implementations compared on it (the reference is added)."""
+    """One input shape and the implementations compared on it.
+
+    ``timed`` cases get the ``x * 2.0`` reference and every measurement; the others (calibration)
+    only the drop rates, plus the float16 check when ``fp16_check`` is set.
+    """
 
     suite: str
     name: str
@@ -78,7 +91,8 @@ class Case:
     spatial_axes: tuple[int, ...]
     impls: list[Impl]
     p: float
-    shared_channels: bool = False
+    timed: bool = True
+    fp16_check: bool = False
     make_input: Callable[[tuple[int, ...]], Tensor] = field(default=lambda shape: torch.randn(shape))
 
 
@@ -86,20 +100,24 @@ class Case:
 class Row:
     """The measurements of one implementation in one case (``None``: not measured)."""
 
+    kind: str
     suite: str
     case: str
     shape: str
+    p: float
     library: str
     call: str
     fwd_ms: float | None = None
     fwd_ratio: float | None = None
     fwd_bwd_ms: float | None = None
     fwd_bwd_ratio: float | None = None
+    vs_torchvision: float | None = None
     saved_bytes: int | None = None
     saved_fraction: float | None = None
     drop_mean: float | None = None
     drop_corner: float | None = None
     drop_centre: float | None = None
+    fp16_ok: bool | None = None
     note: str = ""
 
 
@@ -119,11 +137,7 @@ def spatial_cases(quick: bool, p: float) -> list[Case]:
     from .spatial_dropout import spatial_dropout
 
     def ours(channel_dim: int = 1) -> Impl:
-        call = (
-            "spatial_dropout(x, p)"
-            if channel_dim == 1
-            else f"spatial_dropout(x, p, channel_dim={channel_dim})"
-        )
+        call = "spatial_dropout(x, p" + ("" if channel_dim == 1 else f", channel_dim={channel_dim}") + ")"
         return Impl("spatialdrop", call, lambda x: spatial_dropout(x, p, channel_dim=channel_dim))
 
     def torch_fn(rank: int) -> Impl:
@@ -139,13 +153,12 @@ def spatial_cases(quick: bool, p: float) -> list[Case]:
         shapes = [(8, 64, 28, 28), (16, 128, 14, 14), (2, 16, 16, 16, 16), (8, 256, 128)]
     else:
         shapes = [(32, 64, 56, 56), (64, 256, 14, 14), (8, 32, 32, 32, 32), (32, 512, 256)]
-    cases = [
+    return [
         Case("spatial", "2-D maps", shapes[0], (2, 3), [ours(), torch_fn(2)], p),
         Case("spatial", "2-D maps, many channels", shapes[1], (2, 3), [ours(), torch_fn(2)], p),
         Case("spatial", "3-D volumes", shapes[2], (2, 3, 4), [ours(), torch_fn(3)], p),
         Case("spatial", "channels-last sequences (N, L, C)", shapes[3], (1,), [ours(-1), habit], p),
     ]
-    return cases
 
 
 def _timm_drop_block() -> Callable[..., Tensor]:
@@ -157,105 +170,151 @@ def _timm_drop_block() -> Callable[..., Tensor]:
     return fn
 
 
-def dropblock_cases(quick: bool, p: float) -> list[Case]:
-    """Issue 3's suite: DropBlock against torchvision, timm and the ``dropblock`` package."""
+def _torchvision(rank: int, p: float, block: int) -> Impl:
+    call = f"torchvision.ops.drop_block{rank}d(x, p, {block})"
+    try:
+        import torchvision.ops as ops
+    except ImportError as err:
+        return _missing("torchvision", call, err)
+    fn = {2: ops.drop_block2d, 3: ops.drop_block3d}[rank]
+    return Impl("torchvision", call, lambda x: fn(x, p, block))
+
+
+def _timm(p: float, block: int, couple: bool) -> Impl:
+    call = f"timm drop_block_2d(x, p, {block}, couple_channels={couple})"
+    try:
+        fn = _timm_drop_block()
+    except ImportError as err:
+        return _missing("timm", call, err)
+    return Impl("timm", call, lambda x: fn(x, p, block, couple_channels=couple), shared_channels=couple)
+
+
+def _package(rank: int, p: float, block: int) -> Impl:
+    call = f"dropblock.DropBlock{rank}D(p, {block})"
+    try:
+        import dropblock
+    except ImportError as err:
+        return _missing("dropblock", call, err)
+    layer = {2: dropblock.DropBlock2D, 3: dropblock.DropBlock3D}[rank](p, block)
+    return Impl("dropblock", call, layer, shared_channels=True)
+
+
+def _ours_block(p: float, block: int, shared: bool = False, seeding: str = "uniform") -> Impl:
     from .drop_block import drop_block
 
-    cases: list[Case] = []
+    options = (", shared_channels=True" if shared else "") + (f", seeding={seeding!r}" if seeding != "uniform" else "")
+    call = f"drop_block(x, p, {block}{options})"
+    return Impl(
+        "spatialdrop",
+        call,
+        lambda x: drop_block(x, p, block, shared_channels=shared, seeding=seeding),
+        shared_channels=shared,
+    )
 
-    def tv(rank: int, block: int) -> Impl:
-        call = f"torchvision.ops.drop_block{rank}d(x, p, {block})"
-        try:
-            import torchvision.ops as ops
-        except ImportError as err:
-            return _missing("torchvision", call, err)
-        fn = {2: ops.drop_block2d, 3: ops.drop_block3d}[rank]
-        return Impl("torchvision", call, lambda x: fn(x, p, block))
 
-    def timm(block: int, couple: bool) -> Impl:
-        call = f"timm drop_block_2d(x, p, {block}, couple_channels={couple})"
-        try:
-            fn = _timm_drop_block()
-        except ImportError as err:
-            return _missing("timm", call, err)
-        return Impl("timm", call, lambda x: fn(x, p, block, couple_channels=couple))
-
-    def package(rank: int, block: int) -> Impl:
-        call = f"dropblock.DropBlock{rank}D(p, {block})"
-        try:
-            import dropblock
-        except ImportError as err:
-            return _missing("dropblock", call, err)
-        layer = {2: dropblock.DropBlock2D, 3: dropblock.DropBlock3D}[rank](p, block)
-        return Impl("dropblock", call, layer)
-
-    def ours(block: int, shared: bool = False) -> Impl:
-        call = f"drop_block(x, p, {block}" + (", shared_channels=True)" if shared else ")")
-        return Impl("spatialdrop", call, lambda x: drop_block(x, p, block, shared_channels=shared))
-
-    big2 = (8, 64, 28, 28) if quick else (32, 256, 28, 28)
-    big3 = (2, 16, 16, 16, 16) if quick else (8, 32, 32, 32, 32)
-    cases.append(
+def dropblock_cases(quick: bool, p: float) -> list[Case]:
+    """Issue 3's speed suite: DropBlock against torchvision, timm and the ``dropblock`` package."""
+    two = (8, 64, 28, 28) if quick else (32, 256, 28, 28)
+    three = (2, 16, 16, 16, 16) if quick else (8, 32, 32, 32, 32)
+    one = (8, 64, 784) if quick else (32, 256, 784)
+    return [
         Case(
             "dropblock",
             "2-D, block 7, a mask per channel",
-            big2,
+            two,
             (2, 3),
-            [ours(7), tv(2, 7), timm(7, couple=False)],
+            [_ours_block(p, 7), _torchvision(2, p, 7), _timm(p, 7, couple=False)],
             p,
-        )
-    )
-    cases.append(
+        ),
         Case(
             "dropblock",
             "2-D, block 7, one mask shared by the channels",
-            big2,
+            two,
             (2, 3),
-            [ours(7, shared=True), timm(7, couple=True), package(2, 7)],
+            [_ours_block(p, 7, shared=True), _timm(p, 7, couple=True), _package(2, p, 7)],
             p,
-            shared_channels=True,
-        )
-    )
-    cases.append(
-        Case("dropblock", "3-D, block 5, a mask per channel", big3, (2, 3, 4), [ours(5), tv(3, 5)], p)
-    )
-    small = (16, 64, 14, 14) if quick else (64, 64, 14, 14)
-    cases.append(
+        ),
         Case(
             "dropblock",
-            "2-D small maps, block 5, a mask per channel",
-            small,
-            (2, 3),
-            [ours(5), tv(2, 5), timm(5, couple=False)],
+            "3-D, block 5, a mask per channel",
+            three,
+            (2, 3, 4),
+            [_ours_block(p, 5), _torchvision(3, p, 5)],
             p,
-        )
-    )
+        ),
+        Case(
+            "dropblock",
+            "3-D, block 5, one mask shared by the channels",
+            three,
+            (2, 3, 4),
+            [_ours_block(p, 5, shared=True), _package(3, p, 5)],
+            p,
+        ),
+        Case(
+            "dropblock",
+            "1-D, block 7 (no peer has a DropBlock1d)",
+            one,
+            (2,),
+            [_ours_block(p, 7), _ours_block(p, 7, shared=True)],
+            p,
+        ),
+    ]
+
+
+CALIBRATION = [(28, 7, 0.1), (14, 5, 0.3), (7, 3, 0.3), (56, 7, 0.3), (7, 7, 0.1)]
+
+
+def calibration_cases(quick: bool) -> list[Case]:
+    """Drop rates of every 2-D DropBlock on independent single-channel maps (``p`` fixed per case)."""
+    maps = 1024 if quick else 8192
+    cases = []
+    for i, (size, block, p) in enumerate(CALIBRATION):
+        impls = [
+            _ours_block(p, block),
+            _ours_block(p, block, seeding="valid"),
+            _torchvision(2, p, block),
+            _timm(p, block, couple=True),
+            _timm(p, block, couple=False),
+            _package(2, p, block),
+        ]
+        name = f"{size}x{size} map, block {block}, p {p}"
+        shape = (maps, 1, size, size)
+        cases.append(Case("dropblock", name, shape, (2, 3), impls, p, timed=False, fp16_check=i == 0))
+    return cases
+
+
+def cases_for(suite: str, quick: bool, p: float) -> list[Case]:
+    """The cases of ``suite`` (``spatial``, ``dropblock`` or ``all``)."""
+    cases: list[Case] = []
+    if suite in ("spatial", "all"):
+        cases += spatial_cases(quick, p)
+    if suite in ("dropblock", "all"):
+        cases += dropblock_cases(quick, p) + calibration_cases(quick)
     return cases
 
 
 # --- measuring ----------------------------------------------------------------------------------
 
 
-def saved_bytes(fn: Callable[[Tensor], Tensor], x: Tensor) -> int:
-    """Bytes of the tensors that autograd saves for backward in ``fn(x)``, each storage once."""
-    seen: dict[tuple[int, str], int] = {}
+def saved_bytes(fn: Fn, x: Tensor) -> int:
+    """Bytes of the tensors autograd saves for backward in ``fn(x)``: each storage once, not ``x``'s."""
+    leaf = x.detach().clone().requires_grad_(True)
+    input_storage = leaf.untyped_storage().data_ptr()
+    seen: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
-        try:
-            storage = t.untyped_storage()
-            seen[(storage.data_ptr(), str(t.device))] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):  # e.g. tensor subclasses without storage
-            seen[(id(t), "?")] = t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage.data_ptr() != input_storage:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    leaf = x.detach().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(leaf)
     return sum(seen.values())
 
 
 def drop_rates(
-    fn: Callable[[Tensor], Tensor],
+    fn: Fn,
     shape: tuple[int, ...],
     spatial_axes: Sequence[int],
     min_samples: int,
@@ -265,13 +324,14 @@ def drop_rates(
 
     Draws repeat until at least ``min_samples`` independent maps were seen (a map per sample and
     channel). A mask shared by the channels (channels-first input) is measured on
-    ``min_samples`` single-channel samples instead.
+    ``min_samples`` single-channel samples instead. The centre is the middle position (the
+    middle 2 per even side).
     """
     if shared_channels:
         shape = (min_samples, 1, *shape[2:])
     dims = len(shape)
     axes = [a % dims for a in spatial_axes]
-    corner_idx: list[Any] = [slice(None)] * dims
+    corner_idx: dict[int, Tensor] = {}
     centre_idx: list[Any] = [slice(None)] * dims
     for a in axes:
         size = shape[a]
@@ -287,7 +347,7 @@ def drop_rates(
             dropped = (fn(ones) == 0).to(torch.float64)
             total += float(dropped.mean())
             c = dropped
-            for a in axes:  # corners: the product of {0, size-1} over the spatial axes
+            for a in axes:  # corners: every combination of {0, size-1} over the spatial axes
                 c = c.index_select(a, corner_idx[a])
             corner += float(c.sum())
             corner_n += c.numel()
@@ -297,32 +357,41 @@ def drop_rates(
     return total / draws, corner / corner_n, centre / centre_n
 
 
+def fp16_ok(fn: Fn) -> bool:
+    """Whether ``fn`` keeps a float16 input finite and not all zero (torchvision's overflows)."""
+    with torch.no_grad():
+        y = fn(torch.ones(8, 64, 56, 56, dtype=torch.float16))
+    return bool(y.isfinite().all()) and bool((y != 0).any())
+
+
 def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
 def measure(
     case: Case, repeats: int, warmup: int, tick: Callable[[], None] | None = None, min_samples: int = 8192
 ) -> list[Row]:
-    """Measure every implementation of ``case``, interleaved, and return one row each."""
+    """Measure every implementation of ``case`` (interleaved when timed) and return one row each."""
+    if not case.timed:
+        return _calibrate(case, tick)
     impls = [_reference(), *case.impls]
     runnable = [i for i in impls if i.fn is not None]
     x = case.make_input(case.shape)
     xg = x.detach().clone().requires_grad_(True)
+    grad_out = torch.ones_like(x)
     fwd: dict[int, list[float]] = {id(i): [] for i in runnable}
     both: dict[int, list[float]] = {id(i): [] for i in runnable}
-    grad_out = torch.ones_like(x)
 
-    def forward(impl: Impl) -> Callable[[], Any]:
-        assert impl.fn is not None
-        fn = impl.fn
+    def forward(fn: Fn) -> Callable[[], Any]:
         return lambda: fn(x)
 
-    def forward_backward(impl: Impl) -> Callable[[], Any]:
-        assert impl.fn is not None
-        fn = impl.fn
+    def forward_backward(fn: Fn) -> Callable[[], Any]:
         return lambda: torch.autograd.grad(fn(xg), xg, grad_out)
 
     gc_was_enabled = gc.isenabled()
@@ -330,8 +399,9 @@ def measure(
     try:
         for r in range(warmup + repeats):
             for impl in runnable:
-                t_fwd = _timed(forward(impl))
-                t_both = _timed(forward_backward(impl))
+                assert impl.fn is not None
+                t_fwd = _timed(forward(impl.fn))
+                t_both = _timed(forward_backward(impl.fn))
                 if r >= warmup:
                     fwd[id(impl)].append(t_fwd)
                     both[id(impl)].append(t_both)
@@ -340,15 +410,13 @@ def measure(
     finally:
         if gc_was_enabled:
             gc.enable()
-    ref = runnable[0]
-    ref_fwd = statistics.median(fwd[id(ref)])
-    ref_both = statistics.median(both[id(ref)])
+    ref_fwd = statistics.median(fwd[id(runnable[0])])
+    ref_both = statistics.median(both[id(runnable[0])])
     input_bytes = x.numel() * x.element_size()
     rows = []
     for impl in impls:
-        row = Row(
-            case.suite, case.name, "x".join(map(str, case.shape)), impl.library, impl.call, note=impl.note
-        )
+        row = Row("speed", case.suite, case.name, _shape_text(case.shape), case.p, impl.library, impl.call)
+        row.note = impl.note
         if impl.fn is not None:
             f = statistics.median(fwd[id(impl)])
             b = statistics.median(both[id(impl)])
@@ -358,9 +426,34 @@ def measure(
             row.saved_fraction = row.saved_bytes / input_bytes
             if impl.drops:
                 row.drop_mean, row.drop_corner, row.drop_centre = drop_rates(
-                    impl.fn, case.shape, case.spatial_axes, min_samples, case.shared_channels
+                    impl.fn, case.shape, case.spatial_axes, min_samples, impl.shared_channels
                 )
         rows.append(row)
+    tv = next((r for r in rows if r.library == "torchvision" and r.fwd_bwd_ms is not None), None)
+    if tv is not None and tv.fwd_bwd_ms is not None:
+        for r in rows:
+            if r.fwd_bwd_ms is not None:
+                r.vs_torchvision = tv.fwd_bwd_ms / r.fwd_bwd_ms
+    return rows
+
+
+def _calibrate(case: Case, tick: Callable[[], None] | None) -> list[Row]:
+    rows = []
+    for impl in case.impls:
+        row = Row("calibration", case.suite, case.name, _shape_text(case.shape), case.p, impl.library, impl.call)
+        row.note = impl.note
+        if impl.fn is not None:
+            try:
+                row.drop_mean, row.drop_corner, row.drop_centre = drop_rates(
+                    impl.fn, case.shape, case.spatial_axes, min_samples=1
+                )
+                if case.fp16_check:
+                    row.fp16_ok = fp16_ok(impl.fn)
+            except (RuntimeError, ValueError) as err:  # e.g. a block that does not fit the map
+                row.note = f"{type(err).__name__}: {err}"
+        rows.append(row)
+    if tick is not None:
+        tick()
     return rows
 
 
@@ -389,10 +482,15 @@ def environment(threads: int) -> dict[str, Any]:
     """The machine and the libraries the numbers come from."""
     from . import __version__
 
+    try:
+        load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        load = "unknown"
     return {
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": threads,
+        "load_average_before": load,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "spatialdrop": __version__,
@@ -403,7 +501,7 @@ def environment(threads: int) -> dict[str, Any]:
     }
 
 
-COLUMNS = [
+SPEED_COLUMNS = [
     ("case", "case"),
     ("shape", "shape"),
     ("library", "library"),
@@ -412,21 +510,33 @@ COLUMNS = [
     ("fwd_ratio", f"fwd / {REFERENCE}"),
     ("fwd_bwd_ms", "fwd+bwd ms"),
     ("fwd_bwd_ratio", f"fwd+bwd / {REFERENCE}"),
+    ("vs_torchvision", "fwd+bwd speed-up vs torchvision"),
     ("saved_bytes", "saved for bwd"),
     ("drop_mean", "drop mean"),
     ("drop_corner", "drop corner"),
     ("drop_centre", "drop centre"),
     ("note", "note"),
 ]
+CALIBRATION_COLUMNS = [
+    ("case", "case"),
+    ("library", "library"),
+    ("call", "call"),
+    ("drop_mean", "drop mean"),
+    ("drop_corner", "drop corner"),
+    ("drop_centre", "drop centre"),
+    ("fp16_ok", "float16 finite, not all zero"),
+    ("note", "note"),
+]
+TEXT_KEYS = ("case", "shape", "library", "call", "note")
 
 
 def _human_bytes(n: int) -> str:
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
-    raise AssertionError("unreachable")
+    return f"{value:.1f} GiB"
 
 
 def _cell(row: Row, key: str) -> str:
@@ -437,81 +547,86 @@ def _cell(row: Row, key: str) -> str:
         return f"{_human_bytes(value)} ({100 * (row.saved_fraction or 0):.1f}%)"
     if key.endswith("_ms"):
         return f"{value:.2f}" if value < 100 else f"{value:.0f}"
-    if key.endswith("_ratio"):
-        return f"{value:.2f}×"
+    if key.endswith("_ratio") or key == "vs_torchvision":
+        return f"{value:.2f}×" if value < 100 else f"{value:.0f}×"
     if key.startswith("drop_"):
         return f"{value:.3f}"
+    if key == "fp16_ok":
+        return "yes" if value else "NO"
     return str(value)
+
+
+def _markdown(rows: list[Row], columns: list[tuple[str, str]]) -> list[str]:
+    lines = ["| " + " | ".join(t for _, t in columns) + " |"]
+    lines.append("|" + "|".join("---" if k in TEXT_KEYS else "---:" for k, _ in columns) + "|")
+    for r in rows:
+        cells = [_cell(r, k) for k, _ in columns]
+        cells = [f"`{c}`" if k == "call" else c for (k, _), c in zip(columns, cells)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return lines
+
+
+def _plain(rows: list[Row], columns: list[tuple[str, str]], title: Callable[[Row], str]) -> list[str]:
+    keys = [k for k, _ in columns]
+    titles = [t for _, t in columns]
+    widths = [max(len(t), *(len(_cell(r, k)) for r in rows)) for k, t in zip(keys, titles)]
+    out = []
+    for heading, group in itertools.groupby(rows, key=title):
+        out.append(heading)
+        out.append("  ".join(t.ljust(w) if k in TEXT_KEYS else t.rjust(w) for k, t, w in zip(keys, titles, widths)))
+        for r in group:
+            cells = [_cell(r, k) for k in keys]
+            line = "  ".join(c.ljust(w) if k in TEXT_KEYS else c.rjust(w) for k, c, w in zip(keys, cells, widths))
+            out.append(line.rstrip())
+        out.append("")
+    return out
 
 
 def format_rows(rows: list[Row], fmt: str, env: dict[str, Any], command: str) -> str:
     """The rows as ``table``, ``markdown``, ``json`` or ``csv`` text."""
     if fmt == "json":
-        return json.dumps(
-            {"command": command, "environment": env, "rows": [asdict(r) for r in rows]}, indent=1
-        )
+        report = {"command": command, "environment": env, "rows": [asdict(r) for r in rows]}
+        return json.dumps(report, indent=1) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(asdict(rows[0]) if rows else []), lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=[f.name for f in Row.__dataclass_fields__.values()])
         writer.writeheader()
         for r in rows:
             writer.writerow(asdict(r))
         return buf.getvalue()
     machine = (
-        f"{env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}; "
-        f"torch {env['torch']}, torchvision {env['torchvision']}, timm {env['timm']}, "
-        f"dropblock {env['dropblock']}; {env['platform']}"
+        f"{env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, load average "
+        f"before {env['load_average_before']}; torch {env['torch']}, torchvision {env['torchvision']}, "
+        f"timm {env['timm']}, dropblock {env['dropblock']}; {env['platform']}"
     )
     about = (
-        f"median of the timed repeats; ratios to {REFERENCE} on the same input in the same run; "
+        f"speed: median of interleaved repeats after warm-up, ratios to {REFERENCE} on the same input in "
+        "the same run; saved for bwd: bytes autograd keeps beyond the input (% of the input's); "
         "drop rates on an all-ones input"
     )
-    header = [title for _, title in COLUMNS]
+    speed = [r for r in rows if r.kind == "speed"]
+    calibration = [r for r in rows if r.kind == "calibration"]
     if fmt == "markdown":
         lines = [f"Command: `{command}`  ", f"Machine: {machine}  ", f"{about}.", ""]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append(
-            "|"
-            + "|".join(
-                "---" if k in ("case", "shape", "library", "call", "note") else "---:" for k, _ in COLUMNS
-            )
-            + "|"
-        )
-        for r in rows:
-            cells = [_cell(r, k) for k, _ in COLUMNS]
-            cells[3] = f"`{cells[3]}`"
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-        return "\n".join(lines) + "\n"
-    # plain table, one block per case
-    out = [f"command: {command}", f"machine: {machine}", f"{about}", ""]
-    keys = [k for k, _ in COLUMNS if k not in ("case", "shape")]
-    titles = [t for k, t in COLUMNS if k not in ("case", "shape")]
-    widths = [max(len(t), *(len(_cell(r, k)) for r in rows)) for k, t in zip(keys, titles)]
-    for (suite, case, shape), group in itertools.groupby(rows, key=lambda r: (r.suite, r.case, r.shape)):
-        out.append(f"[{suite}] {case}, input {shape}")
-        out.append(
-            "  ".join(t.ljust(w) if i < 2 else t.rjust(w) for i, (t, w) in enumerate(zip(titles, widths)))
-        )
-        for r in group:
-            cells = [_cell(r, k) for k in keys]
-            out.append(
-                "  ".join(
-                    c.ljust(w) if i < 2 or i == len(keys) - 1 else c.rjust(w)
-                    for i, (c, w) in enumerate(zip(cells, widths))
-                ).rstrip()
-            )
-        out.append("")
+        if speed:
+            lines += _markdown(speed, SPEED_COLUMNS) + [""]
+        if calibration:
+            lines += [
+                "Calibration: fraction dropped over many independent single-channel maps "
+                "(p asked in the case name).",
+                "",
+                *_markdown(calibration, CALIBRATION_COLUMNS),
+                "",
+            ]
+        return "\n".join(lines)
+    out = [f"command: {command}", f"machine: {machine}", about, ""]
+    if speed:
+        plain_speed = [(k, t) for k, t in SPEED_COLUMNS if k not in ("case", "shape")]
+        out += _plain(speed, plain_speed, lambda r: f"[{r.suite}] {r.case}, input {r.shape}, p {r.p}")
+    if calibration:
+        plain_cal = [(k, t) for k, t in CALIBRATION_COLUMNS if k != "case"]
+        out += _plain(calibration, plain_cal, lambda r: f"[calibration] {r.case}, {r.shape.split('x')[0]} maps")
     return "\n".join(out)
-
-
-def cases_for(suite: str, quick: bool, p: float) -> list[Case]:
-    """The cases of ``suite`` (``spatial``, ``dropblock`` or ``all``)."""
-    cases: list[Case] = []
-    if suite in ("spatial", "all"):
-        cases += spatial_cases(quick, p)
-    if suite in ("dropblock", "all"):
-        cases += dropblock_cases(quick, p)
-    return cases
 
 
 def run_bench(
@@ -532,17 +647,17 @@ def run_bench(
     threads = threads or os.cpu_count() or 1
     repeats = repeats or (5 if quick else 15)
     warmup = 1 if quick else 3
+    env = environment(threads)  # the load average before the run
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     try:
         cases = cases_for(suite, quick, p)
-        total = sum(warmup + repeats for _ in cases)
+        total = sum(warmup + repeats if c.timed else 1 for c in cases)
         rows: list[Row] = []
         with progress(CMD, total=total, desc=f"bench {suite}", enabled=show_progress, unit="round") as bar:
             for case in cases:
                 bar.set_postfix_str(case.name)
                 rows += measure(case, repeats, warmup, tick=lambda: bar.update(1))
-        env = environment(threads)
     finally:
         torch.set_num_threads(threads_before)
     text = format_rows(rows, fmt, env, command)
