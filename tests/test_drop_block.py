@@ -147,8 +147,7 @@ def test_growers_match_loop_reference(sizes: tuple[int, ...], blocks: tuple[int,
     mask = torch.zeros((maps, *sizes), dtype=torch.bool).transpose(0, -1).contiguous().transpose(0, -1)
     map_offsets = torch.arange(maps) * mask.stride(0)
     flat = seeds.reshape(-1).nonzero().squeeze(1)
-    offsets = db.block_offsets(flat, grid, shift, sizes, blocks, map_offsets, mask.stride()[1:])
-    mask.as_strided((mask.numel(),), (1,)).index_fill_(0, offsets, True)
+    db.paint_blocks(mask, True, flat, grid, shift, sizes, blocks, map_offsets, mask.stride()[1:])
     assert torch.equal(mask, ref)
 
 

@@ -198,7 +198,32 @@ class _Geometry:
         return batch if self.shared else batch * self.channels
 
 
-def block_offsets(
+def _positions(j: Tensor, shift: int, size: int, b: int, stride: int) -> Tensor:
+    """Storage offsets ``(S, min(b, L))`` along one dim of the positions each seed drops.
+
+    The seed at uniform index ``j`` (grid index plus ``shift``) drops ``[j - b + 1, j]`` cut to
+    ``[0, L)``; a cut block repeats its border position, which is harmless.
+    """
+    if b <= size:
+        # clamp after scaling by the stride (monotone): one pass fewer
+        span = torch.arange(b - 1 - shift, -1 - shift, -1, device=j.device).mul_(stride)
+        return (j * stride).unsqueeze(-1).sub(span).clamp_(0, (size - 1) * stride)
+    # the block covers at most the whole map: positions lo .. hi, L of them with repeats
+    j = j + shift
+    lo = (j - (b - 1)).clamp_(min=0)
+    hi = j.clamp(max=size - 1)
+    span = torch.arange(size, device=j.device)
+    return torch.minimum(lo.unsqueeze(-1) + span, hi.unsqueeze(-1)).mul_(stride)
+
+
+def _outer_add(off: Tensor, pos: Tensor) -> Tensor:
+    """``off[s, ...] + pos[s, k]`` as a tensor ``(S, ..., k)``."""
+    return off.unsqueeze(-1) + pos.view((pos.shape[0],) + (1,) * (off.dim() - 1) + (pos.shape[1],))
+
+
+def paint_blocks(
+    target: Tensor,
+    value: float | bool,
     seeds: Tensor,
     grid: Sequence[int],
     shift: Sequence[int],
@@ -206,10 +231,12 @@ def block_offsets(
     blocks: Sequence[int],
     map_offsets: Tensor,
     strides: Sequence[int],
-) -> Tensor:
-    """Storage offsets of every position dropped by the given seeds (with repeats).
+) -> None:
+    """Write ``value`` into ``target`` at every position dropped by the given seeds.
 
     Args:
+        target: a dense tensor (see :func:`_is_dense`) to write into, addressed by storage offset.
+        value: the value to write.
         seeds: flat int64 indices into the seed grid of shape ``(maps, *grid)``.
         grid: the seed grid's spatial shape.
         shift: added to a seed's grid index to give its uniform-seeding index ``j`` (0 for
@@ -217,12 +244,13 @@ def block_offsets(
             ``[j - b + 1, j]`` of ``[0, L)`` per dim.
         sizes: the map's spatial shape ``L``.
         blocks: the block sides ``b``.
-        map_offsets: storage offset of position 0 of each map, indexed by map number.
-        strides: the storage stride of each spatial dim.
+        map_offsets: storage offset (from ``target``'s start) of position 0 of each map.
+        strides: ``target``'s stride along each spatial dim.
 
-    Returns:
-        A 1-D int64 tensor of offsets. The work is ``len(seeds) * prod(min(b, L))``: per seed,
-        not per position, and independent of the map size.
+    The work is proportional to the number of seeds times the block volume: per seed, never per
+    position, and independent of the map size. Along the last spatial dim a block whose run is
+    not cut by the border is written as one run, through an overlapping window view of the
+    storage, so only its first offset is computed; cut blocks get one offset per position.
     """
     rest = seeds
     coords: list[Tensor] = []
@@ -230,17 +258,24 @@ def block_offsets(
         coords.append(rest % g)
         rest = rest // g
     coords.reverse()
+    flat = _flat(target)
     off = map_offsets[rest]
-    for j, s, size, b, st in zip(coords, shift, sizes, blocks, strides):
-        if s:
-            j = j + s
-        lo = (j - (b - 1)).clamp_(min=0)
-        hi = j.clamp(max=size - 1)
-        span = torch.arange(min(b, size), device=seeds.device)
-        # positions lo .. hi; a block cut by the border repeats hi, which is harmless
-        pos = torch.minimum(lo.unsqueeze(-1) + span, hi.unsqueeze(-1)).mul_(st)
-        off = off.unsqueeze(-1) + pos.view((pos.shape[0],) + (1,) * (off.dim() - 1) + (pos.shape[1],))
-    return off.reshape(-1)
+    for j, s, size, b, st in zip(coords[:-1], shift[:-1], sizes[:-1], blocks[:-1], strides[:-1]):
+        off = _outer_add(off, _positions(j, s, size, b, st))
+    j, s, size, b, st = coords[-1], shift[-1], sizes[-1], blocks[-1], strides[-1]
+    run = min(b, size)
+    if run > 1:
+        # whole runs: uniform index j + s in [b - 1, L - 1] (run b), or every index if b >= L
+        ju = j + s if s else j
+        whole = ((ju >= b - 1) & (ju <= size - 1)) if b < size else ((ju >= size - 1) & (ju <= b - 1))
+        which = whole.nonzero().squeeze(1)
+        first = ((ju.index_select(0, which) - (b - 1)).clamp_(min=0)).mul_(st)
+        starts = off.index_select(0, which) + first.view((-1,) + (1,) * (off.dim() - 1))
+        windows = target.as_strided((target.numel() - (run - 1) * st, run), (1, st), target.storage_offset())
+        windows.index_fill_(0, starts.reshape(-1), value)
+        cut = (~whole).nonzero().squeeze(1)
+        j, off = j.index_select(0, cut), off.index_select(0, cut)
+    flat.index_fill_(0, _outer_add(off, _positions(j, s, size, b, st)).reshape(-1), value)
 
 
 def grow_blocks(grid: Tensor, sizes: Sequence[int], blocks: Sequence[int], shift: Sequence[int]) -> Tensor:
@@ -298,9 +333,11 @@ def _map_offsets(t: Tensor, geo: _Geometry) -> Tensor:
     return (n.unsqueeze(1) + c).reshape(-1)
 
 
-def _sparse_offsets(t: Tensor, seeds: Tensor, geo: _Geometry) -> Tensor:
-    strides = [t.stride(d) for d in geo.spatial]
-    return block_offsets(seeds, geo.grid, geo.shift, geo.sizes, geo.blocks, _map_offsets(t, geo), strides)
+def _paint_maps(target: Tensor, value: float | bool, seeds: Tensor, geo: _Geometry) -> None:
+    """Write ``value`` at the dropped positions of every per-channel map of ``target``."""
+    strides = [target.stride(d) for d in geo.spatial]
+    map_offsets = _map_offsets(target, geo)
+    paint_blocks(target, value, seeds, geo.grid, geo.shift, geo.sizes, geo.blocks, map_offsets, strides)
 
 
 def _multiply(src: Tensor, factor: float | Tensor | None, dst: Tensor) -> None:
@@ -318,9 +355,8 @@ def _apply_sparse(
     """Scale ``src`` by ``factor`` and zero every position dropped by ``seeds`` (mask per channel)."""
     out = src if inplace else torch.empty_like(src)
     target = out if _is_dense(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
-    offsets = _sparse_offsets(target, seeds, geo)
     _multiply(src, factor, target)
-    _flat(target).index_fill_(0, offsets, 0)
+    _paint_maps(target, 0, seeds, geo)
     if target is not out:
         out.copy_(target)
     return out
@@ -524,16 +560,17 @@ def drop_block(
         per_sample: Tensor | None = None
         if geo.shared:
             keep = torch.ones((maps, *geo.sizes), dtype=torch.bool, device=input.device)
-            offsets = block_offsets(
+            paint_blocks(
+                keep,
+                False,
                 seeds,
                 geo.grid,
                 geo.shift,
                 geo.sizes,
                 geo.blocks,
                 torch.arange(maps, device=input.device).mul_(math.prod(geo.sizes)),
-                _contiguous_strides(geo.sizes),
+                keep.stride()[1:],
             )
-            _flat(keep).index_fill_(0, offsets, False)
             if scale == "realized":
                 counts = (~keep).sum(dim=tuple(range(1, keep.dim())), dtype=torch.int64)
                 per_sample = _realized_factor(counts, math.prod(geo.sizes), input).view(-1)
@@ -543,20 +580,11 @@ def drop_block(
             if scale == "realized":
                 # the kept count needs the union of the blocks: paint them once
                 counts_mask = torch.zeros_like(input, dtype=torch.uint8)
-                _flat(counts_mask).index_fill_(0, _sparse_offsets(counts_mask, seeds, geo), 1)
+                _paint_maps(counts_mask, 1, seeds, geo)
                 counts = counts_mask.sum(dim=tuple(range(1, input.dim())), dtype=torch.int64)
                 per_sample = _realized_factor(counts, math.prod(input.shape[1:]), input)
     out: Tensor = _DropBlockFunction.apply(input, drop, per_sample, factor, geo, inplace)
     return out
-
-
-def _contiguous_strides(sizes: Sequence[int]) -> list[int]:
-    strides = []
-    acc = 1
-    for s in reversed(sizes):
-        strides.append(acc)
-        acc *= s
-    return strides[::-1]
 
 
 def _drop_block_dense(
