@@ -249,22 +249,37 @@ def test_bench_json_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert libraries == {"torch", "spatialdrop"}
 
 
-def test_bench_dropblock_suite_notes_missing_peers(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_dropblock_suite(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*BENCH, "--suite", "dropblock", "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    ours = [r for r in rows if r["library"] == "spatialdrop"]
-    assert len(ours) == 4
+    assert {r["kind"] for r in rows} == {"speed", "calibration"}
+    ours = [r for r in rows if r["library"] == "spatialdrop" and r["kind"] == "speed"]
+    assert len(ours) == 6
     for r in ours:
+        assert float(r["fwd_bwd_ms"]) > 0
         assert float(r["drop_mean"]) == pytest.approx(0.1, abs=0.02)
-        assert float(r["saved_fraction"]) < 0.25
+        assert float(r["saved_fraction"]) < 0.25  # issue 3: at most a quarter of the input
+    # calibration: our default seeding drops p at the corners and the centre too
+    uniform = [
+        r
+        for r in rows
+        if r["kind"] == "calibration" and r["call"].startswith("drop_block") and "valid" not in r["call"]
+    ]
+    assert len(uniform) == len(_bench.CALIBRATION)
+    for r in uniform:
+        p = float(r["p"])
+        for key in ("drop_mean", "drop_corner", "drop_centre"):
+            assert float(r[key]) == pytest.approx(p, abs=0.06), (r["case"], key)
+    assert uniform[0]["fp16_ok"] == "True"
+    # peers: measured when installed, else listed with a note and no numbers
     tv = [r for r in rows if r["library"] == "torchvision"]
-    assert len(tv) == 3
+    assert len(tv) == 2 + len(_bench.CALIBRATION)
     for r in tv:
         if HAS_TORCHVISION:
-            assert float(r["fwd_ms"]) > 0
+            assert float(r["drop_mean"]) > 0
         else:
             assert r["note"].startswith("torchvision not installed")
-            assert r["fwd_ms"] == ""
+            assert r["drop_mean"] == ""
 
 
 @pytest.mark.parametrize("fmt", ["table", "markdown"])
@@ -272,7 +287,15 @@ def test_bench_text_formats_have_the_columns(fmt: str, capsys: pytest.CaptureFix
     assert main([*BENCH, "--suite", "spatial", "--format", fmt]) == 0
     out = capsys.readouterr().out
     assert "torch threads 1" in out
-    for title in ("fwd ms", "fwd / x * 2.0", "fwd+bwd ms", "saved for bwd", "drop mean", "drop corner"):
+    for title in (
+        "fwd ms",
+        "fwd / x * 2.0",
+        "fwd+bwd ms",
+        "saved for bwd",
+        "drop mean",
+        "drop corner",
+        "drop centre",
+    ):
         assert title in out
     assert "F.dropout1d(x.permute(0, 2, 1), p).permute(0, 2, 1)" in out
     if fmt == "markdown":

@@ -202,7 +202,9 @@ def _package(rank: int, p: float, block: int) -> Impl:
 def _ours_block(p: float, block: int, shared: bool = False, seeding: str = "uniform") -> Impl:
     from .drop_block import drop_block
 
-    options = (", shared_channels=True" if shared else "") + (f", seeding={seeding!r}" if seeding != "uniform" else "")
+    options = (", shared_channels=True" if shared else "") + (
+        f", seeding={seeding!r}" if seeding != "uniform" else ""
+    )
     call = f"drop_block(x, p, {block}{options})"
     return Impl(
         "spatialdrop",
@@ -397,12 +399,12 @@ def measure(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for r in range(warmup + repeats):
+        for rep in range(warmup + repeats):
             for impl in runnable:
                 assert impl.fn is not None
                 t_fwd = _timed(forward(impl.fn))
                 t_both = _timed(forward_backward(impl.fn))
-                if r >= warmup:
+                if rep >= warmup:
                     fwd[id(impl)].append(t_fwd)
                     both[id(impl)].append(t_both)
             if tick is not None:
@@ -429,18 +431,20 @@ def measure(
                     impl.fn, case.shape, case.spatial_axes, min_samples, impl.shared_channels
                 )
         rows.append(row)
-    tv = next((r for r in rows if r.library == "torchvision" and r.fwd_bwd_ms is not None), None)
+    tv = next((row for row in rows if row.library == "torchvision" and row.fwd_bwd_ms is not None), None)
     if tv is not None and tv.fwd_bwd_ms is not None:
-        for r in rows:
-            if r.fwd_bwd_ms is not None:
-                r.vs_torchvision = tv.fwd_bwd_ms / r.fwd_bwd_ms
+        for row in rows:
+            if row.fwd_bwd_ms is not None:
+                row.vs_torchvision = tv.fwd_bwd_ms / row.fwd_bwd_ms
     return rows
 
 
 def _calibrate(case: Case, tick: Callable[[], None] | None) -> list[Row]:
     rows = []
     for impl in case.impls:
-        row = Row("calibration", case.suite, case.name, _shape_text(case.shape), case.p, impl.library, impl.call)
+        row = Row(
+            "calibration", case.suite, case.name, _shape_text(case.shape), case.p, impl.library, impl.call
+        )
         row.note = impl.note
         if impl.fn is not None:
             try:
@@ -573,10 +577,14 @@ def _plain(rows: list[Row], columns: list[tuple[str, str]], title: Callable[[Row
     out = []
     for heading, group in itertools.groupby(rows, key=title):
         out.append(heading)
-        out.append("  ".join(t.ljust(w) if k in TEXT_KEYS else t.rjust(w) for k, t, w in zip(keys, titles, widths)))
+        out.append(
+            "  ".join(t.ljust(w) if k in TEXT_KEYS else t.rjust(w) for k, t, w in zip(keys, titles, widths))
+        )
         for r in group:
             cells = [_cell(r, k) for k in keys]
-            line = "  ".join(c.ljust(w) if k in TEXT_KEYS else c.rjust(w) for k, c, w in zip(keys, cells, widths))
+            line = "  ".join(
+                c.ljust(w) if k in TEXT_KEYS else c.rjust(w) for k, c, w in zip(keys, cells, widths)
+            )
             out.append(line.rstrip())
         out.append("")
     return out
@@ -609,7 +617,7 @@ def format_rows(rows: list[Row], fmt: str, env: dict[str, Any], command: str) ->
     if fmt == "markdown":
         lines = [f"Command: `{command}`  ", f"Machine: {machine}  ", f"{about}.", ""]
         if speed:
-            lines += _markdown(speed, SPEED_COLUMNS) + [""]
+            lines += [*_markdown(speed, SPEED_COLUMNS), ""]
         if calibration:
             lines += [
                 "Calibration: fraction dropped over many independent single-channel maps "
@@ -625,7 +633,9 @@ def format_rows(rows: list[Row], fmt: str, env: dict[str, Any], command: str) ->
         out += _plain(speed, plain_speed, lambda r: f"[{r.suite}] {r.case}, input {r.shape}, p {r.p}")
     if calibration:
         plain_cal = [(k, t) for k, t in CALIBRATION_COLUMNS if k != "case"]
-        out += _plain(calibration, plain_cal, lambda r: f"[calibration] {r.case}, {r.shape.split('x')[0]} maps")
+        out += _plain(
+            calibration, plain_cal, lambda r: f"[calibration] {r.case}, {r.shape.split('x')[0]} maps"
+        )
     return "\n".join(out)
 
 
