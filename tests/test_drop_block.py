@@ -338,7 +338,8 @@ def test_gradient_is_mask_times_scale(rank: int, shared: bool, scale: str) -> No
 
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("scale", SCALES)
-def test_saved_for_backward_is_tiny(shared: bool, scale: str) -> None:
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_saved_for_backward_is_tiny_and_gradient_exact(shared: bool, scale: str, p: float) -> None:
     x = torch.randn(8, 64, 28, 28, requires_grad=True)
     saved: list[torch.Tensor] = []
 
@@ -347,17 +348,27 @@ def test_saved_for_backward_is_tiny(shared: bool, scale: str) -> None:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = drop_block(x, 0.1, 7, shared_channels=shared, scale=scale)
+        y = drop_block(x, p, 7, shared_channels=shared, scale=scale)
     nbytes = sum(t.numel() * t.element_size() for t in saved)
-    if shared:  # one bool per sample and position, plus one factor per sample
-        assert saved[0].dtype == torch.bool
-        assert saved[0].shape == (8, 28, 28)
+    factors = [t for t in saved if t.is_floating_point()]
+    assert len(factors) == (scale == "realized")  # one factor per sample, if any
+    masks = [t for t in saved if not t.is_floating_point()]
+    if shared:  # one bool per sample and position
+        assert [(t.dtype, t.shape) for t in masks] == [(torch.bool, (8, 28, 28))]
         assert nbytes <= x.numel() // 64 + 8 * 4
-    else:  # only the seed indices (and a factor per sample): far below a bit per element
-        assert saved[0].dtype == torch.int64
-        assert saved[0].dim() == 1
-        assert nbytes <= x.numel() * x.element_size() / 32
-    y.sum().backward()
+    else:  # the int32 write plan (several runs) at p = 0.1, only the seeds at p = 0.5
+        assert all(t.dtype == torch.int32 and t.dim() == 1 for t in masks)
+        assert (len(masks) > 1) == (p == 0.1)
+        assert nbytes <= x.numel() * x.element_size() / 32 + 8 * 4
+    # backward, from the plan or from the seeds, is mask x scale
+    g = torch.randn_like(y)
+    y.backward(g)
+    keep = y.detach() != 0
+    if scale == "realized":
+        factor = (keep[0].numel() / keep.reshape(8, -1).sum(1).float()).view(-1, 1, 1, 1)
+    else:
+        factor = torch.tensor(expected_scale(p) if scale == "expected" else 1.0)
+    assert torch.allclose(x.grad, g * keep * factor, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("scale", ["expected", "realized"])

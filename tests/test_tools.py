@@ -93,6 +93,11 @@ def test_named_sequential_keeps_names_and_default_factory_picks_rank() -> None:
     assert isinstance(net.conv_dropout, SpatialDropout1d)
     assert isinstance(net.vol[1], SpatialDropout3d)
     assert repr(net.conv_dropout) == "SpatialDropout1d(p=0.1, inplace=False)"
+    # a taken name is not overwritten
+    taken = nn.Sequential(OrderedDict(c=nn.Conv2d(1, 1, 1), c_dropout=nn.ReLU()))
+    add_dropout(taken)
+    assert list(taken._modules) == ["c", "c_dropout_", "c_dropout"]
+    assert isinstance(taken.c_dropout, nn.ReLU)
 
 
 def test_model_itself_and_matched_modules_are_not_searched() -> None:

@@ -221,6 +221,103 @@ def _outer_add(off: Tensor, pos: Tensor) -> Tensor:
     return off.unsqueeze(-1) + pos.view((pos.shape[0],) + (1,) * (off.dim() - 1) + (pos.shape[1],))
 
 
+# A plan says where to write: for each run length ``w``, the storage offsets where a run of ``w``
+# positions along the last spatial dim starts.
+Plan = list[tuple[int, Tensor]]
+
+
+def _run_length(length: int, run: int) -> int:
+    """The window used for a run of ``length`` positions: the run itself if whole, else a power of 2."""
+    return run if length == run else 1 << (length.bit_length() - 1)
+
+
+def block_plan(
+    seeds: Tensor,
+    grid: Sequence[int],
+    shift: Sequence[int],
+    sizes: Sequence[int],
+    blocks: Sequence[int],
+    map_offsets: Tensor,
+    strides: Sequence[int],
+) -> Plan:
+    """Where to write so as to cover every position dropped by the given seeds.
+
+    Args:
+        seeds: flat int64 indices into the seed grid of shape ``(maps, *grid)``.
+        grid: the seed grid's spatial shape.
+        shift: added to a seed's grid index to give its uniform-seeding index ``j`` (0 for
+            uniform seeding, ``b - 1`` for valid seeding); the seed at ``j`` drops positions
+            ``[j - b + 1, j]`` of ``[0, L)`` per dim.
+        sizes: the map's spatial shape ``L``.
+        blocks: the block sides ``b``.
+        map_offsets: storage offset (from the target's start) of position 0 of each map.
+        strides: the target's stride along each spatial dim.
+
+    Returns:
+        A list of ``(w, starts)``: write runs of ``w`` positions along the last spatial dim,
+        starting at the storage offsets ``starts`` (int64, ascending within each list entry).
+        A block's run along the last dim is written whole when the border does not cut it, and
+        as two overlapping power-of-2 windows when it does; the other dims are expanded row by
+        row. The work is proportional to the number of seeds times the block's cross-section:
+        per seed, never per map position, and it does not grow with the block's last side.
+    """
+    rest = seeds
+    coords: list[Tensor] = []
+    for g in reversed(grid):
+        coords.append(rest % g)
+        rest = rest // g
+    coords.reverse()
+    j = coords[-1] + shift[-1] if shift[-1] else coords[-1]
+    size, b, st = sizes[-1], blocks[-1], strides[-1]
+    lo = (j - (b - 1)).clamp_(min=0)
+    hi = j.clamp(max=size - 1)
+    run = min(b, size)
+    table = torch.tensor([0] + [_run_length(n, run) for n in range(1, run + 1)], device=seeds.device)
+    width = table[hi - lo + 1]
+    base = map_offsets[rest]
+    first = base + lo * st
+    second = base + (hi - width + 1) * st  # the second window of a cut run ends at hi
+    outer = coords[:-1]
+    counts = [0] * (run + 1)
+    counts[run] = seeds.numel()
+    if run > 1:  # group the seeds by window length, keeping memory order within a group
+        order = torch.argsort(width, stable=True)
+        counts = torch.bincount(width, minlength=run + 1).tolist()
+        first, second = first[order], second[order]
+        outer = [c[order] for c in outer]
+    rows: Tensor | None = None
+    for c, s, n, k, stride in zip(outer, shift, sizes, blocks, strides):
+        pos = _positions(c, s, n, k, stride)
+        rows = pos if rows is None else _outer_add(rows, pos)
+    plan: Plan = []
+    start = 0
+    for w in range(1, run + 1):
+        n = counts[w]
+        if n == 0:
+            continue
+        sl = slice(start, start + n)
+        start += n
+        heads = first[sl] if w == run else torch.cat([first[sl], second[sl]])
+        if rows is not None:
+            r = rows[sl] if w == run else torch.cat([rows[sl], rows[sl]])
+            heads = r + heads.view((-1,) + (1,) * (r.dim() - 1))
+        plan.append((w, heads.reshape(-1)))
+    return plan
+
+
+def apply_plan(target: Tensor, value: float | bool, plan: Plan, last_stride: int) -> None:
+    """Write ``value`` into the dense tensor ``target`` at the runs given by ``plan``.
+
+    A run of ``w`` positions is one row of an overlapping window view of ``target``'s storage
+    (rows start one element apart, a row steps by ``last_stride``), so ``index_fill_`` writes
+    it from its first offset alone. Overlapping rows only write the same value twice.
+    """
+    for w, heads in plan:
+        rows = target.numel() - (w - 1) * last_stride
+        windows = target.as_strided((rows, w), (1, last_stride), target.storage_offset())
+        windows.index_fill_(0, heads.long(), value)
+
+
 def paint_blocks(
     target: Tensor,
     value: float | bool,
@@ -232,50 +329,12 @@ def paint_blocks(
     map_offsets: Tensor,
     strides: Sequence[int],
 ) -> None:
-    """Write ``value`` into ``target`` at every position dropped by the given seeds.
+    """Write ``value`` into the dense tensor ``target`` at every position the seeds drop.
 
-    Args:
-        target: a dense tensor (see :func:`_is_dense`) to write into, addressed by storage offset.
-        value: the value to write.
-        seeds: flat int64 indices into the seed grid of shape ``(maps, *grid)``.
-        grid: the seed grid's spatial shape.
-        shift: added to a seed's grid index to give its uniform-seeding index ``j`` (0 for
-            uniform seeding, ``b - 1`` for valid seeding); the seed at ``j`` drops positions
-            ``[j - b + 1, j]`` of ``[0, L)`` per dim.
-        sizes: the map's spatial shape ``L``.
-        blocks: the block sides ``b``.
-        map_offsets: storage offset (from ``target``'s start) of position 0 of each map.
-        strides: ``target``'s stride along each spatial dim.
-
-    The work is proportional to the number of seeds times the block volume: per seed, never per
-    position, and independent of the map size. Along the last spatial dim a block whose run is
-    not cut by the border is written as one run, through an overlapping window view of the
-    storage, so only its first offset is computed; cut blocks get one offset per position.
+    See :func:`block_plan` for the arguments.
     """
-    rest = seeds
-    coords: list[Tensor] = []
-    for g in reversed(grid):
-        coords.append(rest % g)
-        rest = rest // g
-    coords.reverse()
-    flat = _flat(target)
-    off = map_offsets[rest]
-    for j, s, size, b, st in zip(coords[:-1], shift[:-1], sizes[:-1], blocks[:-1], strides[:-1]):
-        off = _outer_add(off, _positions(j, s, size, b, st))
-    j, s, size, b, st = coords[-1], shift[-1], sizes[-1], blocks[-1], strides[-1]
-    run = min(b, size)
-    if run > 1:
-        # whole runs: uniform index j + s in [b - 1, L - 1] (run b), or every index if b >= L
-        ju = j + s if s else j
-        whole = ((ju >= b - 1) & (ju <= size - 1)) if b < size else ((ju >= size - 1) & (ju <= b - 1))
-        which = whole.nonzero().squeeze(1)
-        first = ((ju.index_select(0, which) - (b - 1)).clamp_(min=0)).mul_(st)
-        starts = off.index_select(0, which) + first.view((-1,) + (1,) * (off.dim() - 1))
-        windows = target.as_strided((target.numel() - (run - 1) * st, run), (1, st), target.storage_offset())
-        windows.index_fill_(0, starts.reshape(-1), value)
-        cut = (~whole).nonzero().squeeze(1)
-        j, off = j.index_select(0, cut), off.index_select(0, cut)
-    flat.index_fill_(0, _outer_add(off, _positions(j, s, size, b, st)).reshape(-1), value)
+    plan = block_plan(seeds, grid, shift, sizes, blocks, map_offsets, strides)
+    apply_plan(target, value, plan, strides[-1])
 
 
 def grow_blocks(grid: Tensor, sizes: Sequence[int], blocks: Sequence[int], shift: Sequence[int]) -> Tensor:
@@ -333,11 +392,10 @@ def _map_offsets(t: Tensor, geo: _Geometry) -> Tensor:
     return (n.unsqueeze(1) + c).reshape(-1)
 
 
-def _paint_maps(target: Tensor, value: float | bool, seeds: Tensor, geo: _Geometry) -> None:
-    """Write ``value`` at the dropped positions of every per-channel map of ``target``."""
+def _maps_plan(target: Tensor, seeds: Tensor, geo: _Geometry) -> Plan:
+    """The plan that zeroes the dropped positions of every per-channel map of ``target``."""
     strides = [target.stride(d) for d in geo.spatial]
-    map_offsets = _map_offsets(target, geo)
-    paint_blocks(target, value, seeds, geo.grid, geo.shift, geo.sizes, geo.blocks, map_offsets, strides)
+    return block_plan(seeds, geo.grid, geo.shift, geo.sizes, geo.blocks, _map_offsets(target, geo), strides)
 
 
 def _multiply(src: Tensor, factor: float | Tensor | None, dst: Tensor) -> None:
@@ -347,19 +405,6 @@ def _multiply(src: Tensor, factor: float | Tensor | None, dst: Tensor) -> None:
             dst.copy_(src)
     else:
         torch.mul(src, factor, out=dst)
-
-
-def _apply_sparse(
-    src: Tensor, seeds: Tensor, factor: float | Tensor | None, geo: _Geometry, inplace: bool
-) -> Tensor:
-    """Scale ``src`` by ``factor`` and zero every position dropped by ``seeds`` (mask per channel)."""
-    out = src if inplace else torch.empty_like(src)
-    target = out if _is_dense(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
-    _multiply(src, factor, target)
-    _paint_maps(target, 0, seeds, geo)
-    if target is not out:
-        out.copy_(target)
-    return out
 
 
 def _realized_factor(dropped: Tensor, per_sample: int, like: Tensor) -> Tensor:
@@ -388,38 +433,93 @@ def _apply_shared(
     return out
 
 
-class _DropBlockFunction(torch.autograd.Function):
-    """``input * mask * scale`` that saves only the seeds (or a small shared mask) for backward."""
+class _SeedMaskFunction(torch.autograd.Function):
+    """``input * scale`` with every seed's block zeroed: one mask per (sample, channel).
+
+    Saves for backward the write plan as int32 when that takes at most 1/32 of the input's
+    bytes (a bit per element), else only the seed indices (int32 when they fit), from which
+    backward rebuilds the plan.
+    """
 
     @staticmethod
     def forward(
         ctx: Any,
         input: Tensor,
-        drop: Tensor,
+        seeds: Tensor,
+        scale: Optional[float],
+        realized: bool,
+        geo: _Geometry,
+        inplace: bool,
+    ) -> Tensor:
+        out = input if inplace else torch.empty_like(input)
+        target = out if _is_dense(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
+        plan = _maps_plan(target, seeds, geo)
+        last_stride = target.stride(geo.spatial[-1])
+        factor: float | Tensor | None = scale
+        if realized:  # the kept count needs the union of the blocks: paint them once
+            dropped = torch.zeros_like(target, dtype=torch.uint8)
+            apply_plan(dropped, 1, plan, last_stride)
+            counts = dropped.sum(dim=tuple(range(1, target.dim())), dtype=torch.int64)
+            factor = _realized_factor(counts, math.prod(target.shape[1:]), input)
+        _multiply(input, factor, target)
+        apply_plan(target, 0, plan, last_stride)
+        if target is not out:
+            out.copy_(target)
+        if inplace:
+            ctx.mark_dirty(input)
+        heads = [h for _, h in plan]
+        plan_bytes = 4 * sum(h.numel() for h in heads)
+        if target.numel() < 2**31 and plan_bytes * 32 <= input.numel() * input.element_size():
+            ctx.widths = [w for w, _ in plan]
+            kept: list[Tensor] = [h.to(torch.int32) for h in heads]
+        else:
+            ctx.widths = None
+            kept = [seeds.to(torch.int32) if seeds.numel() and int(seeds[-1]) < 2**31 else seeds]
+        ctx.save_for_backward(factor if isinstance(factor, Tensor) else None, *kept)
+        ctx.scale = factor if not isinstance(factor, Tensor) else None
+        ctx.geo = geo
+        ctx.layout = (target.shape, target.stride(), last_stride)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None, None, None, None]:
+        factor, *kept = ctx.saved_tensors
+        shape, strides, last_stride = ctx.layout
+        g = torch.empty_strided(shape, strides, dtype=grad.dtype, device=grad.device)
+        _multiply(grad, factor if factor is not None else ctx.scale, g)
+        if ctx.widths is not None:
+            plan = list(zip(ctx.widths, kept))
+        else:
+            plan = _maps_plan(g, kept[0].long(), ctx.geo)
+        apply_plan(g, 0, plan, last_stride)
+        return g, None, None, None, None, None
+
+
+class _SharedMaskFunction(torch.autograd.Function):
+    """``input * multiplier`` for a shared mask: saves the small bool mask (one per sample)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: Tensor,
+        keep: Tensor,
         factor: Optional[Tensor],
         scale: Optional[float],
         geo: _Geometry,
         inplace: bool,
     ) -> Tensor:
-        if geo.shared:
-            out = _apply_shared(input, drop, factor if factor is not None else scale, geo, inplace)
-        else:
-            out = _apply_sparse(input, drop, factor if factor is not None else scale, geo, inplace)
+        out = _apply_shared(input, keep, factor if factor is not None else scale, geo, inplace)
         if inplace:
             ctx.mark_dirty(input)
-        ctx.save_for_backward(drop, factor)
+        ctx.save_for_backward(keep, factor)
         ctx.scale = scale
         ctx.geo = geo
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None, None, None, None]:
-        drop, factor = ctx.saved_tensors
-        fac = factor if factor is not None else ctx.scale
-        if ctx.geo.shared:
-            g = _apply_shared(grad, drop, fac, ctx.geo, False)
-        else:
-            g = _apply_sparse(grad, drop, fac, ctx.geo, False)
+        keep, factor = ctx.saved_tensors
+        g = _apply_shared(grad, keep, factor if factor is not None else ctx.scale, ctx.geo, False)
         return g, None, None, None, None, None
 
 
@@ -557,33 +657,20 @@ def drop_block(
         return _drop_block_dense(input, gamma, factor, scale == "realized", geo, inplace, places, generator)
     with torch.no_grad():
         seeds = _draw_seeds(places, gamma, generator, input.device, dense=False)
+    if not geo.shared:
+        out: Tensor = _SeedMaskFunction.apply(input, seeds, factor, scale == "realized", geo, inplace)
+        return out
+    with torch.no_grad():
+        keep = torch.ones((maps, *geo.sizes), dtype=torch.bool, device=input.device)
+        map_offsets = torch.arange(maps, device=input.device).mul_(math.prod(geo.sizes))
+        paint_blocks(
+            keep, False, seeds, geo.grid, geo.shift, geo.sizes, geo.blocks, map_offsets, keep.stride()[1:]
+        )
         per_sample: Tensor | None = None
-        if geo.shared:
-            keep = torch.ones((maps, *geo.sizes), dtype=torch.bool, device=input.device)
-            paint_blocks(
-                keep,
-                False,
-                seeds,
-                geo.grid,
-                geo.shift,
-                geo.sizes,
-                geo.blocks,
-                torch.arange(maps, device=input.device).mul_(math.prod(geo.sizes)),
-                keep.stride()[1:],
-            )
-            if scale == "realized":
-                counts = (~keep).sum(dim=tuple(range(1, keep.dim())), dtype=torch.int64)
-                per_sample = _realized_factor(counts, math.prod(geo.sizes), input).view(-1)
-            drop = keep
-        else:
-            drop = seeds
-            if scale == "realized":
-                # the kept count needs the union of the blocks: paint them once
-                counts_mask = torch.zeros_like(input, dtype=torch.uint8)
-                _paint_maps(counts_mask, 1, seeds, geo)
-                counts = counts_mask.sum(dim=tuple(range(1, input.dim())), dtype=torch.int64)
-                per_sample = _realized_factor(counts, math.prod(input.shape[1:]), input)
-    out: Tensor = _DropBlockFunction.apply(input, drop, per_sample, factor, geo, inplace)
+        if scale == "realized":
+            counts = (~keep).sum(dim=tuple(range(1, keep.dim())), dtype=torch.int64)
+            per_sample = _realized_factor(counts, math.prod(geo.sizes), input).view(-1)
+    out = _SharedMaskFunction.apply(input, keep, per_sample, factor, geo, inplace)
     return out
 
 

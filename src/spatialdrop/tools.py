@@ -132,7 +132,10 @@ def add_dropout(
             for key, item in items:
                 rebuilt.append((key, item))
                 if item is not None and isinstance(item, types):
-                    rebuilt.append((f"{key}_dropout", new_layer(item)))
+                    name = f"{key}_dropout"
+                    while name in parent._modules or any(name == k for k, _ in rebuilt):
+                        name += "_"
+                    rebuilt.append((name, new_layer(item)))
                 elif item is not None:
                     visit(item)
             if numbered:
