@@ -17,6 +17,7 @@ from .gaussian import (
     GaussianSpatialDropout2d,
     GaussianSpatialDropout3d,
 )
+from .keyed import MaskKey, keyed_masks, keyed_normal, keyed_uniform, mask_context
 from .schedule import DropSchedule
 from .spatial_dropout import SpatialDropout, SpatialDropout1d, SpatialDropout2d, SpatialDropout3d
 from .tools import MCPrediction, add_dropout, mc_dropout, mc_predict
@@ -40,6 +41,7 @@ __all__ = [
     "GaussianSpatialDropout2d",
     "GaussianSpatialDropout3d",
     "MCPrediction",
+    "MaskKey",
     "SpatialDropout",
     "SpatialDropout1d",
     "SpatialDropout2d",
@@ -49,6 +51,10 @@ __all__ = [
     "drop_path_rates",
     "filter_dropout",
     "functional",
+    "keyed_masks",
+    "keyed_normal",
+    "keyed_uniform",
+    "mask_context",
     "mc_dropout",
     "mc_predict",
     "remove_filter_dropout",

@@ -7,14 +7,17 @@ from torch import Tensor
 
 from ._module import StructuredDropout
 from ._validation import (
+    Shown,
     check_bool,
     check_channel_dim,
     check_float_input,
     check_generator,
     check_min_rank,
     check_p,
+    fail,
     squeeze_if,
 )
+from .keyed import MaskKey, check_key, keyed_uniform
 
 __all__ = [
     "SpatialDropout",
@@ -35,6 +38,7 @@ def spatial_dropout(
     *,
     channel_dim: int = 1,
     generator: torch.Generator | None = None,
+    key: MaskKey | None = None,
 ) -> Tensor:
     r"""Zero whole channels of each sample at random (spatial dropout).
 
@@ -58,6 +62,9 @@ def spatial_dropout(
         inplace: write the result into ``input``. Default: False.
         channel_dim: the channel axis, any dim but 0; ``-1`` for channels-last. Default: 1.
         generator: the random number generator to draw from. Default: the global one.
+        key: draw keyed masks instead (see :mod:`spatialdrop.keyed`): channel ``c`` of sample
+            ``n`` is dropped iff ``keyed_uniform(key, C)[n, c] < p``, the same on any device,
+            dtype, batch split or world size. Not together with ``generator``. Default: None.
 
     Shape:
         - Input: :math:`(N, C, *)` or, with ``channel_dim=-1``, :math:`(N, *, C)`.
@@ -79,6 +86,11 @@ def spatial_dropout(
         True
         >>> spatial_dropout(torch.ones(1, 5, 7, 3), p=0.5, channel_dim=-1).shape
         torch.Size([1, 5, 7, 3])
+        >>> from spatialdrop import MaskKey  # keyed: sample 11 gets its mask in any batch
+        >>> key = MaskKey(seed=0, step=0, layer=0, sample_ids=torch.tensor([10, 11]))
+        >>> alone = key._replace(sample_ids=torch.tensor([11]))
+        >>> torch.equal(spatial_dropout(x, 0.5, key=key)[1], spatial_dropout(x[1:], 0.5, key=alone)[0])
+        True
     """
     fn = "spatial_dropout"
     check_float_input(fn, input)
@@ -88,11 +100,21 @@ def spatial_dropout(
     check_bool(fn, "training", training)
     check_bool(fn, "inplace", inplace)
     check_generator(fn, generator)
+    if key is not None:
+        if generator is not None:
+            fail(fn, "key", "None when a generator is given (pass one of them)", Shown("a MaskKey"))
+        check_key(fn, key, input.shape[0])
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if p == 1.0:
         zero = input.new_zeros(())
         return input.mul_(zero) if inplace else input * zero
+    if key is not None:
+        with torch.no_grad():
+            keep = keyed_uniform(key, input.shape[dim], device=input.device) >= p
+            noise = keep.to(input.dtype).view(channel_noise_shape(input, dim))
+            noise.div_(1.0 - p)
+        return input.mul_(noise) if inplace else input * noise
     noise = input.new_empty(channel_noise_shape(input, dim))
     with torch.no_grad():
         noise.bernoulli_(1.0 - p, generator=generator)
@@ -136,7 +158,8 @@ class SpatialDropout(StructuredDropout):
     def forward(self, input: Tensor) -> Tensor:
         """Apply :func:`~spatialdrop.functional.spatial_dropout` with this module's settings."""
         x, unbatched = self.batched(input)
-        out = spatial_dropout(x, self.p, self.training, self.inplace, channel_dim=self.channel_dim)
+        key = self.mask_key(x.shape[0], x.device)
+        out = spatial_dropout(x, self.p, self.training, self.inplace, channel_dim=self.channel_dim, key=key)
         return squeeze_if(out, unbatched)
 
 

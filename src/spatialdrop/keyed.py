@@ -1,0 +1,372 @@
+"""Keyed masks: the mask of a sample is a function of *what* is dropped, not of where it runs.
+
+With torch's generators a dropout mask depends on the device, the CPU family, the world size and
+the micro-batch split. A keyed layer instead draws its random numbers from Philox-4x32-10 (see
+:mod:`spatialdrop._philox`) with a key and counter built only from
+
+- ``seed``: the run's seed, given to :func:`keyed_masks`;
+- ``layer``: a 64-bit id of the layer, a stable hash of its qualified name in the model;
+- ``step``: the training step, given to :func:`mask_context`;
+- ``sample_ids[i]``: the global identity of sample ``i`` of the batch (a dataset index, or
+  ``rank * local_batch + arange(local_batch)``), given to :func:`mask_context`;
+- the column: which of the sample's random numbers (for spatial dropout, the channel).
+
+Layout (so that other code, for instance a Triton kernel, can reproduce the numbers): the 64-bit
+Philox key is ``(k0, k1) = philox4x32_int(layer mod 2**32, layer >> 32, 0, 0x6D61736B; seed mod
+2**32, seed >> 32)[:2]`` (see :meth:`MaskKey.philox_seed`); column ``j`` of sample ``i`` is output
+word ``j % 4`` of Philox-4x32-10 at counter ``(j // 4, sid mod 2**32, sid >> 32 mod 2**32,
+step)``, with ``sid = sample_ids[i]`` read as 64-bit two's complement, converted to a float in
+``[0, 1)`` exactly as Triton's ``uint_to_uniform_float``. In Triton::
+
+    r = tl.philox(philox_seed, (j // 4).to(tl.uint32), sid_lo, sid_hi, step)  # 4 uint32 blocks
+    u = tl.uint_to_uniform_float(r[j % 4])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import numbers
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
+
+import torch
+from torch import Tensor
+
+from ._philox import MASK32, philox4x32, philox4x32_int, uint32_to_uniform
+from ._validation import Shown, check_int, fail
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["MaskKey", "keyed_masks", "keyed_normal", "keyed_uniform", "mask_context"]
+
+_KEY_DOMAIN = 0x6D61736B  # "mask": separates derived layer keys from any other use of the seed
+_MAX_STEP = 1 << 32
+_MAX_SEED = 1 << 64
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel / FSDP, torch.compile
+
+
+class MaskKey(NamedTuple):
+    """Everything a keyed mask depends on, for the functional forms' ``key=`` argument.
+
+    Attributes:
+        seed: the run's seed, an int in ``[0, 2**64)``.
+        step: the training step, an int in ``[0, 2**32)`` or a 0-dim integer tensor (whose value
+            is used modulo ``2**32``).
+        layer: the layer's id, an int in ``[0, 2**64)``; :func:`keyed_masks` derives it from the
+            layer's qualified name.
+        sample_ids: a 1-D integer tensor, one global id per sample of the batch (values used as
+            64-bit two's complement).
+
+    Examples:
+        >>> import torch
+        >>> key = MaskKey(seed=0, step=3, layer=1, sample_ids=torch.arange(2))
+        >>> keyed_uniform(key, 5).shape
+        torch.Size([2, 5])
+        >>> hex(key.philox_seed())
+        '0x...'
+    """
+
+    seed: int
+    step: Union[int, Tensor]
+    layer: int
+    sample_ids: Tensor
+
+    def philox_seed(self) -> int:
+        """The 64-bit Philox key ``k0 | k1 << 32`` of this (seed, layer): Triton's ``seed``."""
+        k0, k1 = _layer_key(self.seed, self.layer)
+        return k0 | (k1 << 32)
+
+
+class _Context(NamedTuple):
+    step: int | None  # the int given, used in eager mode
+    step_tensor: Tensor  # the same as a 0-dim int64 tensor, used under torch.compile
+    sample_ids: Tensor
+
+
+_LOCAL = threading.local()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_step(fn: str, step: Any) -> None:
+    allowed = "an int in [0, 2**32) or a 0-dim integer tensor"
+    if isinstance(step, Tensor):
+        if step.dim() != 0 or step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
+            fail(fn, "step", allowed, Shown(f"a {step.dim()}-D {step.dtype} tensor"), kind=TypeError)
+        return
+    if not _is_int(step):
+        fail(fn, "step", allowed, step, kind=TypeError)
+    if not 0 <= step < _MAX_STEP:
+        fail(fn, "step", allowed, step)
+
+
+def _check_sample_ids(fn: str, sample_ids: Any) -> None:
+    allowed = "a 1-D integer tensor with one global id per sample"
+    if not isinstance(sample_ids, Tensor):
+        fail(fn, "sample_ids", allowed, Shown(type(sample_ids).__name__), kind=TypeError)
+    bad_dtype = sample_ids.is_floating_point() or sample_ids.is_complex() or sample_ids.dtype == torch.bool
+    if bad_dtype:
+        fail(fn, "sample_ids", allowed, Shown(f"a tensor of dtype {sample_ids.dtype}"), kind=TypeError)
+    if sample_ids.dim() != 1:
+        fail(fn, "sample_ids", allowed, Shown(f"a tensor of shape {tuple(sample_ids.shape)}"))
+
+
+def _check_u64(fn: str, arg: str, value: Any) -> int:
+    allowed = "an int in [0, 2**64)"
+    if not _is_int(value):
+        fail(fn, arg, allowed, value, kind=TypeError)
+    if not 0 <= value < _MAX_SEED:
+        fail(fn, arg, allowed, value)
+    return int(value)
+
+
+def check_key(fn: str, key: Any, batch_size: int | None = None) -> MaskKey:
+    """Check a :class:`MaskKey` (and, if given, that it has one sample id per sample)."""
+    if not isinstance(key, MaskKey):
+        fail(fn, "key", "None or a spatialdrop.MaskKey", Shown(type(key).__name__), kind=TypeError)
+    _check_u64(fn, "key.seed", key.seed)
+    _check_u64(fn, "key.layer", key.layer)
+    _check_step(fn, key.step)
+    _check_sample_ids(fn, key.sample_ids)
+    if batch_size is not None and key.sample_ids.shape[0] != batch_size:
+        fail(
+            fn,
+            "key.sample_ids",
+            f"one id per sample of the batch ({batch_size})",
+            Shown(f"{key.sample_ids.shape[0]} ids"),
+        )
+    return key
+
+
+def _derive_layer_key(seed: int, layer: int) -> tuple[int, int]:
+    w = philox4x32_int(layer & MASK32, layer >> 32, 0, _KEY_DOMAIN, seed & MASK32, seed >> 32)
+    return w[0], w[1]
+
+
+_derive_layer_key_cached = functools.lru_cache(maxsize=4096)(_derive_layer_key)
+
+
+def _layer_key(seed: int, layer: int) -> tuple[int, int]:
+    """The Philox key of a (seed, layer): a pseudo-random function of both, 64 bits."""
+    if torch.compiler.is_compiling():  # traced once per graph: no cache needed
+        return _derive_layer_key(seed, layer)
+    return _derive_layer_key_cached(seed, layer)
+
+
+def _step_word(step: int | Tensor, device: torch.device) -> int | Tensor:
+    if not isinstance(step, Tensor):
+        return step
+    if step.device != device:  # a CPU scalar reaches an accelerator as a kernel argument, no copy
+        return torch.zeros((), dtype=torch.int64, device=device).add_(step.to(torch.int64) & MASK32)
+    return step.to(torch.int64) & MASK32
+
+
+def keyed_uniform(key: MaskKey, per_sample: int, *, device: torch.device | str | None = None) -> Tensor:
+    """Uniform float32 numbers in [0, 1) for each sample, a pure function of the key.
+
+    Row ``i`` depends only on ``(key.seed, key.step, key.layer, key.sample_ids[i])`` and the
+    column index: the same sample gets the same numbers whatever the batch it is in, its
+    position there, the device or the number of processes. The layout is given in the
+    module docstring of :mod:`spatialdrop.keyed`.
+
+    Args:
+        key: the :class:`MaskKey`.
+        per_sample: how many numbers to draw per sample (an int ``>= 0``).
+        device: where to put the result. Default: the device of ``key.sample_ids``.
+
+    Returns:
+        A float32 tensor of shape ``(len(key.sample_ids), per_sample)``.
+
+    Examples:
+        >>> import torch
+        >>> from spatialdrop import MaskKey, keyed_uniform
+        >>> u = keyed_uniform(MaskKey(seed=1, step=0, layer=7, sample_ids=torch.tensor([5, 9])), 3)
+        >>> v = keyed_uniform(MaskKey(seed=1, step=0, layer=7, sample_ids=torch.tensor([9])), 3)
+        >>> torch.equal(u[1], v[0])  # sample 9 gets the same numbers in either batch
+        True
+    """
+    fn = "keyed_uniform"
+    check_key(fn, key)
+    per_sample = check_int(fn, "per_sample", per_sample, minimum=0)
+    if per_sample > 4 * _MAX_STEP:
+        fail(fn, "per_sample", "an int in [0, 2**34]", per_sample)
+    dev = key.sample_ids.device if device is None else torch.device(device)
+    sid = key.sample_ids.to(device=dev, dtype=torch.int64)
+    n = sid.shape[0]
+    blocks = (per_sample + 3) // 4
+    if n == 0 or blocks == 0:
+        return torch.zeros((n, per_sample), dtype=torch.float32, device=dev)
+    k0, k1 = _layer_key(key.seed, key.layer)
+    col = torch.arange(blocks, dtype=torch.int64, device=dev).view(1, blocks)
+    s = sid.view(n, 1)
+    words = philox4x32(col, s & MASK32, (s >> 32) & MASK32, _step_word(key.step, dev), k0, k1)
+    flat = torch.stack(words, dim=-1).view(n, 4 * blocks)
+    if per_sample != 4 * blocks:
+        flat = flat[:, :per_sample]
+    return uint32_to_uniform(flat)
+
+
+def keyed_normal(key: MaskKey, per_sample: int, *, device: torch.device | str | None = None) -> Tensor:
+    """Standard normal float32 numbers for each sample, from :func:`keyed_uniform` by Box–Muller.
+
+    Column ``j`` of a row uses the uniforms ``u1, u2`` of columns ``2j`` and ``2j + 1`` of
+    ``keyed_uniform(key, 2 * per_sample)`` and is ``sqrt(-2 log max(u1, 1e-7)) * cos(2 pi u2)``,
+    the formula of Triton's ``tl.randn``. Rows depend only on their sample, as for the
+    uniforms, and on one device the numbers are bit for bit the same in any batch split; across
+    devices they agree to the last bits of ``log``, ``sqrt`` and ``cos`` (the uniforms are exact).
+
+    Args:
+        key: the :class:`MaskKey`.
+        per_sample: how many numbers to draw per sample (an int ``>= 0``).
+        device: where to put the result. Default: the device of ``key.sample_ids``.
+
+    Returns:
+        A float32 tensor of shape ``(len(key.sample_ids), per_sample)``.
+
+    Examples:
+        >>> import torch
+        >>> from spatialdrop import MaskKey
+        >>> keyed_normal(MaskKey(seed=1, step=0, layer=7, sample_ids=torch.arange(3)), 4).shape
+        torch.Size([3, 4])
+    """
+    per_sample = check_int("keyed_normal", "per_sample", per_sample, minimum=0)
+    u = keyed_uniform(key, 2 * per_sample, device=device)
+    u1 = u[:, 0::2].clamp_min(1.0e-7)
+    u2 = u[:, 1::2]
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+
+
+@contextlib.contextmanager
+def mask_context(*, step: int | Tensor, sample_ids: Tensor) -> Iterator[None]:
+    """Supply the step and the samples' global ids to every keyed layer run inside the block.
+
+    Contexts are per thread and nest: leaving an inner block restores the outer one.
+
+    Args:
+        step: the training step, an int in ``[0, 2**32)`` or a 0-dim integer tensor. Under
+            ``torch.compile`` the step is passed to the graph as a tensor, so a new step does
+            not recompile.
+        sample_ids: a 1-D integer tensor with the global id of each sample of the batch, in
+            batch order (dataset indices, or ``rank * local_batch + arange(local_batch)``). Put
+            it on the model's device.
+
+    Examples:
+        >>> import torch
+        >>> from spatialdrop import SpatialDropout2d, keyed_masks, mask_context
+        >>> net = keyed_masks(torch.nn.Sequential(SpatialDropout2d(0.5)), seed=0)
+        >>> x = torch.ones(4, 3, 2, 2)
+        >>> with mask_context(step=0, sample_ids=torch.arange(4)):
+        ...     a = net(x)
+        >>> with mask_context(step=0, sample_ids=torch.arange(2, 4)):
+        ...     b = net(x[2:])  # samples 2 and 3 alone get the same masks
+        >>> torch.equal(a[2:], b)
+        True
+    """
+    fn = "mask_context"
+    _check_step(fn, step)
+    _check_sample_ids(fn, sample_ids)
+    if isinstance(step, Tensor):
+        ctx = _Context(None, step.to(torch.int64), sample_ids.to(torch.int64))
+    else:
+        ctx = _Context(int(step), torch.tensor(int(step), dtype=torch.int64), sample_ids.to(torch.int64))
+    previous = getattr(_LOCAL, "context", None)
+    _LOCAL.context = ctx
+    try:
+        yield
+    finally:
+        _LOCAL.context = previous
+
+
+def context_key(fn: str, seed: int, layer: int, batch_size: int) -> MaskKey:
+    """The :class:`MaskKey` of a keyed layer for the current :func:`mask_context`.
+
+    Raises:
+        RuntimeError: outside a :func:`mask_context`.
+        ValueError: if the context's ``sample_ids`` do not match the batch size.
+    """
+    ctx = getattr(_LOCAL, "context", None)
+    if ctx is None:
+        raise RuntimeError(
+            f"{fn}: this layer draws keyed masks (set by spatialdrop.keyed_masks) and needs the "
+            "step and the samples' ids: run the training step inside "
+            "`with spatialdrop.mask_context(step=..., sample_ids=...):`, or switch keyed masks off "
+            "with spatialdrop.keyed_masks(model, None)"
+        )
+    n = ctx.sample_ids.shape[0]
+    if n != batch_size:
+        fail(
+            fn,
+            "mask_context sample_ids",
+            f"one id per sample of the batch ({batch_size})",
+            Shown(f"{n} ids"),
+        )
+    # torch.compiler.is_compiling() first: reading the int would make it a guarded constant
+    step = ctx.step_tensor if torch.compiler.is_compiling() or ctx.step is None else ctx.step
+    return MaskKey(seed, step, layer, ctx.sample_ids)
+
+
+def layer_id(name: str) -> int:
+    """The 64-bit id of a layer from its qualified name: BLAKE2b, stable across runs and hosts.
+
+    Leading wrapper prefixes (``module.`` of DistributedDataParallel / DataParallel / FSDP and
+    ``_orig_mod.`` of ``torch.compile``) are removed first, so a wrapped and a bare model agree.
+
+    Examples:
+        >>> layer_id("features.3") == layer_id("module.features.3")
+        True
+    """
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8, person=b"spatialdrop").digest()
+    return int.from_bytes(digest, "little")
+
+
+def keyed_masks(model: nn.Module, seed: int | None) -> nn.Module:
+    """Switch every spatialdrop layer of ``model`` to keyed masks (or back, with ``seed=None``).
+
+    Each layer gets the id :func:`layer_id` of its qualified name, so the ids depend neither on
+    the order in which the layers were built nor on anything a ``state_dict`` holds: rebuild the
+    model, load a checkpoint, call ``keyed_masks`` with the same seed, and every sample gets the
+    masks it would have got before. A keyed layer in training mode must then run inside a
+    :func:`mask_context`; in eval mode it is the identity, as before.
+
+    Args:
+        model: the model; its modules that subclass spatialdrop's ``StructuredDropout`` are
+            switched (the model itself too, if it is one).
+        seed: the run's seed, an int in ``[0, 2**64)``, or ``None`` to go back to torch's RNG.
+
+    Returns:
+        ``model``, for chaining.
+
+    Examples:
+        >>> import torch
+        >>> from spatialdrop import SpatialDropout2d, keyed_masks
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), SpatialDropout2d(0.1))
+        >>> net = keyed_masks(net, seed=1234)
+        >>> net[1].keyed_seed, hex(net[1].keyed_layer)
+        (1234, '0x...')
+    """
+    from torch import nn
+
+    from ._module import StructuredDropout
+
+    fn = "keyed_masks"
+    if not isinstance(model, nn.Module):
+        fail(fn, "model", "a torch.nn.Module", Shown(type(model).__name__), kind=TypeError)
+    if seed is not None:
+        seed = _check_u64(fn, "seed", seed)
+    for name, module in model.named_modules():
+        if isinstance(module, StructuredDropout):
+            module.keyed_seed = seed
+            module.keyed_layer = None if seed is None else layer_id(name)
+    return model
