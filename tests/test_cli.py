@@ -282,6 +282,27 @@ def test_bench_dropblock_suite(capsys: pytest.CaptureFixture[str]) -> None:
             assert r["drop_mean"] == ""
 
 
+def test_bench_family_and_keyed_suites(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main([*BENCH, "--suite", "family", "--format", "json", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["suite"] for r in rows} == {"family"}
+    path = next(r for r in rows if r["call"] == "drop_path(x, p)")
+    assert path["drop_mean"] == pytest.approx(0.1, abs=0.03)  # 2048 single-channel samples
+    assert path["saved_fraction"] < 0.01
+    conv = next(r for r in rows if r["call"].startswith("filter_dropout"))
+    assert conv["fwd_bwd_ms"] > 0
+    assert conv["drop_mean"] is None  # filters, not activations: no activation drop rate
+    assert main([*BENCH, "--suite", "keyed", "--format", "json", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    keyed = [r for r in rows if r["call"] == "spatial_dropout(x, p, key=key)"]
+    assert len(keyed) == 2
+    for r in keyed:
+        assert 0.05 < r["drop_mean"] < 0.15
+    draws = [r for r in rows if r["call"].startswith("keyed_uniform")]
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] is None for r in draws)
+
+
 @pytest.mark.parametrize("fmt", ["table", "markdown"])
 def test_bench_text_formats_have_the_columns(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*BENCH, "--suite", "spatial", "--format", fmt]) == 0

@@ -75,6 +75,7 @@ class Impl:
     note: str = ""
     drops: bool = True
     shared_channels: bool = False
+    grad: bool = True
 
 
 @dataclass
@@ -263,6 +264,93 @@ def dropblock_cases(quick: bool, p: float) -> list[Case]:
     ]
 
 
+def family_cases(quick: bool, p: float) -> list[Case]:
+    """Issue 4's layers: DropPath, Gaussian and alpha spatial dropout, filter dropout, and peers."""
+    from torch import nn
+
+    from .filter_dropout import filter_dropout
+    from .functional import alpha_spatial_dropout, drop_path, gaussian_spatial_dropout
+
+    maps = (8, 64, 28, 28) if quick else (32, 64, 56, 56)
+    path = [Impl("spatialdrop", "drop_path(x, p)", lambda x: drop_path(x, p), shared_channels=True)]
+    try:
+        from timm.layers import drop_path as timm_drop_path
+
+        timm_call = "timm drop_path(x, p, True)"
+        path.append(Impl("timm", timm_call, lambda x: timm_drop_path(x, p, True), shared_channels=True))
+    except ImportError as err:
+        path.append(_missing("timm", "timm drop_path(x, p, True)", err))
+    tv_call = 'torchvision.ops.stochastic_depth(x, p, "row")'
+    try:
+        from torchvision.ops import stochastic_depth
+
+        path.append(
+            Impl("torchvision", tv_call, lambda x: stochastic_depth(x, p, "row"), shared_channels=True)
+        )
+    except ImportError as err:
+        path.append(_missing("torchvision", tv_call, err))
+    gaussian = Impl(
+        "spatialdrop", "gaussian_spatial_dropout(x, p)", lambda x: gaussian_spatial_dropout(x, p), drops=False
+    )
+    alpha = [
+        Impl(
+            "spatialdrop", "alpha_spatial_dropout(x, p)", lambda x: alpha_spatial_dropout(x, p), drops=False
+        ),
+        Impl(
+            "torch",
+            "F.feature_alpha_dropout(x, p, True)",
+            lambda x: F.feature_alpha_dropout(x, p, True),
+            drops=False,
+        ),
+    ]
+    conv_in = (8, 64, 14, 14) if quick else (32, 64, 28, 28)
+    torch.manual_seed(0)
+    plain = nn.Conv2d(64, 64, 3, padding=1)
+    dropped = filter_dropout(nn.Conv2d(64, 64, 3, padding=1), p)
+    convs = [
+        Impl("torch", "nn.Conv2d(64, 64, 3)(x)", plain, drops=False),
+        Impl("spatialdrop", "filter_dropout(nn.Conv2d(64, 64, 3), p)(x)", dropped, drops=False),
+    ]
+    return [
+        Case("family", "DropPath (a draw per sample)", maps, (2, 3), path, p),
+        Case("family", "Gaussian spatial dropout", maps, (2, 3), [gaussian], p),
+        Case("family", "alpha spatial dropout", maps, (2, 3), alpha, p),
+        Case("family", "filter dropout on a 3x3 conv", conv_in, (2, 3), convs, p),
+    ]
+
+
+def keyed_cases(quick: bool, p: float) -> list[Case]:
+    """Issue 6: keyed spatial dropout (masks from a counter-based key) against the unkeyed one."""
+    from .functional import spatial_dropout
+    from .keyed import MaskKey, keyed_uniform
+
+    def keyed(key: MaskKey) -> Fn:
+        return lambda x: spatial_dropout(x, p, key=key)
+
+    def draws(key: MaskKey, channels: int) -> Fn:
+        return lambda x: keyed_uniform(key, channels)
+
+    cases = []
+    shapes = [(8, 64, 28, 28), (16, 256, 7, 7)] if quick else [(32, 64, 56, 56), (64, 256, 14, 14)]
+    for shape in shapes:
+        n, c = shape[0], shape[1]
+        key = MaskKey(seed=1234, step=7, layer=42, sample_ids=torch.arange(n))
+        impls = [
+            Impl("spatialdrop", "spatial_dropout(x, p)", lambda x: spatial_dropout(x, p)),
+            Impl("spatialdrop", "spatial_dropout(x, p, key=key)", keyed(key)),
+            Impl("torch", "F.dropout2d(x, p)", lambda x: F.dropout2d(x, p)),
+            Impl(
+                "spatialdrop",
+                f"keyed_uniform(key, {c}) (the draws alone)",
+                draws(key, c),
+                drops=False,
+                grad=False,
+            ),
+        ]
+        cases.append(Case("keyed", "keyed vs unkeyed channel masks", shape, (2, 3), impls, p))
+    return cases
+
+
 CALIBRATION = [(28, 7, 0.1), (14, 5, 0.3), (7, 3, 0.3), (56, 7, 0.3), (7, 7, 0.1)]
 
 
@@ -292,6 +380,10 @@ def cases_for(suite: str, quick: bool, p: float) -> list[Case]:
         cases += spatial_cases(quick, p)
     if suite in ("dropblock", "all"):
         cases += dropblock_cases(quick, p) + calibration_cases(quick)
+    if suite in ("family", "all"):
+        cases += family_cases(quick, p)
+    if suite in ("keyed", "all"):
+        cases += keyed_cases(quick, p)
     return cases
 
 
@@ -325,12 +417,12 @@ def drop_rates(
     """Fraction of zeros in ``fn(ones)``: over all elements, at the map's corners, at its centre.
 
     Draws repeat until at least ``min_samples`` independent maps were seen (a map per sample and
-    channel). A mask shared by the channels (channels-first input) is measured on
-    ``min_samples`` single-channel samples instead. The centre is the middle position (the
-    middle 2 per even side).
+    channel). A mask shared by the channels (channels-first input) is measured on 2048
+    single-channel samples instead. The centre is the middle position (the middle 2 per even
+    side).
     """
     if shared_channels:
-        shape = (min_samples, 1, *shape[2:])
+        shape = (2048, 1, *shape[2:])
     dims = len(shape)
     axes = [a % dims for a in spatial_axes]
     corner_idx: dict[int, Tensor] = {}
@@ -388,7 +480,7 @@ def measure(
     xg = x.detach().clone().requires_grad_(True)
     grad_out = torch.ones_like(x)
     fwd: dict[int, list[float]] = {id(i): [] for i in runnable}
-    both: dict[int, list[float]] = {id(i): [] for i in runnable}
+    both: dict[int, list[float]] = {id(i): [] for i in runnable if i.grad}
 
     def forward(fn: Fn) -> Callable[[], Any]:
         return lambda: fn(x)
@@ -400,13 +492,15 @@ def measure(
     gc.disable()
     try:
         for rep in range(warmup + repeats):
-            for impl in runnable:
+            # alternate the order (A B C, C B A, ...) so that no implementation always goes first
+            for impl in runnable if rep % 2 == 0 else runnable[::-1]:
                 assert impl.fn is not None
                 t_fwd = _timed(forward(impl.fn))
-                t_both = _timed(forward_backward(impl.fn))
+                t_both = _timed(forward_backward(impl.fn)) if impl.grad else 0.0
                 if rep >= warmup:
                     fwd[id(impl)].append(t_fwd)
-                    both[id(impl)].append(t_both)
+                    if impl.grad:
+                        both[id(impl)].append(t_both)
             if tick is not None:
                 tick()
     finally:
@@ -421,11 +515,12 @@ def measure(
         row.note = impl.note
         if impl.fn is not None:
             f = statistics.median(fwd[id(impl)])
-            b = statistics.median(both[id(impl)])
             row.fwd_ms, row.fwd_ratio = f * 1e3, f / ref_fwd
-            row.fwd_bwd_ms, row.fwd_bwd_ratio = b * 1e3, b / ref_both
-            row.saved_bytes = saved_bytes(impl.fn, x)
-            row.saved_fraction = row.saved_bytes / input_bytes
+            if impl.grad:
+                b = statistics.median(both[id(impl)])
+                row.fwd_bwd_ms, row.fwd_bwd_ratio = b * 1e3, b / ref_both
+                row.saved_bytes = saved_bytes(impl.fn, x)
+                row.saved_fraction = row.saved_bytes / input_bytes
             if impl.drops:
                 row.drop_mean, row.drop_corner, row.drop_centre = drop_rates(
                     impl.fn, case.shape, case.spatial_axes, min_samples, impl.shared_channels

@@ -153,7 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
             "installed are listed with a note."
         ),
     )
-    bench.add_argument("--suite", choices=("spatial", "dropblock", "all"), default="all", help="what to time")
+    bench.add_argument(
+        "--suite",
+        choices=("spatial", "dropblock", "family", "keyed", "all"),
+        default="all",
+        help="spatial: channel dropout vs torch; dropblock: DropBlock speed and calibration vs "
+        "torchvision, timm, dropblock; family: DropPath, Gaussian, alpha, filter dropout; keyed: "
+        "keyed vs unkeyed masks",
+    )
     bench.add_argument(
         "--format", choices=("table", "markdown", "json", "csv"), default="table", help="output format"
     )
