@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import sys
 
-from spatialdrop.cli import main
+from spatialdrop import cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``spatialdrop bench --suite family`` with ``argv`` (default: the command line)."""
+    return cli.main(["bench", "--suite", "family", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", "--suite", "family", *sys.argv[1:]]))
+    sys.exit(main())

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import sys
 
-from spatialdrop.cli import main
+from spatialdrop import cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``spatialdrop bench --suite spatial`` with ``argv`` (default: the command line)."""
+    return cli.main(["bench", "--suite", "spatial", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", "--suite", "spatial", *sys.argv[1:]]))
+    sys.exit(main())
