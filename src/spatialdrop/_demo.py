@@ -582,7 +582,7 @@ def format_table(header: list[str], rows: list[list[str]], markdown: bool = Fals
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*row) for row in rows]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 # --- figure -------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Two kinds of panels, in one PNG:
 
-- ``masks``: one sample mask of each layer on a ``size × size`` map (2 samples × 4 channels per
+- ``masks``: one sample mask of each layer on a ``size × size`` map (4 samples × 4 channels per
   layer, dropped elements dark), and a 3-D DropBlock mask shown as slices of a volume;
 - ``rates``: the fraction of draws in which each position of the map was dropped, over many
   independent maps, for our DropBlock (uniform seeding, the default, and the paper's ``valid``
@@ -24,7 +24,7 @@ from ._optional import progress, require
 __all__ = ["mask_layers", "rate_layers", "rate_map", "run_show"]
 
 CMD = "show"
-SAMPLES, CHANNELS = 2, 4
+SAMPLES, CHANNELS = 4, 4
 
 
 def mask_layers(p: float, block_size: int) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
@@ -137,7 +137,7 @@ def run_show(
     slices = min(side3, 6)
     n_rows = (2 if show_masks else 0) + (1 if show_rates else 0)
     width = max(len(masks), len(rates) + 0.3, slices if show_masks else 0)
-    heights = ([1.0, 0.85] if show_masks else []) + ([1.15] if show_rates else [])
+    heights = ([1.3, 0.85] if show_masks else []) + ([1.15] if show_rates else [])
     fig = plt.figure(figsize=(2.6 * width, 2.6 * sum(heights) + 0.3), layout="constrained")
     subfigs = fig.subfigures(n_rows, 1, squeeze=False, height_ratios=heights)[:, 0]
     row = 0
@@ -151,7 +151,7 @@ def run_show(
             with torch.no_grad():
                 dropped = (fn(x) == 0).float()
             ax.imshow(_mosaic(dropped).numpy(), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-            ax.set_title(title, fontsize=9)
+            ax.set_title(f"{title}\n{float(dropped.mean()):.3f} dropped in this draw", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
         sub.suptitle(
