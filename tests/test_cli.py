@@ -135,12 +135,14 @@ def test_demo_writes_table_json_and_figure(tmp_path: Path, capsys: pytest.Captur
     for layer in ("no dropout", "nn.Dropout", "SpatialDropout2d", "DropBlock2d + DropSchedule"):
         assert any(line.startswith(layer) for line in out.splitlines()), layer
     assert "±" in out
+    assert "--quick is a smoke run" in out
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) >= {"command", "settings", "data", "environment", "metrics", "table", "variants"}
     assert results["command"].startswith("spatialdrop demo --quick")
     assert results["settings"]["epochs"] == 2
     assert results["settings"]["seeds"] == 2
+    assert results["settings"]["quick"] is True
     assert set(results["variants"]) == {"none", "dropout", "spatial", "dropblock"}
     for variant in results["variants"].values():
         assert set(variant["metrics"]) >= set(_demo.METRICS)

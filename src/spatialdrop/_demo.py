@@ -94,6 +94,7 @@ class DemoSettings:
     threads: int = 1
     jobs: int = 1
     variants: tuple[str, ...] = VARIANTS
+    quick: bool = False
 
 
 DEFAULTS = {
@@ -116,7 +117,7 @@ def make_settings(data: str, quick: bool, **overrides: Any) -> DemoSettings:
     settings = DEFAULTS[data]
     if quick:
         quick_values: dict[str, Any] = QUICK[data]
-        settings = replace(settings, **quick_values)
+        settings = replace(settings, quick=True, **quick_values)
     given = {k: v for k, v in overrides.items() if v is not None}
     if "variants" in given:
         given["variants"] = tuple(given["variants"])
@@ -701,6 +702,11 @@ def run_demo(settings: DemoSettings, out: Path, *, show_progress: bool = True, c
         "'MC AUROC': how well the MC-dropout predictive entropy separates wrong from right "
         "predictions (for 'no dropout' it is the plain softmax entropy)."
     )
+    if settings.quick:
+        print(
+            "--quick is a smoke run: too few epochs and seeds for the regularisers to pay off; "
+            "run without --quick for the comparison."
+        )
     print(f"wrote {out / 'results.json'} and {out / 'figure.png'} in {elapsed:.0f} s")
     sys.stdout.flush()
     return 0
