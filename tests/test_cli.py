@@ -325,6 +325,18 @@ def test_bench_text_formats_have_the_columns(fmt: str, capsys: pytest.CaptureFix
         assert "| case | shape | library | call |" in out
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt is Linux only")
+def test_bench_steady_malloc_is_reported_and_optional(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = [*BENCH, "--suite", "spatial", "--format", "json", "--out", str(out)]
+    assert main(argv) == 0
+    env = json.loads(out.read_text())["environment"]
+    if _bench.steady_malloc(False):  # glibc: tuned during the run, defaults restored after it
+        assert env["malloc"].startswith("glibc, mmap off")
+    assert main([*argv, "--default-malloc"]) == 0
+    assert json.loads(out.read_text())["environment"]["malloc"] == "default"
+
+
 def test_bench_drop_rates_see_the_corners() -> None:
     def corners_only(x: torch.Tensor) -> torch.Tensor:
         y = x.clone()

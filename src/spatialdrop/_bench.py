@@ -22,6 +22,7 @@ in the package (``benchmarks/`` is not installed); the scripts in ``benchmarks/`
 from __future__ import annotations
 
 import csv
+import ctypes
 import gc
 import importlib.metadata
 import io
@@ -458,6 +459,30 @@ def fp16_ok(fn: Fn) -> bool:
     return bool(y.isfinite().all()) and bool((y != 0).any())
 
 
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+
+
+def steady_malloc(enable: bool) -> bool:
+    """Make glibc keep freed memory for reuse (or restore its defaults); return whether it did.
+
+    By default glibc serves every tensor larger than a threshold with a fresh ``mmap`` and
+    returns it on free, so each call of an op on a big input pays page faults for its output,
+    which swamps the op's own cost by 2-4x on a small machine and differs between ops. With
+    ``mmap`` off and no trimming, freed memory is reused, as with the jemalloc/tcmalloc
+    allocators that PyTorch's CPU performance guide recommends. Linux with glibc only.
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        values = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 1 << 30} if enable else _GLIBC_DEFAULTS
+        return all(libc.mallopt(k, v) == 1 for k, v in values.items())
+    except (OSError, AttributeError):
+        return False
+
+
 def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
@@ -577,7 +602,7 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
-def environment(threads: int) -> dict[str, Any]:
+def environment(threads: int, malloc: str = "default") -> dict[str, Any]:
     """The machine and the libraries the numbers come from."""
     from . import __version__
 
@@ -590,6 +615,7 @@ def environment(threads: int) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "torch_threads": threads,
         "load_average_before": load,
+        "malloc": malloc,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "spatialdrop": __version__,
@@ -699,7 +725,8 @@ def format_rows(rows: list[Row], fmt: str, env: dict[str, Any], command: str) ->
         return buf.getvalue()
     machine = (
         f"{env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, load average "
-        f"before {env['load_average_before']}; torch {env['torch']}, torchvision {env['torchvision']}, "
+        f"before {env['load_average_before']}, malloc {env['malloc']}; torch {env['torch']}, "
+        f"torchvision {env['torchvision']}, "
         f"timm {env['timm']}, dropblock {env['dropblock']}; {env['platform']}"
     )
     about = (
@@ -746,13 +773,16 @@ def run_bench(
     seed: int = 0,
     show_progress: bool = True,
     command: str = "",
+    steady: bool = True,
 ) -> int:
     """Run the suite, print or write the rows in ``fmt``; return the exit code."""
     threads_before = torch.get_num_threads()
     threads = threads or os.cpu_count() or 1
     repeats = repeats or (5 if quick else 15)
     warmup = 1 if quick else 3
-    env = environment(threads)  # the load average before the run
+    tuned = steady and steady_malloc(True)
+    malloc = "glibc, mmap off and no trim (freed memory reused)" if tuned else "default"
+    env = environment(threads, malloc)  # the load average before the run
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     try:
@@ -765,6 +795,8 @@ def run_bench(
                 rows += measure(case, repeats, warmup, tick=lambda: bar.update(1))
     finally:
         torch.set_num_threads(threads_before)
+        if tuned:
+            steady_malloc(False)
     text = format_rows(rows, fmt, env, command)
     if out is None:
         print(text, end="" if text.endswith("\n") else "\n")

@@ -172,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("-p", type=_probability, default=0.1, help="drop probability")
     bench.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed")
+    bench.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default of a fresh mmap per big tensor (page faults on every call); by "
+        "default the bench turns mmap off so that freed memory is reused",
+    )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)
 
@@ -236,6 +242,7 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         seed=args.seed,
         show_progress=not args.no_progress,
         command=" ".join([PROG, *argv]),
+        steady=not args.default_malloc,
     )
 
 
