@@ -151,6 +151,20 @@ def test_growers_match_loop_reference(sizes: tuple[int, ...], blocks: tuple[int,
     assert torch.equal(mask, ref)
 
 
+@pytest.mark.parametrize(("sizes", "blocks"), STRUCTURE_CASES)
+def test_element_by_element_fallback_writes_the_same(
+    monkeypatch: pytest.MonkeyPatch, sizes: tuple[int, ...], blocks: tuple[int, ...]
+) -> None:
+    # the path taken if a torch version refused index_fill_ through overlapping window views
+    x = torch.randn(3, 4, *sizes)
+    torch.manual_seed(3)
+    windows = drop_block(x, 0.3, blocks)
+    monkeypatch.setattr(db, "_window_views", False)
+    torch.manual_seed(3)
+    assert torch.equal(drop_block(x, 0.3, blocks), windows)
+    assert (windows == 0).any()
+
+
 @pytest.mark.parametrize("rank", RANKS)
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("seeding", ["uniform", "valid"])
@@ -338,8 +352,10 @@ def test_gradient_is_mask_times_scale(rank: int, shared: bool, scale: str) -> No
 
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_saved_for_backward_is_tiny_and_gradient_exact(shared: bool, scale: str, p: float) -> None:
+@pytest.mark.parametrize(("p", "block"), [(0.1, 7), (0.5, 7), (0.5, 1)])
+def test_saved_for_backward_is_small_and_gradient_exact(
+    shared: bool, scale: str, p: float, block: int
+) -> None:
     x = torch.randn(8, 64, 28, 28, requires_grad=True)
     saved: list[torch.Tensor] = []
 
@@ -348,7 +364,7 @@ def test_saved_for_backward_is_tiny_and_gradient_exact(shared: bool, scale: str,
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = drop_block(x, p, 7, shared_channels=shared, scale=scale)
+        y = drop_block(x, p, block, shared_channels=shared, scale=scale)
     nbytes = sum(t.numel() * t.element_size() for t in saved)
     factors = [t for t in saved if t.is_floating_point()]
     assert len(factors) == (scale == "realized")  # one factor per sample, if any
@@ -356,6 +372,8 @@ def test_saved_for_backward_is_tiny_and_gradient_exact(shared: bool, scale: str,
     if shared:  # one bool per sample and position
         assert [(t.dtype, t.shape) for t in masks] == [(torch.bool, (8, 28, 28))]
         assert nbytes <= x.numel() // 64 + 8 * 4
+    elif block == 1:  # a seed in half the positions: a bool mask (one byte per element) is smaller
+        assert [(t.dtype, t.shape) for t in masks] == [(torch.bool, x.shape)]
     else:  # the int32 write plan (several runs) at p = 0.1, only the seeds at p = 0.5
         assert all(t.dtype == torch.int32 and t.dim() == 1 for t in masks)
         assert (len(masks) > 1) == (p == 0.1)

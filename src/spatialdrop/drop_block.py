@@ -13,9 +13,10 @@ How it is fast. ``gamma`` is tiny (about 0.002 for ``p = 0.1`` and a 7 x 7 block
 drawn sparsely: the gaps between successes of a Bernoulli(``gamma``) sequence are geometric, so
 drawing the gaps gives exactly a Bernoulli seed grid at the cost of a few random numbers per
 *seed* rather than one per position. Per-channel masks are never materialised: the output is
-``input * scale`` with the (few) dropped positions of each seed's block zeroed through one
-``index_fill_``, and only the seed indices are saved for backward, from which backward rebuilds
-the same positions. Shared masks (one per sample) are small ``(N, 1, *spatial)`` bool tensors.
+``input * scale`` with the dropped positions zeroed by ``index_fill_``, each block row written
+from its first offset through an overlapping window view (:func:`block_plan`). Backward reuses
+that write plan (int32) when it takes at most 1/32 of the input's bytes, else it rebuilds it
+from the saved seed indices. Shared masks (one per sample) are small ``(N, *spatial)`` bools.
 Under ``torch.compile`` (where data-dependent sizes break graphs) a dense path draws the whole
 seed grid and grows blocks with separable, logarithmic-depth windowed ORs.
 """
@@ -226,6 +227,11 @@ def _outer_add(off: Tensor, pos: Tensor) -> Tensor:
 Plan = list[tuple[int, Tensor]]
 
 
+def _run_lengths(run: int) -> list[int]:
+    """The window lengths used for runs of at most ``run`` positions."""
+    return [1 << i for i in range(run.bit_length()) if 1 << i < run] + [run]
+
+
 def _run_length(length: int, run: int) -> int:
     """The window used for a run of ``length`` positions: the run itself if whole, else a power of 2."""
     return run if length == run else 1 << (length.bit_length() - 1)
@@ -272,37 +278,36 @@ def block_plan(
     lo = (j - (b - 1)).clamp_(min=0)
     hi = j.clamp(max=size - 1)
     run = min(b, size)
-    table = torch.tensor([0] + [_run_length(n, run) for n in range(1, run + 1)], device=seeds.device)
-    width = table[hi - lo + 1]
-    base = map_offsets[rest]
-    first = base + lo * st
-    second = base + (hi - width + 1) * st  # the second window of a cut run ends at hi
+    first = map_offsets.index_select(0, rest).add_(lo * st)
     outer = coords[:-1]
-    counts = [0] * (run + 1)
-    counts[run] = seeds.numel()
-    if run > 1:  # group the seeds by window length, keeping memory order within a group
-        order = torch.argsort(width, stable=True)
-        counts = torch.bincount(width, minlength=run + 1).tolist()
-        first, second = first[order], second[order]
-        outer = [c[order] for c in outer]
-    rows: Tensor | None = None
-    for c, s, n, k, stride in zip(outer, shift, sizes, blocks, strides):
-        pos = _positions(c, s, n, k, stride)
-        rows = pos if rows is None else _outer_add(rows, pos)
+    if run == 1:
+        groups: list[tuple[int, Tensor | None]] = [(1, None)]
+    else:
+        table = torch.tensor([0] + [_run_length(n, run) for n in range(1, run + 1)], device=seeds.device)
+        width = table.index_select(0, hi - lo + 1)
+        # the second window of a cut run ends at hi
+        second = first + (hi - lo - width + 1).mul_(st)
+        groups = [(w, (width == w).nonzero().squeeze(1)) for w in _run_lengths(run)]
     plan: Plan = []
-    start = 0
-    for w in range(1, run + 1):
-        n = counts[w]
-        if n == 0:
+    for w, which in groups:
+        if which is None:
+            heads, cs = first, outer
+        elif which.numel() == 0:
             continue
-        sl = slice(start, start + n)
-        start += n
-        heads = first[sl] if w == run else torch.cat([first[sl], second[sl]])
-        if rows is not None:
-            r = rows[sl] if w == run else torch.cat([rows[sl], rows[sl]])
-            heads = r + heads.view((-1,) + (1,) * (r.dim() - 1))
+        elif w == run:
+            heads, cs = first.index_select(0, which), [c.index_select(0, which) for c in outer]
+        else:  # two windows per run
+            heads = torch.cat([first.index_select(0, which), second.index_select(0, which)])
+            cs = [c.index_select(0, which).repeat(2) for c in outer]
+        for c, s, n, k, stride in zip(cs, shift, sizes, blocks, strides):
+            heads = _outer_add(heads, _positions(c, s, n, k, stride))
         plan.append((w, heads.reshape(-1)))
     return plan
+
+
+# Whether ``index_fill_`` may write through a self-overlapping window view (torch 2.x allows it;
+# should a future version refuse, the first refusal switches to one offset per element).
+_window_views = True
 
 
 def apply_plan(target: Tensor, value: float | bool, plan: Plan, last_stride: int) -> None:
@@ -312,10 +317,19 @@ def apply_plan(target: Tensor, value: float | bool, plan: Plan, last_stride: int
     (rows start one element apart, a row steps by ``last_stride``), so ``index_fill_`` writes
     it from its first offset alone. Overlapping rows only write the same value twice.
     """
+    global _window_views
     for w, heads in plan:
-        rows = target.numel() - (w - 1) * last_stride
-        windows = target.as_strided((rows, w), (1, last_stride), target.storage_offset())
-        windows.index_fill_(0, heads.long(), value)
+        index = heads.long()
+        if _window_views:
+            rows = target.numel() - (w - 1) * last_stride
+            windows = target.as_strided((rows, w), (1, last_stride), target.storage_offset())
+            try:
+                windows.index_fill_(0, index, value)
+                continue
+            except RuntimeError:
+                _window_views = False
+        span = torch.arange(w, device=index.device).mul_(last_stride)
+        _flat(target).index_fill_(0, (index.unsqueeze(1) + span).reshape(-1), value)
 
 
 def paint_blocks(
@@ -437,8 +451,9 @@ class _SeedMaskFunction(torch.autograd.Function):
     """``input * scale`` with every seed's block zeroed: one mask per (sample, channel).
 
     Saves for backward the write plan as int32 when that takes at most 1/32 of the input's
-    bytes (a bit per element), else only the seed indices (int32 when they fit), from which
-    backward rebuilds the plan.
+    bytes (a bit per element), else the seed indices (int32 when they fit), from which backward
+    rebuilds the plan, or, if the seeds would take more than a byte per element (tiny blocks at
+    a high ``p``), a bool mask.
     """
 
     @staticmethod
@@ -467,14 +482,20 @@ class _SeedMaskFunction(torch.autograd.Function):
             out.copy_(target)
         if inplace:
             ctx.mark_dirty(input)
+        # keep for backward the smallest of: the plan, the seeds, a bool mask (one byte each)
         heads = [h for _, h in plan]
-        plan_bytes = 4 * sum(h.numel() for h in heads)
-        if target.numel() < 2**31 and plan_bytes * 32 <= input.numel() * input.element_size():
-            ctx.widths = [w for w, _ in plan]
+        small = target.numel() < 2**31
+        ctx.mode = "mask"
+        if small and 4 * sum(h.numel() for h in heads) * 32 <= input.numel() * input.element_size():
+            ctx.mode, ctx.widths = "plan", [w for w, _ in plan]
             kept: list[Tensor] = [h.to(torch.int32) for h in heads]
-        else:
-            ctx.widths = None
-            kept = [seeds.to(torch.int32) if seeds.numel() and int(seeds[-1]) < 2**31 else seeds]
+        elif (4 if small else 8) * seeds.numel() <= target.numel():
+            ctx.mode = "seeds"
+            kept = [seeds.to(torch.int32) if small else seeds]
+        else:  # seeds denser than one in four positions (tiny blocks, high p)
+            dropped_mask = torch.zeros_like(target, dtype=torch.bool)
+            apply_plan(dropped_mask, True, plan, last_stride)
+            kept = [dropped_mask]
         ctx.save_for_backward(factor if isinstance(factor, Tensor) else None, *kept)
         ctx.scale = factor if not isinstance(factor, Tensor) else None
         ctx.geo = geo
@@ -487,11 +508,13 @@ class _SeedMaskFunction(torch.autograd.Function):
         shape, strides, last_stride = ctx.layout
         g = torch.empty_strided(shape, strides, dtype=grad.dtype, device=grad.device)
         _multiply(grad, factor if factor is not None else ctx.scale, g)
-        if ctx.widths is not None:
-            plan = list(zip(ctx.widths, kept))
+        if ctx.mode == "mask":
+            g.masked_fill_(kept[0], 0)
         else:
-            plan = _maps_plan(g, kept[0].long(), ctx.geo)
-        apply_plan(g, 0, plan, last_stride)
+            plan = (
+                list(zip(ctx.widths, kept)) if ctx.mode == "plan" else _maps_plan(g, kept[0].long(), ctx.geo)
+            )
+            apply_plan(g, 0, plan, last_stride)
         return g, None, None, None, None, None
 
 
@@ -564,11 +587,13 @@ def drop_block(
     centre, by nature of the placement. A block larger than the map has no valid placement and
     raises ``ValueError``.
 
-    Memory. No float mask is built. Per-channel masks are applied by zeroing the few dropped
-    positions of ``input * scale``, and only the seed indices are saved for backward (a few
-    bytes per seed; seeds are ~``p / prod(block_size)`` of the positions). A shared mask saves
-    one bool per sample and position. Under ``torch.compile`` a dense path is used instead
-    (a full-size bool mask is saved).
+    Memory. No float mask is built. Per-channel masks are applied by zeroing the dropped
+    positions of ``input * scale``; for backward autograd keeps the positions to zero as int32
+    block-row offsets when they take at most 1/32 of the input's bytes, else the seed indices
+    (about ``p / prod(block_size)`` of the positions), and never more than one byte per
+    element (a bool mask, for tiny blocks at a high ``p``). A shared mask keeps one bool per
+    sample and position. Under ``torch.compile`` a dense path is used instead (a full-size
+    bool mask is kept).
 
     Args:
         input: a floating-point tensor ``(N, C, *spatial)`` with at least one spatial dim.
