@@ -152,6 +152,18 @@ def _derive_layer_key(seed: int, layer: int) -> tuple[int, int]:
 _derive_layer_key_cached = functools.lru_cache(maxsize=4096)(_derive_layer_key)
 
 
+def check_key_arg(fn: str, key: Any, generator: object, batch_size: int) -> None:
+    """Check a function's ``key=`` argument: ``None``, or a :class:`MaskKey` for this batch.
+
+    A key and a ``generator`` together are an error (the key replaces the generator).
+    """
+    if key is None:
+        return
+    if generator is not None:
+        fail(fn, "key", "None when a generator is given (pass one of them)", Shown("a MaskKey"))
+    check_key(fn, key, batch_size)
+
+
 def _layer_key(seed: int, layer: int) -> tuple[int, int]:
     """The Philox key of a (seed, layer): a pseudo-random function of both, 64 bits."""
     if torch.compiler.is_compiling():  # traced once per graph: no cache needed

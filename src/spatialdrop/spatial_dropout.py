@@ -7,17 +7,15 @@ from torch import Tensor
 
 from ._module import StructuredDropout
 from ._validation import (
-    Shown,
     check_bool,
     check_channel_dim,
     check_float_input,
     check_generator,
     check_min_rank,
     check_p,
-    fail,
     squeeze_if,
 )
-from .keyed import MaskKey, check_key, keyed_uniform
+from .keyed import MaskKey, check_key_arg, keyed_uniform
 
 __all__ = [
     "SpatialDropout",
@@ -100,10 +98,7 @@ def spatial_dropout(
     check_bool(fn, "training", training)
     check_bool(fn, "inplace", inplace)
     check_generator(fn, generator)
-    if key is not None:
-        if generator is not None:
-            fail(fn, "key", "None when a generator is given (pass one of them)", Shown("a MaskKey"))
-        check_key(fn, key, input.shape[0])
+    check_key_arg(fn, key, generator, input.shape[0])
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if p == 1.0:
