@@ -230,7 +230,8 @@ def test_bench_json_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main([*BENCH, "--suite", "spatial", "--format", "json", "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert set(report) == {"command", "environment", "rows"}
+    assert set(report) == {"command", "environment", "rows", "goals"}
+    assert report["goals"] == []  # --quick shapes are not the issues' shapes
     assert report["environment"]["torch_threads"] == 1
     assert report["environment"]["torch"] == torch.__version__
     rows = report["rows"]
@@ -335,6 +336,54 @@ def test_bench_steady_malloc_is_reported_and_optional(tmp_path: Path) -> None:
         assert env["malloc"].startswith("glibc, mmap off")
     assert main([*argv, "--default-malloc"]) == 0
     assert json.loads(out.read_text())["environment"]["malloc"] == "default"
+
+
+def test_bench_goals_are_checked_on_the_medians() -> None:
+    # Row(kind, suite, case, shape, p, library, call, fwd_ms, fwd_ratio, fwd_bwd_ms, fwd_bwd_ratio)
+    rows = [
+        _bench.Row("speed", "spatial", "2-D maps", "s", 0.1, "torch", "x * 2.0", 1.0, 1.0, 2.0, 1.0),
+        _bench.Row(
+            "speed",
+            "spatial",
+            "2-D maps",
+            "s",
+            0.1,
+            "spatialdrop",
+            "spatial_dropout(x, p)",
+            1.1,
+            1.1,
+            2.6,
+            1.3,
+        ),
+        _bench.Row(
+            "speed", "spatial", "2-D maps", "s", 0.1, "torch", "F.dropout2d(x, p)", 1.1, 1.1, 2.2, 1.1
+        ),
+        _bench.Row(
+            "speed",
+            "dropblock",
+            "2-D, block 7, a mask per channel",
+            "s",
+            0.1,
+            "spatialdrop",
+            "drop_block(x, p, 7)",
+            3.0,
+            3.0,
+            5.0,
+            2.5,
+            vs_torchvision=19.0,
+            saved_fraction=0.03,
+        ),
+    ]
+    checked = {g.what.split(": ", 1)[-1] + f" [{g.issue}]": g.met for g in _bench.goals(rows)}
+    assert checked == {
+        "torch time / ours, forward [2]": True,  # 1.1 / 1.1
+        "torch time / ours, fwd+bwd [2]": False,  # 2.2 / 2.6 = 0.85
+        "ours / x * 2.0, forward [2]": True,  # 1.1
+        "ours / x * 2.0, fwd+bwd [2]": False,  # 1.3
+        "fwd+bwd / x * 2.0 [3]": True,  # 2.5 <= 4
+        "speed-up over torchvision [3]": False,  # 19 < 20
+        "saved for backward / input bytes [3]": True,
+    }
 
 
 def test_bench_drop_rates_see_the_corners() -> None:

@@ -113,6 +113,7 @@ class Row:
     fwd_ratio: float | None = None
     fwd_bwd_ms: float | None = None
     fwd_bwd_ratio: float | None = None
+    fwd_bwd_best_ms: float | None = None
     vs_torchvision: float | None = None
     saved_bytes: int | None = None
     saved_fraction: float | None = None
@@ -544,6 +545,7 @@ def measure(
             if impl.grad:
                 b = statistics.median(both[id(impl)])
                 row.fwd_bwd_ms, row.fwd_bwd_ratio = b * 1e3, b / ref_both
+                row.fwd_bwd_best_ms = min(both[id(impl)]) * 1e3
                 row.saved_bytes = saved_bytes(impl.fn, x)
                 row.saved_fraction = row.saved_bytes / input_bytes
             if impl.drops:
@@ -635,6 +637,7 @@ SPEED_COLUMNS = [
     ("fwd_ratio", f"fwd / {REFERENCE}"),
     ("fwd_bwd_ms", "fwd+bwd ms"),
     ("fwd_bwd_ratio", f"fwd+bwd / {REFERENCE}"),
+    ("fwd_bwd_best_ms", "fwd+bwd best ms"),
     ("vs_torchvision", "fwd+bwd speed-up vs torchvision"),
     ("saved_bytes", "saved for bwd"),
     ("drop_mean", "drop mean"),
@@ -711,10 +714,78 @@ def _plain(rows: list[Row], columns: list[tuple[str, str]], title: Callable[[Row
     return out
 
 
-def format_rows(rows: list[Row], fmt: str, env: dict[str, Any], command: str) -> str:
-    """The rows as ``table``, ``markdown``, ``json`` or ``csv`` text."""
+@dataclass
+class Goal:
+    """A speed or memory goal of the issues, checked on the measured rows."""
+
+    issue: int
+    what: str
+    measured: float
+    limit: float
+    at_least: bool
+
+    @property
+    def met(self) -> bool:
+        """Whether the measured value meets the goal."""
+        return self.measured >= self.limit if self.at_least else self.measured <= self.limit
+
+    def __str__(self) -> str:
+        sign = ">=" if self.at_least else "<="
+        verdict = "met" if self.met else "MISSED"
+        return f"issue {self.issue}: {self.what}: {self.measured:.3g} (goal {sign} {self.limit:g}) {verdict}"
+
+
+def _find(rows: list[Row], case: str, call: str) -> Row | None:
+    return next((r for r in rows if r.case.startswith(case) and r.call.startswith(call) and r.fwd_ms), None)
+
+
+def goals(rows: list[Row]) -> list[Goal]:
+    """The goals of issues 2 and 3 that the measured rows can check (medians)."""
+    out: list[Goal] = []
+    for case in ("2-D maps", "3-D volumes", "channels-last"):
+        for r in rows:
+            if r.suite != "spatial" or not r.case.startswith(case) or r.library != "spatialdrop":
+                continue
+            peer = next(t for t in rows if t.case == r.case and t.library == "torch" and t.call != REFERENCE)
+            if not (r.fwd_ms and r.fwd_bwd_ms and r.fwd_ratio and peer.fwd_ms and peer.fwd_bwd_ms):
+                continue
+            where = f"{r.case} {r.shape}"
+            out.append(Goal(2, f"{where}: torch time / ours, forward", peer.fwd_ms / r.fwd_ms, 0.95, True))
+            out.append(
+                Goal(2, f"{where}: torch time / ours, fwd+bwd", peer.fwd_bwd_ms / r.fwd_bwd_ms, 0.95, True)
+            )
+            out.append(Goal(2, f"{where}: ours / x * 2.0, forward", r.fwd_ratio, 1.2, False))
+            out.append(Goal(2, f"{where}: ours / x * 2.0, fwd+bwd", r.fwd_bwd_ratio or 0.0, 1.2, False))
+    per2 = _find(rows, "2-D, block 7, a mask per channel", "drop_block(")
+    if per2 is not None and per2.fwd_bwd_ratio is not None and per2.saved_fraction is not None:
+        out.append(Goal(3, f"2-D per-channel {per2.shape}: fwd+bwd / x * 2.0", per2.fwd_bwd_ratio, 4, False))
+        if per2.vs_torchvision is not None:
+            out.append(Goal(3, "2-D per-channel: speed-up over torchvision", per2.vs_torchvision, 20, True))
+        out.append(
+            Goal(3, "2-D per-channel: saved for backward / input bytes", per2.saved_fraction, 0.25, False)
+        )
+    shared2 = _find(rows, "2-D, block 7, one mask", "drop_block(")
+    if shared2 is not None and shared2.fwd_bwd_ratio is not None:
+        out.append(Goal(3, f"2-D shared {shared2.shape}: fwd+bwd / x * 2.0", shared2.fwd_bwd_ratio, 2, False))
+    per3 = _find(rows, "3-D, block 5, a mask per channel", "drop_block(")
+    if per3 is not None and per3.vs_torchvision is not None:
+        out.append(
+            Goal(3, f"3-D per-channel {per3.shape}: speed-up over torchvision", per3.vs_torchvision, 20, True)
+        )
+    return out
+
+
+def format_rows(
+    rows: list[Row], fmt: str, env: dict[str, Any], command: str, checked: Sequence[Goal] = ()
+) -> str:
+    """The rows as ``table``, ``markdown``, ``json`` or ``csv`` text, with the ``checked`` goals."""
     if fmt == "json":
-        report = {"command": command, "environment": env, "rows": [asdict(r) for r in rows]}
+        report = {
+            "command": command,
+            "environment": env,
+            "rows": [asdict(r) for r in rows],
+            "goals": [{**asdict(g), "met": g.met} for g in checked],
+        }
         return json.dumps(report, indent=1) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
@@ -748,6 +819,9 @@ def format_rows(rows: list[Row], fmt: str, env: dict[str, Any], command: str) ->
                 *_markdown(calibration, CALIBRATION_COLUMNS),
                 "",
             ]
+        if checked:
+            lines += ["Goals of the issues, checked on the medians above:", ""]
+            lines += [f"- {g}" for g in checked] + [""]
         return "\n".join(lines)
     out = [f"command: {command}", f"machine: {machine}", about, ""]
     if speed:
@@ -758,6 +832,8 @@ def format_rows(rows: list[Row], fmt: str, env: dict[str, Any], command: str) ->
         out += _plain(
             calibration, plain_cal, lambda r: f"[calibration] {r.case}, {r.shape.split('x')[0]} maps"
         )
+    if checked:
+        out += ["goals of the issues, checked on the medians above:", *(f"  {g}" for g in checked), ""]
     return "\n".join(out)
 
 
@@ -777,7 +853,7 @@ def run_bench(
 ) -> int:
     """Run the suite, print or write the rows in ``fmt``; return the exit code."""
     threads_before = torch.get_num_threads()
-    threads = threads or os.cpu_count() or 1
+    threads = threads or 1
     repeats = repeats or (5 if quick else 15)
     warmup = 1 if quick else 3
     tuned = steady and steady_malloc(True)
@@ -797,7 +873,8 @@ def run_bench(
         torch.set_num_threads(threads_before)
         if tuned:
             steady_malloc(False)
-    text = format_rows(rows, fmt, env, command)
+    # the goals name the issues' shapes: --quick runs smaller ones
+    text = format_rows(rows, fmt, env, command, [] if quick else goals(rows))
     if out is None:
         print(text, end="" if text.endswith("\n") else "\n")
     else:
