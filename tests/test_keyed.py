@@ -635,7 +635,7 @@ def test_benchmark_quick_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--quick", "--repeats", "1"]) == 0
+    assert bench.main(["--quick", "--repeats", "1", "--format", "markdown", "--no-progress"]) == 0
     table = capsys.readouterr().out
-    assert table.count("| forward |") == 2
-    assert table.count("| forward + backward |") == 2
+    assert table.count("| `spatial_dropout(x, p, key=key)` |") == 2
+    assert table.count("| `spatial_dropout(x, p)` |") == 2
