@@ -17,7 +17,7 @@ from ._validation import (
     check_p,
     squeeze_if,
 )
-from .keyed import MaskKey, check_key_arg, keyed_uniform
+from .keyed import MaskKey, check_key_arg, keyed_keep
 from .spatial_dropout import channel_noise_shape
 
 __all__ = [
@@ -43,14 +43,10 @@ def _draw_keep(
     :func:`torch.nn.functional.feature_alpha_dropout` makes, so the same seed gives the same mask.
     """
     shape = channel_noise_shape(input, channel_dim)
-    if key is not None:
-        with torch.no_grad():
-            u = keyed_uniform(key, input.shape[channel_dim], device=input.device)
-            return (u >= p).to(input.dtype).view(shape)
-    keep = input.new_empty(shape)
     with torch.no_grad():
-        keep.bernoulli_(1.0 - p, generator=generator)
-    return keep
+        if key is not None:
+            return keyed_keep(key, p, shape, input)
+        return input.new_empty(shape).bernoulli_(1.0 - p, generator=generator)
 
 
 def alpha_spatial_dropout(

@@ -16,7 +16,7 @@ from ._validation import (
     check_min_rank,
     check_p,
 )
-from .keyed import MaskKey, check_key_arg, keyed_uniform
+from .keyed import MaskKey, check_key_arg, keyed_keep
 
 __all__ = ["DropPath", "drop_path", "drop_path_rates"]
 
@@ -33,7 +33,7 @@ def _draw_keep(
     shape = (input.shape[0],) + (1,) * (input.dim() - 1)
     with torch.no_grad():
         if key is not None:
-            noise = (keyed_uniform(key, 1, device=input.device) >= p).to(input.dtype).view(shape)
+            noise = keyed_keep(key, p, shape, input)
         else:
             noise = input.new_empty(shape).bernoulli_(1.0 - p, generator=generator)
         if scale:

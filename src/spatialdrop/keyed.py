@@ -27,9 +27,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 import numbers
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import torch
@@ -222,6 +223,18 @@ def keyed_uniform(key: MaskKey, per_sample: int, *, device: torch.device | str |
     if per_sample != 4 * blocks:
         flat = flat[:, :per_sample]
     return uint32_to_uniform(flat)
+
+
+def keyed_keep(key: MaskKey, p: float, shape: Sequence[int], like: Tensor) -> Tensor:
+    """A keyed keep mask: 1 where ``keyed_uniform(key, K) >= p``, else 0, in ``like``'s dtype.
+
+    ``shape`` is ``(N, ...)`` with ``K`` = the product of its other dims (the per-sample
+    Bernoulli draws of a layer: channels, or 1 for DropPath); the result has that shape, on
+    ``like``'s device.
+    """
+    per_sample = math.prod(shape[1:])
+    keep = keyed_uniform(key, per_sample, device=like.device) >= p
+    return keep.to(like.dtype).view(tuple(shape))
 
 
 def keyed_normal(key: MaskKey, per_sample: int, *, device: torch.device | str | None = None) -> Tensor:

@@ -15,7 +15,7 @@ from ._validation import (
     check_p,
     squeeze_if,
 )
-from .keyed import MaskKey, check_key_arg, keyed_uniform
+from .keyed import MaskKey, check_key_arg, keyed_keep
 
 __all__ = [
     "SpatialDropout",
@@ -104,15 +104,12 @@ def spatial_dropout(
     if p == 1.0:
         zero = input.new_zeros(())
         return input.mul_(zero) if inplace else input * zero
-    if key is not None:
-        with torch.no_grad():
-            keep = keyed_uniform(key, input.shape[dim], device=input.device) >= p
-            noise = keep.to(input.dtype).view(channel_noise_shape(input, dim))
-            noise.div_(1.0 - p)
-        return input.mul_(noise) if inplace else input * noise
-    noise = input.new_empty(channel_noise_shape(input, dim))
+    shape = channel_noise_shape(input, dim)
     with torch.no_grad():
-        noise.bernoulli_(1.0 - p, generator=generator)
+        if key is not None:
+            noise = keyed_keep(key, p, shape, input)
+        else:
+            noise = input.new_empty(shape).bernoulli_(1.0 - p, generator=generator)
         noise.div_(1.0 - p)
     return input.mul_(noise) if inplace else input * noise
 
