@@ -144,7 +144,7 @@ def test_mask_cleared_when_forward_raises() -> None:
     conv, _, _ = make(2)
     with pytest.raises(RuntimeError):
         conv(torch.randn(2, 5, 4, 4))  # wrong channel count
-    assert conv.parametrizations.weight[0]._mask is None
+    assert conv.parametrizations.weight[0].current_mask() is None
     assert conv.weight is conv.parametrizations.weight.original
 
 
@@ -318,6 +318,8 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
         torch.manual_seed(0)
         a = compiled(x)
     torch.manual_seed(0)
-    assert torch.equal(a, conv(x))
-    assert conv.parametrizations.weight[0]._mask is None
+    b = conv(x)
+    assert torch.equal(a == 0, b == 0)  # the same filters dropped
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)  # inductor's conv may round differently
+    assert conv.parametrizations.weight[0].current_mask() is None
     torch._dynamo.reset()

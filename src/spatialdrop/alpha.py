@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from ._keyed import check_key_arg, keyed_keep
 from ._module import StructuredDropout
 from ._validation import (
     check_bool,
@@ -15,9 +16,11 @@ from ._validation import (
     check_generator,
     check_min_rank,
     check_p,
+    check_scale_fits,
+    generator_kwargs,
     squeeze_if,
 )
-from .keyed import MaskKey, check_key_arg, keyed_keep
+from .keyed import MaskKey
 from .spatial_dropout import channel_noise_shape
 
 __all__ = [
@@ -46,7 +49,7 @@ def _draw_keep(
     with torch.no_grad():
         if key is not None:
             return keyed_keep(key, p, shape, input)
-        return input.new_empty(shape).bernoulli_(1.0 - p, generator=generator)
+        return input.new_empty(shape).bernoulli_(1.0 - p, **generator_kwargs(generator))
 
 
 def alpha_spatial_dropout(
@@ -115,9 +118,10 @@ def alpha_spatial_dropout(
     check_key_arg(fn, key, generator, input.shape[0])
     if not training or p == 0.0 or input.numel() == 0:
         return input
-    keep = _draw_keep(input, dim, p, generator, key)
     alpha = SELU_NEG_SATURATION
     a = 1.0 / math.sqrt((alpha * alpha * p + 1.0) * (1.0 - p))
+    check_scale_fits(fn, p, input.dtype, alpha * a, "a |alpha'| = 1.7581 / sqrt((1 + 3.0909 p)(1 - p))")
+    keep = _draw_keep(input, dim, p, generator, key)
     with torch.no_grad():
         # The operations of ATen's _dropout_impl<feature, alpha>, in the same order and dtype.
         b = keep.add(-1.0).mul_(alpha * a).add_(alpha * a * p)
@@ -154,7 +158,7 @@ class AlphaSpatialDropout(StructuredDropout):
 
     allow_p_one = False
 
-    def forward(self, input: Tensor) -> Tensor:
+    def dropout(self, input: Tensor) -> Tensor:
         """Apply :func:`~spatialdrop.functional.alpha_spatial_dropout` with this module's settings."""
         x, unbatched = self.batched(input)
         key = self.mask_key(x.shape[0], x.device)

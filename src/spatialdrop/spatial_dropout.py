@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._keyed import check_key_arg, keyed_keep
 from ._module import StructuredDropout
 from ._validation import (
     check_bool,
@@ -13,9 +14,11 @@ from ._validation import (
     check_generator,
     check_min_rank,
     check_p,
+    check_scale_fits,
+    generator_kwargs,
     squeeze_if,
 )
-from .keyed import MaskKey, check_key_arg, keyed_keep
+from .keyed import MaskKey
 
 __all__ = [
     "SpatialDropout",
@@ -55,7 +58,8 @@ def spatial_dropout(
 
     Args:
         input: a floating-point tensor with at least 3 dims, dim 0 the batch.
-        p: probability of zeroing a channel, in ``[0, 1]``. Default: 0.5.
+        p: probability of zeroing a channel, in ``[0, 1]``; for float16 input at most
+            ``1 - 1/65504`` (about 0.99998) or exactly 1, so that the scale fits. Default: 0.5.
         training: apply dropout if ``True``; else return ``input`` unchanged. Default: True.
         inplace: write the result into ``input``. Default: False.
         channel_dim: the channel axis, any dim but 0; ``-1`` for channels-last. Default: 1.
@@ -104,12 +108,13 @@ def spatial_dropout(
     if p == 1.0:
         zero = input.new_zeros(())
         return input.mul_(zero) if inplace else input * zero
+    check_scale_fits(fn, p, input.dtype, 1.0 / (1.0 - p), "1/(1-p)")
     shape = channel_noise_shape(input, dim)
     with torch.no_grad():
         if key is not None:
             noise = keyed_keep(key, p, shape, input)
         else:
-            noise = input.new_empty(shape).bernoulli_(1.0 - p, generator=generator)
+            noise = input.new_empty(shape).bernoulli_(1.0 - p, **generator_kwargs(generator))
         noise.div_(1.0 - p)
     return input.mul_(noise) if inplace else input * noise
 
@@ -147,7 +152,7 @@ class SpatialDropout(StructuredDropout):
         torch.Size([8, 100, 64])
     """
 
-    def forward(self, input: Tensor) -> Tensor:
+    def dropout(self, input: Tensor) -> Tensor:
         """Apply :func:`~spatialdrop.functional.spatial_dropout` with this module's settings."""
         x, unbatched = self.batched(input)
         key = self.mask_key(x.shape[0], x.device)
