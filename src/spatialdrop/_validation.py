@@ -65,7 +65,8 @@ def check_p(fn: str, p: Any, *, allow_one: bool = True, arg: str = "p") -> float
     except OverflowError:  # an int (or Fraction) beyond the float range, like 10**400
         size = Shown(f"a number of magnitude ~1e{len(str(math.floor(p))) - 1}")
         fail(fn, arg, f"a probability in {interval}", size)
-    if math.isnan(value) or value < 0.0 or value > 1.0 or (not allow_one and value == 1.0):
+    # comparisons only (NaN fails them): under torch.compile(dynamic=True) p may be a SymFloat
+    if not 0.0 <= value <= 1.0 or (not allow_one and value == 1.0):
         why = (
             ""
             if allow_one or value != 1.0
