@@ -300,3 +300,24 @@ def test_compiles_with_dynamic_shapes_as_the_batch_changes(make: Callable[[float
             assert not torch.equal(y, torch.ones_like(y))
     finally:
         torch._dynamo.reset()
+
+
+def test_functional_forms_trace_as_one_call_each() -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return (
+            F.spatial_dropout(x, 0.5)
+            + F.drop_path(x, 0.2)
+            + F.gaussian_spatial_dropout(x, 0.1)
+            + F.alpha_spatial_dropout(x, 0.1)
+        )
+
+    traced = torch.fx.symbolic_trace(f)
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert [t for t in targets if t.__module__.startswith("spatialdrop")] == [
+        F.spatial_dropout,
+        F.drop_path,
+        F.gaussian_spatial_dropout,
+        F.alpha_spatial_dropout,
+    ]
+    x = torch.rand(2, 4, 3, 3) + 0.5
+    assert torch.equal(run(traced, x, 3), run(f, x, 3))

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from ._keyed import check_key_arg, keyed_keep
 from ._module import StructuredDropout
@@ -95,6 +96,18 @@ def drop_path(
         >>> drop_path(torch.ones(4, 197, 768), p=0.5).shape  # ViT tokens (N, L, D)
         torch.Size([4, 197, 768])
     """
+    if has_torch_function_unary(input):  # torch.fx proxies, tensor subclasses: as torch's dropout
+        return handle_torch_function(
+            drop_path,
+            (input,),
+            input,
+            p,
+            training,
+            inplace,
+            scale=scale,
+            generator=generator,
+            key=key,
+        )
     fn = "drop_path"
     check_float_input(fn, input)
     p = check_p(fn, p)

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from ._keyed import check_key_arg
 from ._module import StructuredDropout
@@ -107,6 +108,18 @@ def gaussian_spatial_dropout(
         >>> bool((y == y[:, :, :1, :1]).all())  # one factor per (sample, channel)
         True
     """
+    if has_torch_function_unary(input):  # torch.fx proxies, tensor subclasses: as torch's dropout
+        return handle_torch_function(
+            gaussian_spatial_dropout,
+            (input,),
+            input,
+            p,
+            training,
+            inplace,
+            channel_dim=channel_dim,
+            generator=generator,
+            key=key,
+        )
     fn = "gaussian_spatial_dropout"
     check_float_input(fn, input)
     p = check_p(fn, p, allow_one=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from ._keyed import check_key_arg, keyed_keep
 from ._module import StructuredDropout
@@ -94,6 +95,18 @@ def spatial_dropout(
         >>> torch.equal(spatial_dropout(x, 0.5, key=key)[1], spatial_dropout(x[1:], 0.5, key=alone)[0])
         True
     """
+    if has_torch_function_unary(input):  # torch.fx proxies, tensor subclasses: as torch's dropout
+        return handle_torch_function(
+            spatial_dropout,
+            (input,),
+            input,
+            p,
+            training,
+            inplace,
+            channel_dim=channel_dim,
+            generator=generator,
+            key=key,
+        )
     fn = "spatial_dropout"
     check_float_input(fn, input)
     p = check_p(fn, p)
