@@ -20,6 +20,13 @@ step)``, with ``sid = sample_ids[i]`` read as 64-bit two's complement, converted
 
     r = tl.philox(philox_seed, (j // 4).to(tl.uint32), sid_lo, sid_hi, step)  # 4 uint32 blocks
     u = tl.uint_to_uniform_float(r[j % 4])
+
+Keying is a capability that each layer class declares in its ``keying`` class attribute (one of
+``KEYINGS``): ``"per_sample"`` layers draw row ``sample_ids[i]`` for sample ``i`` as above;
+``"per_call"`` layers (filter dropout, whose mask is shared by the batch) draw one row with the
+sample id ``-1`` (``2**64 - 1``), so their mask depends only on ``(seed, step, layer)``. Inside
+a Monte Carlo pass ``t > 0`` of :func:`spatialdrop.mc_predict` the layer id is
+:func:`mc_layer` ``(layer, t)``.
 """
 
 from __future__ import annotations
