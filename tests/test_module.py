@@ -321,3 +321,27 @@ def test_functional_forms_trace_as_one_call_each() -> None:
     ]
     x = torch.rand(2, 4, 3, 3) + 0.5
     assert torch.equal(run(traced, x, 3), run(f, x, 3))
+
+
+@pytest.mark.parametrize("layer", OPS_LAYERS, ids=OPS_IDS)
+def test_compiled_layer_does_not_recompile_when_p_changes_every_step(layer: Layer) -> None:
+    from torch._dynamo.utils import counters
+
+    net = nn.Sequential(layer.make())
+    drop = next(m for m in net.modules() if isinstance(m, StructuredDropout))
+    sched = sd.DropSchedule(net, target_p=0.4, total_steps=10, start_p=0.05)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(net)
+    x = torch.rand(layer.shape) + 0.5
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a cache-limit fallback to eager would warn
+            for step in range(10):
+                sched.step(step)
+                y = compiled(x)
+        assert y.shape == net(x).shape
+        # the first p is specialised, the second compile makes p symbolic: then no more
+        assert counters["stats"]["unique_graphs"] <= 2, drop
+    finally:
+        torch._dynamo.reset()

@@ -18,11 +18,10 @@ from ._validation import (
     check_min_rank,
     check_p,
     check_scale_fits,
-    generator_kwargs,
     squeeze_if,
 )
 from .keyed import MaskKey
-from .spatial_dropout import channel_noise_shape
+from .spatial_dropout import bernoulli_keep, channel_noise_shape
 
 __all__ = [
     "AlphaSpatialDropout",
@@ -44,13 +43,14 @@ def _draw_keep(
     """Every random number of alpha spatial dropout is drawn here: 1 (kept) or 0 per (sample, channel).
 
     Drawn with ``bernoulli_`` on a ``new_empty`` tensor in the input's dtype, the call that
-    :func:`torch.nn.functional.feature_alpha_dropout` makes, so the same seed gives the same mask.
+    :func:`torch.nn.functional.feature_alpha_dropout` makes, so the same seed gives the same mask
+    (in eager mode; see :func:`~spatialdrop.spatial_dropout.bernoulli_keep`).
     """
     shape = channel_noise_shape(input, channel_dim)
     with torch.no_grad():
         if key is not None:
             return keyed_keep(key, p, shape, input)
-        return input.new_empty(shape).bernoulli_(1.0 - p, **generator_kwargs(generator))
+        return bernoulli_keep(input, shape, p, generator)
 
 
 def alpha_spatial_dropout(

@@ -19,9 +19,9 @@ from ._validation import (
     check_min_rank,
     check_p,
     check_scale_fits,
-    generator_kwargs,
 )
 from .keyed import MaskKey
+from .spatial_dropout import bernoulli_keep
 
 __all__ = ["DropPath", "drop_path", "drop_path_rates"]
 
@@ -40,7 +40,7 @@ def _draw_keep(
         if key is not None:
             noise = keyed_keep(key, p, shape, input)
         else:
-            noise = input.new_empty(shape).bernoulli_(1.0 - p, **generator_kwargs(generator))
+            noise = bernoulli_keep(input, shape, p, generator)
         if scale:
             noise.div_(1.0 - p)
     return noise

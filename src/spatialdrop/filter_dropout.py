@@ -14,6 +14,7 @@ from ._keyed import keyed_keep
 from ._module import StructuredDropout
 from ._validation import Shown, check_p, check_scale_fits, fail
 from .keyed import MaskKey
+from .spatial_dropout import bernoulli_keep
 
 __all__ = ["FilterDropout", "filter_dropout", "remove_filter_dropout"]
 
@@ -36,7 +37,7 @@ def _draw_filter_mask(weight: Tensor, p: float, key: MaskKey | None) -> Tensor:
         if key is not None:
             mask = keyed_keep(key, p, (1, k), weight).view(k)
         else:
-            mask = weight.new_empty(k).bernoulli_(1.0 - p)
+            mask = bernoulli_keep(weight, (k,), p, None)
         return mask.div_(1.0 - p)
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
+from ._compat import is_compiling
 from ._keyed import check_key_arg, keyed_keep
 from ._module import StructuredDropout
 from ._validation import (
@@ -127,9 +130,28 @@ def spatial_dropout(
         if key is not None:
             noise = keyed_keep(key, p, shape, input)
         else:
-            noise = input.new_empty(shape).bernoulli_(1.0 - p, **generator_kwargs(generator))
+            noise = bernoulli_keep(input, shape, p, generator)
         noise.div_(1.0 - p)
     return input.mul_(noise) if inplace else input * noise
+
+
+def bernoulli_keep(like: Tensor, shape: Sequence[int], p: float, generator: torch.Generator | None) -> Tensor:
+    """1 (kept, probability ``1 - p``) or 0 per element of ``shape``, in ``like``'s dtype and device.
+
+    In eager mode this is ``like.new_empty(shape).bernoulli_(1 - p)``, the call of torch's
+    ``dropout1d/2d/3d``, so the same seed gives the same bits. Under ``torch.compile`` it is
+    ``rand(shape) < 1 - p`` in float32, what inductor makes of ``bernoulli_`` anyway: with a
+    float argument ``bernoulli_`` would make the compiler specialise on ``p`` and recompile for
+    every new rate (a :class:`~spatialdrop.DropSchedule` changes it every step), whereas here
+    ``p`` stays symbolic.
+    """
+    if is_compiling():
+        if generator is None:  # no generator= keyword: see _validation.generator_kwargs
+            u = torch.rand(tuple(shape), dtype=torch.float32, device=like.device)
+        else:
+            u = torch.rand(tuple(shape), generator=generator, dtype=torch.float32, device=like.device)
+        return (u < 1.0 - p).to(like.dtype)
+    return like.new_empty(shape).bernoulli_(1.0 - p, **generator_kwargs(generator))
 
 
 def channel_noise_shape(input: Tensor, channel_dim: int) -> list[int]:
