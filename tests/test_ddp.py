@@ -64,7 +64,7 @@ def _run_mode(rank: int, mode: str) -> dict[str, list[torch.Tensor]]:
         k: [] for k in ("filters", "channels", "blocks", "paths", "local", "grads", "params", "rates")
     }
     drop = net.stem.parametrizations.weight[0]
-    net.stem.register_forward_pre_hook(lambda m, a: rec["filters"].append(drop._mask.clone()))
+    net.stem.register_forward_pre_hook(lambda m, a: rec["filters"].append(drop.current_mask().clone()))
     net.drop.register_forward_hook(lambda m, a, out: rec["channels"].append((out == 0).flatten(2).all(-1)))
     net.block.register_forward_hook(lambda m, a, out: rec["blocks"].append(out == 0))
     net.path.register_forward_hook(lambda m, a, out: rec["paths"].append((out == 0).flatten(1).all(-1)))

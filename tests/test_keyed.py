@@ -25,6 +25,7 @@ from spatialdrop import (
     SpatialDropout2d,
     SpatialDropout3d,
     keyed_masks,
+    keyed_normal,
     keyed_uniform,
     mask_context,
 )
@@ -486,30 +487,46 @@ def test_key_and_generator_together_raise() -> None:
         (
             MaskKey(0, 2**32, 0, torch.arange(2)),
             ValueError,
-            r"step must be an int in \[0, 2\*\*32\) .*got 4294967296",
+            r"spatial_dropout: key.step must be an int in \[0, 2\*\*32\) .*got 4294967296",
         ),
         (
             MaskKey(0, torch.tensor([1]), 0, torch.arange(2)),
             TypeError,
-            r"step must be .* got a 1-D torch.int64 tensor",
+            r"key.step must be .* got a 1-D torch.int64 tensor",
         ),
-        (MaskKey(0, 1.0, 0, torch.arange(2)), TypeError, r"step must be an int"),
+        (MaskKey(0, 1.0, 0, torch.arange(2)), TypeError, r"key.step must be an int"),
         (
             MaskKey(0, 0, 0, torch.ones(2)),
             TypeError,
-            r"sample_ids must be a 1-D integer tensor .* torch.float32",
+            r"spatial_dropout: key.sample_ids must be a 1-D integer tensor .* torch.float32",
         ),
         (
             MaskKey(0, 0, 0, torch.ones(2, 1, dtype=torch.long)),
             ValueError,
-            r"sample_ids must be .* shape \(2, 1\)",
+            r"key.sample_ids must be .* shape \(2, 1\)",
         ),
-        (MaskKey(0, 0, 0, [0, 1]), TypeError, r"sample_ids must be a 1-D integer tensor .*, got list"),
+        (MaskKey(0, 0, 0, [0, 1]), TypeError, r"key.sample_ids must be a 1-D integer tensor .*, got list"),
     ],
 )
 def test_bad_keys_raise_even_in_eval(key: object, exc: type, match: str) -> None:
     with pytest.raises(exc, match=match):
         spatial_dropout(torch.randn(2, 3, 4), 0.5, training=False, key=key)  # type: ignore[arg-type]
+
+
+def test_keyed_uniform_and_normal_name_themselves_and_their_arguments() -> None:
+    with pytest.raises(TypeError, match=r"^keyed_uniform: key must be a spatialdrop.MaskKey, got NoneType$"):
+        keyed_uniform(None, 3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^keyed_normal: key must be a spatialdrop.MaskKey, got NoneType$"):
+        keyed_normal(None, 3)  # type: ignore[arg-type]
+    key = MaskKey(0, 0, 0, torch.arange(2))
+    with pytest.raises(
+        ValueError, match=r"^keyed_normal: per_sample must be an int in \[0, 2\*\*33\], got 8589934593$"
+    ):
+        keyed_normal(key, 2**33 + 1)
+    with pytest.raises(ValueError, match=r"^keyed_uniform: per_sample must be an int in \[0, 2\*\*34\], got"):
+        keyed_uniform(key, 2**34 + 1)
+    with pytest.raises(ValueError, match=r"^keyed_uniform: key.step must be an int in"):
+        keyed_uniform(key._replace(step=-1), 2)
 
 
 def test_bad_context_and_switch_arguments_raise() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -9,15 +10,21 @@ from torch import nn
 
 from spatialdrop import (
     DropPath,
+    DropSchedule,
+    MaskKey,
     MCPrediction,
     SpatialDropout1d,
     SpatialDropout2d,
     SpatialDropout3d,
     add_dropout,
     filter_dropout,
+    keyed_masks,
+    mask_context,
     mc_dropout,
     mc_predict,
 )
+from spatialdrop.functional import spatial_dropout
+from spatialdrop.keyed import mc_layer
 
 
 class Block(nn.Module):
@@ -319,7 +326,8 @@ def test_mc_predict_does_not_touch_input_or_batchnorm() -> None:
     x = torch.randn(8, 4)
     x0 = x.clone()
     mc_predict(net, x, samples=5)
-    mc_predict(nn.Sequential(nn.Identity(), nn.Dropout(0.0)), x, samples=5)  # identity output
+    with pytest.warns(UserWarning, match="p = 0"):
+        mc_predict(nn.Sequential(nn.Identity(), nn.Dropout(0.0)), x, samples=5)  # identity output
     assert torch.equal(x, x0)
     assert torch.equal(net[0].running_mean, torch.ones(4))
 
@@ -372,3 +380,62 @@ class Summed(nn.Module):
 class Pair(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x, x
+
+
+# --- MC dropout of keyed models, inactive dropout ---------------------------------------------
+
+
+def keyed_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), SpatialDropout2d(0.4), nn.Flatten(), nn.Linear(96, 5))
+    return keyed_masks(net, seed=9)
+
+
+def test_mc_predict_of_a_keyed_model_draws_a_fresh_key_per_pass() -> None:
+    net = keyed_net()
+    x = torch.randn(3, 3, 6, 6)
+    ids = torch.tensor([4, 5, 6])
+    with mask_context(step=7, sample_ids=ids):
+        out = mc_predict(net, x, samples=20)
+        again = mc_predict(net, x, samples=20)
+    assert (out.variance > 0).all()  # not one mask repeated 20 times
+    assert torch.equal(out.mean, again.mean)  # as reproducible as the keyed masks
+    assert torch.equal(out.variance, again.variance)
+    # pass t keys layer l with mc_layer(l, t): the documented rule, checked by hand
+    drop = net[1]
+    with mask_context(step=7, sample_ids=ids), mc_dropout(net), torch.no_grad():
+        ys = []
+        for t in range(20):
+            key = MaskKey(9, 7, mc_layer(drop.keyed_layer, t), ids)
+            h = net[0](x)
+            ys.append(net[3](net[2](spatial_dropout(h, 0.4, key=key))))
+    ys_t = torch.stack(ys)
+    assert torch.allclose(out.mean, ys_t.mean(0), rtol=1e-5, atol=1e-6)
+    with mask_context(step=7, sample_ids=ids), torch.no_grad():
+        first = net(x)  # pass 0 is the ordinary keyed forward
+    assert torch.equal(first, ys_t[0])
+
+
+def test_mc_predict_of_a_keyed_model_needs_a_context_and_no_batching() -> None:
+    net = keyed_net()
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(RuntimeError, match="mask_context"):
+        mc_predict(net, x, samples=3)
+    with (
+        mask_context(step=0, sample_ids=torch.arange(2)),
+        pytest.raises(ValueError, match=r"mc_predict: batched must be False for a model with keyed masks"),
+    ):
+        mc_predict(net, x, samples=3, batched=True)
+
+
+def test_mc_predict_warns_when_no_dropout_layer_is_active() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), SpatialDropout2d(0.3), DropPath(0.2))
+    sched = DropSchedule(net, target_p=0.3, total_steps=10)  # step 0: p = 0
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.warns(UserWarning, match=r"mc_predict: every dropout layer of the model has p = 0"):
+        out = mc_predict(net, x, samples=4)
+    assert (out.variance == 0).all()
+    sched.step(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert (mc_predict(net, x, samples=4).variance > 0).any()

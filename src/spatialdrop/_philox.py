@@ -27,7 +27,8 @@ from typing import Union
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ._compat import dispatch_mode_active, is_compiling
 
 __all__ = [
     "MASK32",
@@ -161,7 +162,7 @@ def philox4x32(
     o = torch.stack((w3, w1)).reshape(2, -1)
     k0, k1 = k0 & MASK32, k1 & MASK32
     dev = e.device
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if is_compiling() or dispatch_mode_active():
         mult, keys = _constants(dev, k0, k1, rounds)  # never cache fake or traced tensors
     else:
         mult, keys = _constants_cached(dev, k0, k1, rounds)

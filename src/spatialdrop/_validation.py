@@ -21,13 +21,16 @@ __all__ = [
     "check_bool",
     "check_channel_dim",
     "check_choice",
+    "check_device",
     "check_float_input",
     "check_generator",
     "check_int",
     "check_min_rank",
     "check_p",
+    "check_scale_fits",
     "check_sizes",
     "fail",
+    "generator_kwargs",
 ]
 
 
@@ -57,8 +60,13 @@ def check_p(fn: str, p: Any, *, allow_one: bool = True, arg: str = "p") -> float
     interval = "[0, 1]" if allow_one else "[0, 1)"
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         fail(fn, arg, f"a real number in {interval}", p, kind=TypeError)
-    value = float(p)
-    if math.isnan(value) or value < 0.0 or value > 1.0 or (not allow_one and value == 1.0):
+    try:
+        value = float(p)
+    except OverflowError:  # an int (or Fraction) beyond the float range, like 10**400
+        size = Shown(f"a number of magnitude ~1e{len(str(math.floor(p))) - 1}")
+        fail(fn, arg, f"a probability in {interval}", size)
+    # comparisons only (NaN fails them): under torch.compile(dynamic=True) p may be a SymFloat
+    if not 0.0 <= value <= 1.0 or (not allow_one and value == 1.0):
         why = (
             ""
             if allow_one or value != 1.0
@@ -66,6 +74,54 @@ def check_p(fn: str, p: Any, *, allow_one: bool = True, arg: str = "p") -> float
         )
         fail(fn, arg, f"a probability in {interval}{why}", p)
     return value
+
+
+def check_scale_fits(fn: str, p: float, dtype: torch.dtype, largest: float, what: str) -> None:
+    """Refuse a ``p`` whose largest multiplier does not fit the input's floating dtype.
+
+    Near ``p = 1`` the rescaling factor grows without bound: ``1 / (1 - p)`` is past float16's
+    largest value 65504 for ``p > 0.99998``, where the multiply would give ``inf`` and
+    ``0 * inf = NaN`` (torch's own dropout does). Such a ``p`` is refused for that dtype.
+
+    Args:
+        fn: name of the calling function, for the message.
+        p: the drop probability.
+        dtype: the input's dtype.
+        largest: the largest multiplier the op would use at this ``p`` (computed in float64).
+        what: how the multiplier is computed, for the message (e.g. ``"1/(1-p)"``).
+    """
+    top = torch.finfo(dtype).max
+    if not largest <= top:
+        fail(
+            fn,
+            "p",
+            f"a probability whose multiplier {what} fits {dtype} (at most {top:g}; "
+            f"it would be {largest:.6g}): use a wider dtype or a smaller p",
+            p,
+        )
+
+
+def generator_kwargs(generator: torch.Generator | None) -> dict[str, torch.Generator]:
+    """``{"generator": generator}``, or ``{}`` for ``None``.
+
+    torch's random functions are called without the keyword when there is no generator: an
+    explicit ``generator=None`` breaks ``torch.compile(dynamic=True)`` with symbolic sizes and
+    has no ONNX lowering (``aten.randn.generator``).
+    """
+    return {} if generator is None else {"generator": generator}
+
+
+def check_device(fn: str, device: Any) -> torch.device:
+    """Check a ``device`` argument (a :class:`torch.device`, a device string or index)."""
+    allowed = "a torch.device, a device string such as 'cpu' or 'cuda:0', or a device index"
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, numbers.Integral)):
+        fail(fn, "device", allowed, Shown(type(device).__name__), kind=TypeError)
+    try:
+        return torch.device(device if isinstance(device, str) else int(device))
+    except (RuntimeError, ValueError, TypeError):
+        fail(fn, "device", allowed, device)
 
 
 def check_bool(fn: str, arg: str, value: Any) -> bool:

@@ -6,7 +6,9 @@ import math
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
+from ._keyed import check_key_arg, keyed_keep
 from ._module import StructuredDropout
 from ._validation import (
     check_bool,
@@ -15,10 +17,11 @@ from ._validation import (
     check_generator,
     check_min_rank,
     check_p,
+    check_scale_fits,
     squeeze_if,
 )
-from .keyed import MaskKey, check_key_arg, keyed_keep
-from .spatial_dropout import channel_noise_shape
+from .keyed import MaskKey
+from .spatial_dropout import bernoulli_keep, channel_noise_shape
 
 __all__ = [
     "AlphaSpatialDropout",
@@ -40,13 +43,14 @@ def _draw_keep(
     """Every random number of alpha spatial dropout is drawn here: 1 (kept) or 0 per (sample, channel).
 
     Drawn with ``bernoulli_`` on a ``new_empty`` tensor in the input's dtype, the call that
-    :func:`torch.nn.functional.feature_alpha_dropout` makes, so the same seed gives the same mask.
+    :func:`torch.nn.functional.feature_alpha_dropout` makes, so the same seed gives the same mask
+    (in eager mode; see :func:`~spatialdrop.spatial_dropout.bernoulli_keep`).
     """
     shape = channel_noise_shape(input, channel_dim)
     with torch.no_grad():
         if key is not None:
             return keyed_keep(key, p, shape, input)
-        return input.new_empty(shape).bernoulli_(1.0 - p, generator=generator)
+        return bernoulli_keep(input, shape, p, generator)
 
 
 def alpha_spatial_dropout(
@@ -104,6 +108,18 @@ def alpha_spatial_dropout(
         >>> bool((y == y[:, :, :1, :1]).all())
         True
     """
+    if has_torch_function_unary(input):  # torch.fx proxies, tensor subclasses: as torch's dropout
+        return handle_torch_function(
+            alpha_spatial_dropout,
+            (input,),
+            input,
+            p,
+            training,
+            inplace,
+            channel_dim=channel_dim,
+            generator=generator,
+            key=key,
+        )
     fn = "alpha_spatial_dropout"
     check_float_input(fn, input)
     p = check_p(fn, p, allow_one=False)
@@ -115,9 +131,10 @@ def alpha_spatial_dropout(
     check_key_arg(fn, key, generator, input.shape[0])
     if not training or p == 0.0 or input.numel() == 0:
         return input
-    keep = _draw_keep(input, dim, p, generator, key)
     alpha = SELU_NEG_SATURATION
     a = 1.0 / math.sqrt((alpha * alpha * p + 1.0) * (1.0 - p))
+    check_scale_fits(fn, p, input.dtype, alpha * a, "a |alpha'| = 1.7581 / sqrt((1 + 3.0909 p)(1 - p))")
+    keep = _draw_keep(input, dim, p, generator, key)
     with torch.no_grad():
         # The operations of ATen's _dropout_impl<feature, alpha>, in the same order and dtype.
         b = keep.add(-1.0).mul_(alpha * a).add_(alpha * a * p)
@@ -154,7 +171,7 @@ class AlphaSpatialDropout(StructuredDropout):
 
     allow_p_one = False
 
-    def forward(self, input: Tensor) -> Tensor:
+    def dropout(self, input: Tensor) -> Tensor:
         """Apply :func:`~spatialdrop.functional.alpha_spatial_dropout` with this module's settings."""
         x, unbatched = self.batched(input)
         key = self.mask_key(x.shape[0], x.device)

@@ -33,6 +33,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from ._keyed import check_key_arg
 from ._module import StructuredDropout
 from ._validation import (
     check_bool,
@@ -47,7 +48,7 @@ from ._validation import (
     float_dtype_of,
     squeeze_if,
 )
-from .keyed import MaskKey, check_key_arg, keyed_uniform
+from .keyed import MaskKey, keyed_uniform
 
 __all__ = [
     "DropBlock",
@@ -846,7 +847,7 @@ class DropBlock(StructuredDropout):
         self.seeding = check_choice(name, "seeding", seeding, SEEDINGS)
         self.scale = check_choice(name, "scale", scale, SCALES)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def dropout(self, input: Tensor) -> Tensor:
         """Apply :func:`~spatialdrop.functional.drop_block` with this module's settings."""
         x, unbatched = self.batched(input)
         out = drop_block(

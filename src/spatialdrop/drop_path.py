@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
-from torch.nn.modules.dropout import _DropoutNd
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
+from ._keyed import check_key_arg, keyed_keep
 from ._module import StructuredDropout
 from ._validation import (
     check_bool,
@@ -15,8 +18,10 @@ from ._validation import (
     check_int,
     check_min_rank,
     check_p,
+    check_scale_fits,
 )
-from .keyed import MaskKey, check_key_arg, keyed_keep
+from .keyed import MaskKey
+from .spatial_dropout import bernoulli_keep
 
 __all__ = ["DropPath", "drop_path", "drop_path_rates"]
 
@@ -35,7 +40,7 @@ def _draw_keep(
         if key is not None:
             noise = keyed_keep(key, p, shape, input)
         else:
-            noise = input.new_empty(shape).bernoulli_(1.0 - p, generator=generator)
+            noise = bernoulli_keep(input, shape, p, generator)
         if scale:
             noise.div_(1.0 - p)
     return noise
@@ -91,6 +96,18 @@ def drop_path(
         >>> drop_path(torch.ones(4, 197, 768), p=0.5).shape  # ViT tokens (N, L, D)
         torch.Size([4, 197, 768])
     """
+    if has_torch_function_unary(input):  # torch.fx proxies, tensor subclasses: as torch's dropout
+        return handle_torch_function(
+            drop_path,
+            (input,),
+            input,
+            p,
+            training,
+            inplace,
+            scale=scale,
+            generator=generator,
+            key=key,
+        )
     fn = "drop_path"
     check_float_input(fn, input)
     p = check_p(fn, p)
@@ -105,6 +122,8 @@ def drop_path(
     if p == 1.0:
         zero = input.new_zeros(())
         return input.mul_(zero) if inplace else input * zero
+    if scale:
+        check_scale_fits(fn, p, input.dtype, 1.0 / (1.0 - p), "1/(1-p)")
     noise = _draw_keep(input, p, scale, generator, key)
     return input.mul_(noise) if inplace else input * noise
 
@@ -183,22 +202,18 @@ class DropPath(StructuredDropout):
         DropPath(p=0.2, inplace=False, scale=False)
     """
 
+    has_channel_dim = False
     scale: bool
 
     def __init__(self, p: float = 0.1, inplace: bool = False, *, scale: bool = True) -> None:
-        # Not StructuredDropout.__init__: DropPath has no channel axis to check or show.
-        name = type(self).__name__
-        p = check_p(name, p, allow_one=self.allow_p_one)
-        check_bool(name, "inplace", inplace)
-        check_bool(name, "scale", scale)
-        _DropoutNd.__init__(self, p, inplace)
-        self.scale = scale
+        super().__init__(p, inplace)
+        self.scale = check_bool(type(self).__name__, "scale", scale)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def dropout(self, input: Tensor) -> Tensor:
         """Apply :func:`~spatialdrop.functional.drop_path` with this module's settings."""
         key = self.mask_key(input.shape[0], input.device) if input.dim() else None
         return drop_path(input, self.p, self.training, self.inplace, scale=self.scale, key=key)
 
-    def extra_repr(self) -> str:
-        """``p``, ``inplace``, and ``scale`` when it is not the default."""
-        return f"p={self.p}, inplace={self.inplace}" + ("" if self.scale else ", scale=False")
+    def extra_options(self) -> dict[str, Any]:
+        """``scale`` when it is not the default."""
+        return {} if self.scale else {"scale": False}

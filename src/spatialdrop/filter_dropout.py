@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils import parametrize
 
+from ._compat import is_compiling
+from ._keyed import keyed_keep
 from ._module import StructuredDropout
-from ._validation import Shown, check_p, fail
+from ._validation import Shown, check_p, check_scale_fits, fail
+from .keyed import MaskKey
+from .spatial_dropout import bernoulli_keep
 
 __all__ = ["FilterDropout", "filter_dropout", "remove_filter_dropout"]
 
@@ -18,17 +22,35 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_NAMES = "an nn.Conv1d, nn.Conv2d or nn.Conv3d"
 
 
-def _draw_filter_mask(weight: Tensor, p: float) -> Tensor:
+def _draw_filter_mask(weight: Tensor, p: float, key: MaskKey | None) -> Tensor:
     """Every random number of filter dropout is drawn here: one factor per output filter.
 
     Returns a vector of ``weight.shape[0]`` factors in the weight's dtype, each 0 (dropped) or
-    ``1 / (1 - p)`` (kept); all zeros at ``p = 1`` without drawing.
+    ``1 / (1 - p)`` (kept); all zeros at ``p = 1`` without drawing. With a (per-call) ``key``,
+    filter ``k`` is kept iff ``keyed_uniform(key, K)[0, k] >= p``.
     """
     with torch.no_grad():
-        mask = weight.new_empty(weight.shape[0])
+        k = weight.shape[0]
         if p == 1.0:
-            return mask.zero_()
-        return mask.bernoulli_(1.0 - p).div_(1.0 - p)
+            return weight.new_zeros(k)
+        check_scale_fits("FilterDropout", p, weight.dtype, 1.0 / (1.0 - p), "1/(1-p)")
+        if key is not None:
+            mask = keyed_keep(key, p, (1, k), weight).view(k)
+        else:
+            mask = bernoulli_keep(weight, (k,), p, None)
+        return mask.div_(1.0 - p)
+
+
+# The mask of the call in progress, per thread and per layer: {id(layer): mask}. Kept apart
+# from the layer so that two threads calling one conv at once each read their own draw.
+_CALLS = threading.local()
+
+
+def _calls() -> dict[int, Tensor]:
+    calls: dict[int, Tensor] | None = getattr(_CALLS, "masks", None)
+    if calls is None:
+        calls = _CALLS.masks = {}
+    return calls
 
 
 class FilterDropout(StructuredDropout):
@@ -44,7 +66,15 @@ class FilterDropout(StructuredDropout):
 
     The mask is drawn by a forward pre-hook and cleared by a forward hook on the conv, so both
     tensors read the same mask within one call, and outside a call (and in eval mode)
-    ``conv.weight`` is the plain parameter. It is a :class:`StructuredDropout`, hence a
+    ``conv.weight`` is the plain parameter. The mask of a call is kept per thread, so one conv
+    may run in several threads at once, each call with its own mask.
+
+    Keyed masks (:func:`~spatialdrop.keyed_masks`): the class declares ``keying =
+    "per_call"``: one mask per call, shared by the batch, drawn from ``(seed, step, layer)``
+    only (the key's single sample id is ``-1``), so it raises outside a
+    :func:`~spatialdrop.mask_context` and is reproducible inside one.
+
+    It is a :class:`StructuredDropout`, hence a
     ``_DropoutNd``: its own ``training`` flag decides (``conv.train()``/``eval()`` set it, and
     :func:`~spatialdrop.mc_dropout` finds it), and :class:`~spatialdrop.DropSchedule` drives its
     ``p``.
@@ -62,33 +92,46 @@ class FilterDropout(StructuredDropout):
         True
     """
 
-    _mask: Tensor | None
+    has_channel_dim = False
+    keying = "per_call"
+    _compiled_mask: Tensor | None = None  # the traced mask under torch.compile (one trace)
 
     def __init__(self, p: float = 0.1) -> None:
-        # Not StructuredDropout.__init__: there is no channel axis and nothing to do in place.
-        name = type(self).__name__
-        p = check_p(name, p, allow_one=self.allow_p_one)
-        _DropoutNd.__init__(self, p, False)
-        self._mask = None
+        super().__init__(p, False)
 
-    def forward(self, tensor: Tensor) -> Tensor:
+    def current_mask(self) -> Tensor | None:
+        """The mask of the conv call in progress in this thread, or ``None`` outside a call."""
+        if is_compiling():
+            return self._compiled_mask
+        return _calls().get(id(self))
+
+    def _set_mask(self, mask: Tensor | None) -> None:
+        if is_compiling():
+            self._compiled_mask = mask
+        elif mask is None:
+            _calls().pop(id(self), None)
+        else:
+            _calls()[id(self)] = mask
+
+    def dropout(self, input: Tensor) -> Tensor:
         """Scale the filters of ``weight`` (or entries of ``bias``) by the current mask, if any."""
-        mask = self._mask
+        mask = self.current_mask()
         if mask is None:
-            return tensor
-        return tensor * mask.view((-1,) + (1,) * (tensor.dim() - 1))
+            return input
+        return input * mask.view((-1,) + (1,) * (input.dim() - 1))
 
     def _begin(self, conv: nn.Module, args: Any) -> None:
         # forward pre-hook of the conv: one draw per call, read by weight and bias alike
-        self._mask = None
+        mask = None
         if self.training and self.p > 0.0:
             weight = _original_weight(conv)
             if weight.numel() > 0:
-                self._mask = _draw_filter_mask(weight, self.p)
+                mask = _draw_filter_mask(weight, self.p, self.mask_key(None, weight.device))
+        self._set_mask(mask)
 
     def _end(self, conv: nn.Module, args: Any, output: Any) -> None:
         # forward hook of the conv, also called when the forward raises
-        self._mask = None
+        self._set_mask(None)
 
     def extra_repr(self) -> str:
         """``p``, the only option."""

@@ -6,7 +6,9 @@ import math
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
+from ._keyed import check_key_arg
 from ._module import StructuredDropout
 from ._validation import (
     check_bool,
@@ -15,10 +17,11 @@ from ._validation import (
     check_generator,
     check_min_rank,
     check_p,
+    check_scale_fits,
     float_dtype_of,
     squeeze_if,
 )
-from .keyed import MaskKey, check_key_arg, keyed_normal
+from .keyed import MaskKey, keyed_normal
 from .spatial_dropout import channel_noise_shape
 
 __all__ = [
@@ -47,7 +50,11 @@ def _draw_noise(
             eps = keyed_normal(key, input.shape[channel_dim], device=input.device)
             eps = eps.to(float_dtype_of(input)).view(shape)
         else:
-            eps = torch.randn(shape, generator=generator, dtype=float_dtype_of(input), device=input.device)
+            dtype = float_dtype_of(input)
+            if generator is None:  # no generator= keyword: see _validation.generator_kwargs
+                eps = torch.randn(shape, dtype=dtype, device=input.device)
+            else:
+                eps = torch.randn(shape, generator=generator, dtype=dtype, device=input.device)
         return eps.mul_(math.sqrt(p / (1.0 - p))).add_(1.0).to(input.dtype)
 
 
@@ -73,8 +80,8 @@ def gaussian_spatial_dropout(
 
     Args:
         input: a floating-point tensor with at least 3 dims, dim 0 the batch.
-        p: the dropout rate whose noise variance :math:`p / (1 - p)` is used, in ``[0, 1)``.
-            Default: 0.5.
+        p: the dropout rate whose noise variance :math:`p / (1 - p)` is used, in ``[0, 1)``;
+            for float16 input at most about ``1 - 8e-9``, so that every factor fits. Default: 0.5.
         training: apply the noise if ``True``; else return ``input`` unchanged. Default: True.
         inplace: write the result into ``input``. Default: False.
         channel_dim: the channel axis, any dim but 0; ``-1`` for channels-last. Default: 1.
@@ -101,6 +108,18 @@ def gaussian_spatial_dropout(
         >>> bool((y == y[:, :, :1, :1]).all())  # one factor per (sample, channel)
         True
     """
+    if has_torch_function_unary(input):  # torch.fx proxies, tensor subclasses: as torch's dropout
+        return handle_torch_function(
+            gaussian_spatial_dropout,
+            (input,),
+            input,
+            p,
+            training,
+            inplace,
+            channel_dim=channel_dim,
+            generator=generator,
+            key=key,
+        )
     fn = "gaussian_spatial_dropout"
     check_float_input(fn, input)
     p = check_p(fn, p, allow_one=False)
@@ -112,6 +131,9 @@ def gaussian_spatial_dropout(
     check_key_arg(fn, key, generator, input.shape[0])
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    # torch's and the keyed normals both stay below 6 in magnitude (Box-Muller from 24-bit
+    # uniforms, or clamped at 1e-7): refuse a p whose factor could leave the dtype's range
+    check_scale_fits(fn, p, input.dtype, 1.0 + 6.0 * math.sqrt(p / (1.0 - p)), "1 + 6 sqrt(p/(1-p))")
     noise = _draw_noise(input, dim, p, generator, key)
     return input.mul_(noise) if inplace else input * noise
 
@@ -143,7 +165,7 @@ class GaussianSpatialDropout(StructuredDropout):
 
     allow_p_one = False
 
-    def forward(self, input: Tensor) -> Tensor:
+    def dropout(self, input: Tensor) -> Tensor:
         """Apply :func:`~spatialdrop.functional.gaussian_spatial_dropout` with this module's settings."""
         x, unbatched = self.batched(input)
         key = self.mask_key(x.shape[0], x.device)

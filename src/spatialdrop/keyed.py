@@ -20,6 +20,13 @@ step)``, with ``sid = sample_ids[i]`` read as 64-bit two's complement, converted
 
     r = tl.philox(philox_seed, (j // 4).to(tl.uint32), sid_lo, sid_hi, step)  # 4 uint32 blocks
     u = tl.uint_to_uniform_float(r[j % 4])
+
+Keying is a capability that each layer class declares in its ``keying`` class attribute (one of
+``KEYINGS``): ``"per_sample"`` layers draw row ``sample_ids[i]`` for sample ``i`` as above;
+``"per_call"`` layers (filter dropout, whose mask is shared by the batch) draw one row with the
+sample id ``-1`` (``2**64 - 1``), so their mask depends only on ``(seed, step, layer)``. Inside
+a Monte Carlo pass ``t > 0`` of :func:`spatialdrop.mc_predict` the layer id is
+:func:`mc_layer` ``(layer, t)``.
 """
 
 from __future__ import annotations
@@ -27,17 +34,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import math
 import numbers
 import threading
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import torch
 from torch import Tensor
 
+from ._compat import is_compiling
 from ._philox import MASK32, philox4x32, philox4x32_int, uint32_to_uniform
-from ._validation import Shown, check_int, fail
+from ._validation import Shown, check_device, check_int, fail
 
 if TYPE_CHECKING:
     from torch import nn
@@ -82,10 +90,58 @@ class MaskKey(NamedTuple):
         return k0 | (k1 << 32)
 
 
+#: How a layer class may declare that it is keyed (its ``keying`` class attribute):
+#: ``"per_sample"``: one draw per sample, from ``(seed, step, layer, sample id)``;
+#: ``"per_call"``: one draw per call shared by the batch, from ``(seed, step, layer)`` only.
+#: :func:`keyed_masks` switches exactly the modules whose class declares one of these.
+KEYINGS = ("per_sample", "per_call")
+
+
 class _Context(NamedTuple):
     step: int | None  # the int given, used in eager mode
     step_tensor: Tensor  # the same as a 0-dim int64 tensor, used under torch.compile
     sample_ids: Tensor
+    draw: int = 0  # the Monte Carlo draw (see spatialdrop.mc_predict); 0 outside it
+
+
+def current_context() -> _Context | None:
+    """The innermost active :func:`mask_context` of this thread, or ``None``."""
+    return getattr(_LOCAL, "context", None)
+
+
+@contextlib.contextmanager
+def context_draw(draw: int) -> Iterator[None]:
+    """Run keyed layers inside the current :func:`mask_context` as Monte Carlo draw ``draw``.
+
+    Draw ``d > 0`` keys every layer with the derived id ``mc_layer(layer, d)`` instead of
+    ``layer``, so each draw gets its own masks (see :func:`spatialdrop.mc_predict`).
+    """
+    ctx = current_context()
+    if ctx is None:
+        yield
+        return
+    _LOCAL.context = ctx._replace(draw=draw)
+    try:
+        yield
+    finally:
+        _LOCAL.context = ctx
+
+
+def mc_layer(layer: int, draw: int) -> int:
+    """The layer id that a keyed layer with id ``layer`` uses in Monte Carlo draw ``draw``.
+
+    ``layer`` itself for draw 0, else BLAKE2b (8 bytes, person ``spatialdrop-mc``) of the two
+    ids as 8-byte little-endian words: independent of the ordinary masks and of other draws.
+
+    Examples:
+        >>> mc_layer(5, 0), mc_layer(5, 1) != mc_layer(5, 2)
+        (5, True)
+    """
+    if draw == 0:
+        return layer
+    data = layer.to_bytes(8, "little") + draw.to_bytes(8, "little")
+    digest = hashlib.blake2b(data, digest_size=8, person=b"spatialdrop-mc").digest()
+    return int.from_bytes(digest, "little")
 
 
 _LOCAL = threading.local()
@@ -95,27 +151,27 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_step(fn: str, step: Any) -> None:
+def _check_step(fn: str, step: Any, arg: str = "step") -> None:
     allowed = "an int in [0, 2**32) or a 0-dim integer tensor"
     if isinstance(step, Tensor):
         if step.dim() != 0 or step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
-            fail(fn, "step", allowed, Shown(f"a {step.dim()}-D {step.dtype} tensor"), kind=TypeError)
+            fail(fn, arg, allowed, Shown(f"a {step.dim()}-D {step.dtype} tensor"), kind=TypeError)
         return
     if not _is_int(step):
-        fail(fn, "step", allowed, step, kind=TypeError)
+        fail(fn, arg, allowed, step, kind=TypeError)
     if not 0 <= step < _MAX_STEP:
-        fail(fn, "step", allowed, step)
+        fail(fn, arg, allowed, step)
 
 
-def _check_sample_ids(fn: str, sample_ids: Any) -> None:
+def _check_sample_ids(fn: str, sample_ids: Any, arg: str = "sample_ids") -> None:
     allowed = "a 1-D integer tensor with one global id per sample"
     if not isinstance(sample_ids, Tensor):
-        fail(fn, "sample_ids", allowed, Shown(type(sample_ids).__name__), kind=TypeError)
+        fail(fn, arg, allowed, Shown(type(sample_ids).__name__), kind=TypeError)
     bad_dtype = sample_ids.is_floating_point() or sample_ids.is_complex() or sample_ids.dtype == torch.bool
     if bad_dtype:
-        fail(fn, "sample_ids", allowed, Shown(f"a tensor of dtype {sample_ids.dtype}"), kind=TypeError)
+        fail(fn, arg, allowed, Shown(f"a tensor of dtype {sample_ids.dtype}"), kind=TypeError)
     if sample_ids.dim() != 1:
-        fail(fn, "sample_ids", allowed, Shown(f"a tensor of shape {tuple(sample_ids.shape)}"))
+        fail(fn, arg, allowed, Shown(f"a tensor of shape {tuple(sample_ids.shape)}"))
 
 
 def _check_u64(fn: str, arg: str, value: Any) -> int:
@@ -127,14 +183,20 @@ def _check_u64(fn: str, arg: str, value: Any) -> int:
     return int(value)
 
 
-def check_key(fn: str, key: Any, batch_size: int | None = None) -> MaskKey:
-    """Check a :class:`MaskKey` (and, if given, that it has one sample id per sample)."""
+def check_key(
+    fn: str, key: Any, batch_size: int | None = None, *, allowed: str = "a spatialdrop.MaskKey"
+) -> MaskKey:
+    """Check a :class:`MaskKey` (and, if given, that it has one sample id per sample).
+
+    ``allowed`` is what the message says the argument may be (``"None or a spatialdrop.MaskKey"``
+    for an optional ``key=``).
+    """
     if not isinstance(key, MaskKey):
-        fail(fn, "key", "None or a spatialdrop.MaskKey", Shown(type(key).__name__), kind=TypeError)
+        fail(fn, "key", allowed, Shown(type(key).__name__), kind=TypeError)
     _check_u64(fn, "key.seed", key.seed)
     _check_u64(fn, "key.layer", key.layer)
-    _check_step(fn, key.step)
-    _check_sample_ids(fn, key.sample_ids)
+    _check_step(fn, key.step, "key.step")
+    _check_sample_ids(fn, key.sample_ids, "key.sample_ids")
     if batch_size is not None and key.sample_ids.shape[0] != batch_size:
         fail(
             fn,
@@ -153,21 +215,9 @@ def _derive_layer_key(seed: int, layer: int) -> tuple[int, int]:
 _derive_layer_key_cached = functools.lru_cache(maxsize=4096)(_derive_layer_key)
 
 
-def check_key_arg(fn: str, key: Any, generator: object, batch_size: int) -> None:
-    """Check a function's ``key=`` argument: ``None``, or a :class:`MaskKey` for this batch.
-
-    A key and a ``generator`` together are an error (the key replaces the generator).
-    """
-    if key is None:
-        return
-    if generator is not None:
-        fail(fn, "key", "None when a generator is given (pass one of them)", Shown("a MaskKey"))
-    check_key(fn, key, batch_size)
-
-
 def _layer_key(seed: int, layer: int) -> tuple[int, int]:
     """The Philox key of a (seed, layer): a pseudo-random function of both, 64 bits."""
-    if torch.compiler.is_compiling():  # traced once per graph: no cache needed
+    if is_compiling():  # traced once per graph: no cache needed
         return _derive_layer_key(seed, layer)
     return _derive_layer_key_cached(seed, layer)
 
@@ -204,12 +254,21 @@ def keyed_uniform(key: MaskKey, per_sample: int, *, device: torch.device | str |
         >>> torch.equal(u[1], v[0])  # sample 9 gets the same numbers in either batch
         True
     """
-    fn = "keyed_uniform"
+    return _keyed_uniform("keyed_uniform", key, per_sample, device, limit=4 * _MAX_STEP)
+
+
+def _keyed_uniform(
+    fn: str, key: MaskKey, per_sample: int, device: torch.device | str | None, *, limit: int
+) -> Tensor:
     check_key(fn, key)
     per_sample = check_int(fn, "per_sample", per_sample, minimum=0)
-    if per_sample > 4 * _MAX_STEP:
-        fail(fn, "per_sample", "an int in [0, 2**34]", per_sample)
-    dev = key.sample_ids.device if device is None else torch.device(device)
+    if per_sample > limit:
+        fail(fn, "per_sample", f"an int in [0, 2**{limit.bit_length() - 1}]", per_sample)
+    dev = key.sample_ids.device if device is None else check_device(fn, device)
+    return _uniform_rows(key, per_sample, dev)
+
+
+def _uniform_rows(key: MaskKey, per_sample: int, dev: torch.device) -> Tensor:
     sid = key.sample_ids.to(device=dev, dtype=torch.int64)
     n = sid.shape[0]
     blocks = (per_sample + 3) // 4
@@ -223,18 +282,6 @@ def keyed_uniform(key: MaskKey, per_sample: int, *, device: torch.device | str |
     if per_sample != 4 * blocks:
         flat = flat[:, :per_sample]
     return uint32_to_uniform(flat)
-
-
-def keyed_keep(key: MaskKey, p: float, shape: Sequence[int], like: Tensor) -> Tensor:
-    """A keyed keep mask: 1 where ``keyed_uniform(key, K) >= p``, else 0, in ``like``'s dtype.
-
-    ``shape`` is ``(N, ...)`` with ``K`` = the product of its other dims (the per-sample
-    Bernoulli draws of a layer: channels, or 1 for DropPath); the result has that shape, on
-    ``like``'s device.
-    """
-    per_sample = math.prod(shape[1:])
-    keep = keyed_uniform(key, per_sample, device=like.device) >= p
-    return keep.to(like.dtype).view(tuple(shape))
 
 
 def keyed_normal(key: MaskKey, per_sample: int, *, device: torch.device | str | None = None) -> Tensor:
@@ -260,8 +307,11 @@ def keyed_normal(key: MaskKey, per_sample: int, *, device: torch.device | str | 
         >>> keyed_normal(MaskKey(seed=1, step=0, layer=7, sample_ids=torch.arange(3)), 4).shape
         torch.Size([3, 4])
     """
-    per_sample = check_int("keyed_normal", "per_sample", per_sample, minimum=0)
-    u = keyed_uniform(key, 2 * per_sample, device=device)
+    fn = "keyed_normal"
+    per_sample = check_int(fn, "per_sample", per_sample, minimum=0)
+    if per_sample > 2 * _MAX_STEP:
+        fail(fn, "per_sample", "an int in [0, 2**33]", per_sample)
+    u = _keyed_uniform(fn, key, 2 * per_sample, device, limit=4 * _MAX_STEP)
     u1 = u[:, 0::2].clamp_min(1.0e-7)
     u2 = u[:, 1::2]
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
@@ -308,34 +358,6 @@ def mask_context(*, step: int | Tensor, sample_ids: Tensor) -> Iterator[None]:
         _LOCAL.context = previous
 
 
-def context_key(fn: str, seed: int, layer: int, batch_size: int) -> MaskKey:
-    """The :class:`MaskKey` of a keyed layer for the current :func:`mask_context`.
-
-    Raises:
-        RuntimeError: outside a :func:`mask_context`.
-        ValueError: if the context's ``sample_ids`` do not match the batch size.
-    """
-    ctx = getattr(_LOCAL, "context", None)
-    if ctx is None:
-        raise RuntimeError(
-            f"{fn}: this layer draws keyed masks (set by spatialdrop.keyed_masks) and needs the "
-            "step and the samples' ids: run the training step inside "
-            "`with spatialdrop.mask_context(step=..., sample_ids=...):`, or switch keyed masks off "
-            "with spatialdrop.keyed_masks(model, None)"
-        )
-    n = ctx.sample_ids.shape[0]
-    if n != batch_size:
-        fail(
-            fn,
-            "mask_context sample_ids",
-            f"one id per sample of the batch ({batch_size})",
-            Shown(f"{n} ids"),
-        )
-    # torch.compiler.is_compiling() first: reading the int would make it a guarded constant
-    step = ctx.step_tensor if torch.compiler.is_compiling() or ctx.step is None else ctx.step
-    return MaskKey(seed, step, layer, ctx.sample_ids)
-
-
 def layer_id(name: str) -> int:
     """The 64-bit id of a layer from its qualified name: BLAKE2b, stable across runs and hosts.
 
@@ -357,7 +379,15 @@ def layer_id(name: str) -> int:
 
 
 def keyed_masks(model: nn.Module, seed: int | None) -> nn.Module:
-    """Switch every spatialdrop layer of ``model`` to keyed masks (or back, with ``seed=None``).
+    """Switch every keyed-capable layer of ``model`` to keyed masks (or back, with ``seed=None``).
+
+    A layer is keyed-capable when its class declares how it is keyed, in its ``keying`` class
+    attribute (see ``KEYINGS``): every spatialdrop layer does. Per-sample layers (spatial,
+    Gaussian and alpha dropout, DropBlock, DropPath) draw each sample's masks from ``(seed,
+    step, layer, sample id)``; filter dropout, whose mask is shared by the batch, declares
+    ``"per_call"`` and draws it from ``(seed, step, layer)`` only. Other dropout layers of the
+    model (torch's ``nn.Dropout*``, every ``_DropoutNd`` that declares no keying) are skipped:
+    they keep drawing from torch's generator, and a :class:`UserWarning` names them.
 
     Each layer gets the id :func:`layer_id` of its qualified name, so the ids depend neither on
     the order in which the layers were built nor on anything a ``state_dict`` holds: rebuild the
@@ -366,12 +396,16 @@ def keyed_masks(model: nn.Module, seed: int | None) -> nn.Module:
     :func:`mask_context`; in eval mode it is the identity, as before.
 
     Args:
-        model: the model; its modules that subclass spatialdrop's ``StructuredDropout`` are
-            switched (the model itself too, if it is one).
+        model: the model; its keyed-capable modules are switched (the model itself too, if it
+            is one).
         seed: the run's seed, an int in ``[0, 2**64)``, or ``None`` to go back to torch's RNG.
 
     Returns:
         ``model``, for chaining.
+
+    Warns:
+        UserWarning: when switching on (``seed`` not ``None``) and the model holds dropout
+            layers that cannot draw keyed masks; the message lists their names and types.
 
     Examples:
         >>> import torch
@@ -382,16 +416,25 @@ def keyed_masks(model: nn.Module, seed: int | None) -> nn.Module:
         (1234, '0x...')
     """
     from torch import nn
-
-    from ._module import StructuredDropout
+    from torch.nn.modules.dropout import _DropoutNd
 
     fn = "keyed_masks"
     if not isinstance(model, nn.Module):
         fail(fn, "model", "a torch.nn.Module", Shown(type(model).__name__), kind=TypeError)
     if seed is not None:
         seed = _check_u64(fn, "seed", seed)
+    skipped = []
     for name, module in model.named_modules():
-        if isinstance(module, StructuredDropout):
+        if getattr(type(module), "keying", None) in KEYINGS:
             module.keyed_seed = seed
             module.keyed_layer = None if seed is None else layer_id(name)
+        elif isinstance(module, _DropoutNd):
+            skipped.append(f"{name or 'model'} ({type(module).__name__})")
+    if skipped and seed is not None:
+        warnings.warn(
+            f"{fn}: {len(skipped)} dropout layer(s) cannot draw keyed masks and keep using torch's "
+            f"generator: {', '.join(skipped)}",
+            UserWarning,
+            stacklevel=2,
+        )
     return model

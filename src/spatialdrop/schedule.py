@@ -239,7 +239,11 @@ def _factors(fn: str, modules: list[tuple[str, nn.Module]], scale: Scale | None)
     for (name, _), f in zip(modules, raw):
         if isinstance(f, bool) or not isinstance(f, numbers.Real):
             fail(fn, "scale", "real factors", Shown(f"{f!r} for {name!r}"), kind=TypeError)
-        if not math.isfinite(f) or f < 0:
+        try:
+            finite = math.isfinite(f)
+        except OverflowError:  # an int past the float range, like 10**400
+            finite = False
+        if not finite or f < 0:
             fail(fn, "scale", "factors >= 0", Shown(f"{f!r} for {name!r}"))
         out.append(float(f))
     return out

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
+from ._compat import is_compiling
+from ._keyed import check_key_arg, keyed_keep
 from ._module import StructuredDropout
 from ._validation import (
     check_bool,
@@ -13,9 +18,11 @@ from ._validation import (
     check_generator,
     check_min_rank,
     check_p,
+    check_scale_fits,
+    generator_kwargs,
     squeeze_if,
 )
-from .keyed import MaskKey, check_key_arg, keyed_keep
+from .keyed import MaskKey
 
 __all__ = [
     "SpatialDropout",
@@ -55,7 +62,8 @@ def spatial_dropout(
 
     Args:
         input: a floating-point tensor with at least 3 dims, dim 0 the batch.
-        p: probability of zeroing a channel, in ``[0, 1]``. Default: 0.5.
+        p: probability of zeroing a channel, in ``[0, 1]``; for float16 input at most
+            ``1 - 1/65504`` (about 0.99998) or exactly 1, so that the scale fits. Default: 0.5.
         training: apply dropout if ``True``; else return ``input`` unchanged. Default: True.
         inplace: write the result into ``input``. Default: False.
         channel_dim: the channel axis, any dim but 0; ``-1`` for channels-last. Default: 1.
@@ -90,6 +98,18 @@ def spatial_dropout(
         >>> torch.equal(spatial_dropout(x, 0.5, key=key)[1], spatial_dropout(x[1:], 0.5, key=alone)[0])
         True
     """
+    if has_torch_function_unary(input):  # torch.fx proxies, tensor subclasses: as torch's dropout
+        return handle_torch_function(
+            spatial_dropout,
+            (input,),
+            input,
+            p,
+            training,
+            inplace,
+            channel_dim=channel_dim,
+            generator=generator,
+            key=key,
+        )
     fn = "spatial_dropout"
     check_float_input(fn, input)
     p = check_p(fn, p)
@@ -104,14 +124,34 @@ def spatial_dropout(
     if p == 1.0:
         zero = input.new_zeros(())
         return input.mul_(zero) if inplace else input * zero
+    check_scale_fits(fn, p, input.dtype, 1.0 / (1.0 - p), "1/(1-p)")
     shape = channel_noise_shape(input, dim)
     with torch.no_grad():
         if key is not None:
             noise = keyed_keep(key, p, shape, input)
         else:
-            noise = input.new_empty(shape).bernoulli_(1.0 - p, generator=generator)
+            noise = bernoulli_keep(input, shape, p, generator)
         noise.div_(1.0 - p)
     return input.mul_(noise) if inplace else input * noise
+
+
+def bernoulli_keep(like: Tensor, shape: Sequence[int], p: float, generator: torch.Generator | None) -> Tensor:
+    """1 (kept, probability ``1 - p``) or 0 per element of ``shape``, in ``like``'s dtype and device.
+
+    In eager mode this is ``like.new_empty(shape).bernoulli_(1 - p)``, the call of torch's
+    ``dropout1d/2d/3d``, so the same seed gives the same bits. Under ``torch.compile`` it is
+    ``rand(shape) < 1 - p`` in float32, what inductor makes of ``bernoulli_`` anyway: with a
+    float argument ``bernoulli_`` would make the compiler specialise on ``p`` and recompile for
+    every new rate (a :class:`~spatialdrop.DropSchedule` changes it every step), whereas here
+    ``p`` stays symbolic.
+    """
+    if is_compiling():
+        if generator is None:  # no generator= keyword: see _validation.generator_kwargs
+            u = torch.rand(tuple(shape), dtype=torch.float32, device=like.device)
+        else:
+            u = torch.rand(tuple(shape), generator=generator, dtype=torch.float32, device=like.device)
+        return (u < 1.0 - p).to(like.dtype)
+    return like.new_empty(shape).bernoulli_(1.0 - p, **generator_kwargs(generator))
 
 
 def channel_noise_shape(input: Tensor, channel_dim: int) -> list[int]:
@@ -147,7 +187,7 @@ class SpatialDropout(StructuredDropout):
         torch.Size([8, 100, 64])
     """
 
-    def forward(self, input: Tensor) -> Tensor:
+    def dropout(self, input: Tensor) -> Tensor:
         """Apply :func:`~spatialdrop.functional.spatial_dropout` with this module's settings."""
         x, unbatched = self.batched(input)
         key = self.mask_key(x.shape[0], x.device)

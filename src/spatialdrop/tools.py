@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -12,6 +13,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from ._validation import Shown, check_bool, check_int, fail, float_dtype_of
 from .filter_dropout import FilterDropout
+from .keyed import context_draw, current_context
 from .spatial_dropout import SpatialDropout1d, SpatialDropout2d, SpatialDropout3d
 
 __all__ = ["MCPrediction", "add_dropout", "mc_dropout", "mc_predict"]
@@ -248,12 +250,25 @@ def mc_predict(
         batched: run all samples as one batch: ``x`` (batch at dim 0) is repeated ``samples``
             times along dim 0. Faster for small inputs, ``samples`` times the memory; each
             sample still gets its own masks for per-sample layers, but not with filter dropout,
-            whose mask is shared by the batch, so that is refused. Default: False.
+            whose mask is shared by the batch, nor with keyed masks (the copies of a sample
+            share its id), so those are refused. Default: False.
         class_dim: the class axis of the output, for ``softmax=True``. Default: 1.
+
+    Keyed masks (:func:`~spatialdrop.keyed_masks`): call it inside a
+    :func:`~spatialdrop.mask_context`. A keyed mask depends only on (seed, step, layer, sample
+    id), so every pass would draw the same masks; instead pass ``t`` (``0 .. samples - 1``)
+    keys each layer with the derived layer id ``mc_layer(layer, t)`` of
+    :mod:`spatialdrop.keyed` (pass 0 uses the ordinary keys), which makes the prediction as
+    reproducible as the keyed masks themselves. Outside a context a keyed layer raises.
 
     Returns:
         :class:`MCPrediction` ``(mean, variance, entropy)``: mean and variance shaped like one
         output, entropy like one output without ``class_dim`` (or ``None``).
+
+    Warns:
+        UserWarning: when no dropout layer is active (every one has ``p = 0``, as a
+            :class:`~spatialdrop.DropSchedule` sets at step 0): every pass is then the same
+            and the variance is 0.
 
     Examples:
         >>> import torch
@@ -276,11 +291,27 @@ def mc_predict(
     check_bool(fn, "softmax", softmax)
     check_bool(fn, "batched", batched)
     check_int(fn, "class_dim", class_dim)
+    keyed = any(getattr(m, "keyed_seed", None) is not None for m in model.modules())
     if batched:
         if x.dim() < 1:
             fail(fn, "x", "a tensor with a batch dim 0 when batched=True", Shown("a 0-D tensor"))
         if any(isinstance(m, FilterDropout) for m in model.modules()):
             fail(fn, "batched", "False for a model with filter dropout (one mask per batch)", batched)
+        if keyed and current_context() is not None:
+            fail(
+                fn,
+                "batched",
+                "False for a model with keyed masks (the copies of a sample share its id and so its masks)",
+                batched,
+            )
+    rates = [m.p for m in model.modules() if isinstance(m, _DropoutNd)]
+    if rates and all(r == 0 for r in rates):
+        warnings.warn(
+            f"{fn}: every dropout layer of the model has p = 0, so all {samples} passes are the same "
+            "and the variance is 0 (a DropSchedule at step 0 sets p = 0)",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def summarise(y: object, lead: int) -> Tensor:
         # y: one output (lead 0) or a stack of outputs (lead 1); class_dim refers to one output
@@ -310,10 +341,11 @@ def mc_predict(
             mean, variance = ys.mean(dim=0), ys.var(dim=0, correction=0)
         else:
             # Welford's running mean and sum of squared deviations, stable in float32
-            mean = summarise(model(x), 0).clone()
+            mean = summarise(model(x), 0).clone()  # pass 0: the ordinary keys, if keyed
             m2 = torch.zeros_like(mean)
             for t in range(2, samples + 1):
-                y = summarise(model(x), 0)
+                with context_draw(t - 1):  # a fresh key per pass for keyed layers
+                    y = summarise(model(x), 0)
                 delta = y - mean
                 mean += delta / t
                 m2 += delta * (y - mean)
