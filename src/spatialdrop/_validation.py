@@ -7,7 +7,6 @@ The checks run before any eval-mode shortcut, so a bad argument fails on the fir
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -58,7 +57,7 @@ def check_p(fn: str, p: Any, *, allow_one: bool = True, arg: str = "p") -> float
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         fail(fn, arg, f"a real number in {interval}", p, kind=TypeError)
     value = float(p)
-    if math.isnan(value) or value < 0.0 or value > 1.0 or (not allow_one and value == 1.0):
+    if value != value or value < 0.0 or value > 1.0 or (not allow_one and value == 1.0):  # NaN: traceable
         why = (
             ""
             if allow_one or value != 1.0
