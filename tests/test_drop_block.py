@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from conftest import ALPHA, FLOAT_DTYPES, RANKS, assert_binomial, binom_bounds, shape_for
 from spatialdrop import DropBlock, DropBlock1d, DropBlock2d, DropBlock3d, MaskKey
 from spatialdrop._dropblock import calibration, geometry, ops
+from spatialdrop._dropblock import seeds as seed_draws
 from spatialdrop._dropblock.geometry import Geometry
 from spatialdrop.functional import drop_block
 
@@ -59,7 +60,7 @@ def patch_seeds(monkeypatch: pytest.MonkeyPatch, grid: torch.Tensor) -> None:
         flat = grid.reshape(-1)
         return flat.clone() if dense else flat.nonzero().squeeze(1)
 
-    monkeypatch.setattr(ops, "draw_grid", fake)
+    monkeypatch.setattr(seed_draws, "draw_grid", fake)
 
 
 def valid_rates(sizes: tuple[int, ...], blocks: tuple[int, ...], gamma: float) -> torch.Tensor:
@@ -330,7 +331,7 @@ def test_dense_path_rate(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_sparse_draw_is_a_bernoulli_sequence() -> None:
     numel, gamma = 200_000, 0.003
     g = torch.Generator().manual_seed(11)
-    seeds = ops.draw_grid(numel, gamma, g, torch.device("cpu"), dense=False)
+    seeds = seed_draws.draw_grid(numel, gamma, g, torch.device("cpu"), dense=False)
     assert seeds.dtype == torch.int64
     assert bool((seeds.diff() > 0).all())
     assert int(seeds.min()) >= 0
@@ -339,36 +340,37 @@ def test_sparse_draw_is_a_bernoulli_sequence() -> None:
     # the first and last places get seeds at the same rate as the others (no edge artefact)
     hits = torch.zeros(4)
     for trial in range(3000):
-        s = ops.draw_grid(4, 0.2, torch.Generator().manual_seed(trial), torch.device("cpu"), dense=False)
+        g_trial = torch.Generator().manual_seed(trial)
+        s = seed_draws.draw_grid(4, 0.2, g_trial, torch.device("cpu"), dense=False)
         hits[s] += 1
     for i in range(4):
         assert_binomial(int(hits[i]), 3000, 0.2, f"place {i}")
     # the top-up loop (a short first batch) keeps it exact: many seeds in a tiny grid
-    many = ops.draw_grid(50, 0.9, g, torch.device("cpu"), dense=False)
+    many = seed_draws.draw_grid(50, 0.9, g, torch.device("cpu"), dense=False)
     assert many.unique().numel() == many.numel()
 
 
 def test_keyed_sparse_draw_is_a_bernoulli_sequence_per_sample() -> None:
     n, row, gamma = 50, 4000, 0.003
     key = MaskKey(5, 0, 1, torch.arange(n))
-    seeds = ops.draw_grid(n * row, gamma, None, torch.device("cpu"), dense=False, key=key)
+    seeds = seed_draws.draw_grid(n * row, gamma, None, torch.device("cpu"), dense=False, key=key)
     assert bool((seeds.diff() > 0).all())
     assert int(seeds.min()) >= 0
     assert int(seeds.max()) < n * row
     assert_binomial(seeds.numel(), n * row, gamma, "keyed seeds")
     # each sample's seeds depend only on its id: a batch of one gives the same row
-    alone = ops.draw_grid(
+    alone = seed_draws.draw_grid(
         row, gamma, None, torch.device("cpu"), dense=False, key=key._replace(sample_ids=torch.tensor([7]))
     )
     assert torch.equal(alone, seeds[(seeds >= 7 * row) & (seeds < 8 * row)] - 7 * row)
     # first and last places of a row get seeds at the same rate; the top-up loop stays exact
     hits = torch.zeros(4)
     many = MaskKey(6, 0, 1, torch.arange(3000))
-    s = ops.draw_grid(4 * 3000, 0.2, None, torch.device("cpu"), dense=False, key=many)
+    s = seed_draws.draw_grid(4 * 3000, 0.2, None, torch.device("cpu"), dense=False, key=many)
     hits.index_add_(0, s % 4, torch.ones(s.numel()))
     for i in range(4):
         assert_binomial(int(hits[i]), 3000, 0.2, f"keyed place {i}")
-    dense = ops.draw_grid(4 * 3000, 0.2, None, torch.device("cpu"), dense=True, key=many)
+    dense = seed_draws.draw_grid(4 * 3000, 0.2, None, torch.device("cpu"), dense=True, key=many)
     assert_binomial(int(dense.sum()), 4 * 3000, 0.2, "keyed dense places")
 
 
