@@ -91,10 +91,16 @@ def test_gradgradcheck(kw: dict, use_key: bool) -> None:
 
 
 @pytest.mark.parametrize("scale", SCALES)
-def test_gradient_penalty_second_order_is_zero_where_dropped(scale: str) -> None:
-    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+@pytest.mark.parametrize(
+    ("shape", "p", "block"),
+    [((2, 3, 8, 8), 0.3, 3), ((4, 16, 28, 28), 0.05, 7)],  # mask re-created; plan kept (eager)
+)
+def test_gradient_penalty_second_order_is_zero_where_dropped(
+    scale: str, shape: tuple[int, ...], p: float, block: int
+) -> None:
+    x = torch.randn(shape, requires_grad=True)
     torch.manual_seed(4)
-    y = drop_block(x, 0.3, 3, scale=scale)
+    y = drop_block(x, p, block, scale=scale)
     (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)  # 2 m^2 s^2 x
     g.sum().backward()  # d/dx sum(2 m^2 s^2 x) = 2 m^2 s^2
     keep = y.detach() != 0

@@ -104,26 +104,27 @@ def check_representable(fn: str, geo: Geometry, block_size: object) -> None:
 
 
 def _positions(j: Tensor, shift: int, size: int, b: int, stride: int) -> Tensor:
-    """Storage offsets ``(S, min(b, L))`` along one dim of the positions each seed drops.
+    """Storage offsets ``(min(b, L), S)`` along one dim of the positions each of ``S`` seeds drops.
 
     The seed at uniform index ``j`` (grid index plus ``shift``) drops ``[j - b + 1, j]`` cut to
-    ``[0, L)``; a cut block repeats its border position, which is harmless.
+    ``[0, L)``; a cut block repeats its border position, which is harmless. The seeds are the
+    last (contiguous) dim, so every elementwise op runs over long rows.
     """
     if b <= size:
         # clamp after scaling by the stride (monotone): one pass fewer
         span = torch.arange(b - 1 - shift, -1 - shift, -1, device=j.device).mul_(stride)
-        return (j * stride).unsqueeze(-1).sub(span).clamp_(0, (size - 1) * stride)
+        return (j * stride).unsqueeze(0).sub(span.unsqueeze(1)).clamp_(0, (size - 1) * stride)
     # the block covers at most the whole map: positions lo .. hi, L of them with repeats
     j = j + shift
     lo = (j - (b - 1)).clamp_(min=0)
     hi = j.clamp(max=size - 1)
-    span = torch.arange(size, device=j.device)
-    return torch.minimum(lo.unsqueeze(-1) + span, hi.unsqueeze(-1)).mul_(stride)
+    span = torch.arange(size, device=j.device).unsqueeze(1)
+    return torch.minimum(lo.unsqueeze(0) + span, hi.unsqueeze(0)).mul_(stride)
 
 
-def _outer_add(off: Tensor, pos: Tensor) -> Tensor:
-    """``off[s, ...] + pos[s, k]`` as a tensor ``(S, ..., k)``."""
-    return off.unsqueeze(-1) + pos.view((pos.shape[0],) + (1,) * (off.dim() - 1) + (pos.shape[1],))
+def _outer_add(heads: Tensor, pos: Tensor) -> Tensor:
+    """``heads[..., s] + pos[k, s]`` as a tensor ``(k, ..., S)``."""
+    return heads.unsqueeze(0) + pos.view((pos.shape[0],) + (1,) * (heads.dim() - 1) + (pos.shape[1],))
 
 
 # A plan says where to write: for each run length ``w``, the storage offsets where a run of ``w``
@@ -161,7 +162,7 @@ def block_plan(seeds: Tensor, geo: Geometry, offsets: Tensor, strides: Sequence[
 
     Returns:
         A list of ``(w, starts)``: write runs of ``w`` positions along the last spatial dim,
-        starting at the storage offsets ``starts`` (int64, ascending within each list entry).
+        starting at the storage offsets ``starts`` (int64, seed by seed).
         A block's run along the last dim is written whole when the border does not cut it, and
         as two overlapping power-of-2 windows when it does; the other dims are expanded row by
         row. The work is proportional to the number of seeds times the block's cross-section:
@@ -201,7 +202,8 @@ def block_plan(seeds: Tensor, geo: Geometry, offsets: Tensor, strides: Sequence[
             cs = [c.index_select(0, which).repeat(2) for c in outer]
         for c, s, n, k, stride in zip(cs, geo.shift, geo.sizes, geo.blocks, strides):
             heads = _outer_add(heads, _positions(c, s, n, k, stride))
-        plan.append((w, heads.reshape(-1)))
+        # built seed-last (long inner rows); written seed by seed in storage order (locality)
+        plan.append((w, heads.permute(tuple(range(heads.dim() - 1, -1, -1))).reshape(-1)))
     return plan
 
 

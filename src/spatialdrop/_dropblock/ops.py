@@ -25,7 +25,7 @@ from torch import Tensor
 from .._philox import MASK32
 from ..keyed import MaskKey
 from . import seeds as _seeds
-from .autograd import DropBlockFunction
+from .autograd import DropBlockFunction, EagerMapsFunction
 from .calibration import seed_rate
 from .geometry import Geometry, grow_blocks
 from .scale import scale_factor, scaled
@@ -125,6 +125,11 @@ def run(
         return drop_block_dense(input, p, geo, seeding, scale, generator, key)
     seed, words, step, ids = _op_args(generator, key)
     p_tensor = torch.scalar_tensor(p, dtype=torch.float64)
+    if not geo.shared and not _compiling() and torch._C._functorch.peek_interpreter_stack() is None:
+        out, _ = EagerMapsFunction.apply(
+            input, seed, p_tensor, list(geo.blocks), geo.channel_dim, seeding, scale, words, step, ids
+        )
+        return out
     result: Tensor = DropBlockFunction.apply(
         input, geo.shared, seed, p_tensor, list(geo.blocks), geo.channel_dim, seeding, scale, words, step, ids
     )

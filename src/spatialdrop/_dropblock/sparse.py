@@ -9,7 +9,7 @@ the eager code. Randomness comes in as an int64 ``seed`` tensor (drawn by the ca
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -48,11 +48,13 @@ def _sparse(
     key_words: Optional[list[int]],
     step: Optional[Tensor],
     sample_ids: Optional[Tensor],
+    keep_plan: Optional[list[Any]] = None,
 ) -> Tensor:
     """The body of both custom ops: ``input * scale`` with every seed's block zeroed.
 
     ``p`` comes as a float64 0-dim tensor, so that a ``p`` that changes every step (a schedule)
-    does not specialise a compiled graph.
+    does not specialise a compiled graph. With ``keep_plan`` (eager per-channel calls), the write
+    plan and the factor are appended to it, for a backward that reuses them.
     """
     p = float(p_tensor)
     geo = Geometry(input.shape, channel_dim, block_size, shared, seeding)
@@ -78,6 +80,8 @@ def _sparse(
         factor = scale_factor(scale, p, dropped, math.prod(input.shape[1:]), input)
         scaled(input, factor, out)
         apply_plan(out, 0, plan, strides[-1])
+        if keep_plan is not None:
+            keep_plan.extend((plan, factor, strides[-1]))
         return out
     keep = torch.ones((geo.maps, *geo.sizes), dtype=torch.bool, device=input.device)
     paint_blocks(keep, False, seeds, geo)
