@@ -25,9 +25,10 @@ from torch import Tensor
 from .._philox import MASK32
 from ..keyed import MaskKey
 from . import seeds as _seeds
-from .autograd import DropBlockFunction, EagerMapsFunction
+from .autograd import DropBlockFunction
 from .calibration import seed_rate
 from .geometry import Geometry, grow_blocks
+from .planned import drop_block_maps_planned
 from .scale import scale_factor, scaled
 
 __all__ = ["FORCE_STATIC_PATH", "drop_block_dense", "run"]
@@ -125,11 +126,12 @@ def run(
         return drop_block_dense(input, p, geo, seeding, scale, generator, key)
     seed, words, step, ids = _op_args(generator, key)
     p_tensor = torch.scalar_tensor(p, dtype=torch.float64)
-    if not geo.shared and not _compiling() and torch._C._functorch.peek_interpreter_stack() is None:
-        out, _ = EagerMapsFunction.apply(
+    if not geo.shared and torch._C._functorch.peek_interpreter_stack() is None:
+        # per channel: keep the write plan for backward when it is small (see .planned)
+        planned = drop_block_maps_planned(
             input, seed, p_tensor, list(geo.blocks), geo.channel_dim, seeding, scale, words, step, ids
         )
-        return out
+        return planned[0]
     result: Tensor = DropBlockFunction.apply(
         input, geo.shared, seed, p_tensor, list(geo.blocks), geo.channel_dim, seeding, scale, words, step, ids
     )
