@@ -112,12 +112,8 @@ def drop_block_maps_replay(
         return g
     count_list = [int(c) for c in counts.tolist()]
     if count_list and count_list[0] < 0:  # no plan kept: re-create the mask from the seed
-        g.copy_(
-            _sparse(
-                grad, seed, p, block_size, channel_dim, False, seeding, scale, key_words, step, sample_ids
-            )
-        )
-        return g
+        args = (seed, p, block_size, channel_dim, False, seeding, scale, key_words, step, sample_ids)
+        return _sparse(grad, *args, None, g)
     widths = _widths(grad.shape, channel_dim, block_size)
     last = [d for d in range(1, grad.dim()) if d != channel_dim][-1]
     scaled(grad, factor if factor.numel() else None, g)

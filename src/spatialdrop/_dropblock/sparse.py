@@ -49,17 +49,20 @@ def _sparse(
     step: Optional[Tensor],
     sample_ids: Optional[Tensor],
     keep_plan: Optional[list[Any]] = None,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """The body of both custom ops: ``input * scale`` with every seed's block zeroed.
 
     ``p`` comes as a float64 0-dim tensor, so that a ``p`` that changes every step (a schedule)
     does not specialise a compiled graph. With ``keep_plan`` (eager per-channel calls), the write
-    plan and the factor are appended to it, for a backward that reuses them.
+    plan and the factor are appended to it, for a backward that reuses them. ``out`` (dense, the
+    input's shape) receives the result; default: a new tensor like the input.
     """
     p = float(p_tensor)
     geo = Geometry(input.shape, channel_dim, block_size, shared, seeding)
     gamma = seed_rate(p, geo.sizes, geo.blocks, seeding)
-    out = torch.empty_like(input)
+    if out is None:
+        out = torch.empty_like(input)
     if out.numel() == 0:
         return out
     if key_words is None:
