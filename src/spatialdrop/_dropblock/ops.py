@@ -126,7 +126,7 @@ def run(
         return drop_block_dense(input, p, geo, seeding, scale, generator, key)
     seed, words, step, ids = _op_args(generator, key)
     p_tensor = torch.scalar_tensor(p, dtype=torch.float64)
-    if not geo.shared and torch._C._functorch.peek_interpreter_stack() is None:
+    if not geo.shared and (_compiling() or torch._C._functorch.peek_interpreter_stack() is None):
         # per channel: keep the write plan for backward when it is small (see .planned)
         planned = drop_block_maps_planned(
             input, seed, p_tensor, list(geo.blocks), geo.channel_dim, seeding, scale, words, step, ids
