@@ -100,11 +100,13 @@ def drop_block(
     raises ``ValueError``.
 
     Memory and paths. No float mask is built. On the CPU, per-channel masks are applied by
-    zeroing the dropped positions of ``input * scale`` (work per seed, not per position), and
-    nothing of per-element size is kept for backward: the mask is re-created from a saved 64-bit
-    seed (or the key). The op is one opaque custom op under ``torch.compile``, so compiled code
-    runs the same path and gives the same result. CUDA and meta input, and ``torch.export``,
-    take a static-shape dense path with no device-to-host synchronisation.
+    zeroing the dropped positions of ``input * scale`` (work per seed, not per position); for
+    backward autograd keeps the positions to zero as int32 block-row offsets when they take at
+    most 1/32 of the input's bytes, else nothing of per-element size: the mask is re-created from
+    a saved 64-bit seed (or the key), as it always is for shared masks. The op is opaque to
+    ``torch.compile`` (custom ops ``spatialdrop::drop_block_*``), so compiled code runs the same
+    path and gives the same result; every order of derivative works. CUDA and meta input, and
+    ``torch.export``, take a static-shape dense path with no device-to-host synchronisation.
 
     Args:
         input: a floating-point tensor ``(N, C, *spatial)`` with at least one spatial dim.
