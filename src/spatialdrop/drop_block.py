@@ -13,26 +13,25 @@ How it is fast. ``gamma`` is tiny (about 0.002 for ``p = 0.1`` and a 7 x 7 block
 drawn sparsely: the gaps between successes of a Bernoulli(``gamma``) sequence are geometric, so
 drawing the gaps gives exactly a Bernoulli seed grid at the cost of a few random numbers per
 *seed* rather than one per position. Per-channel masks are never materialised: the output is
-``input * scale`` with the dropped positions zeroed by ``index_fill_``, each block row written
-from its first offset through an overlapping window view (:func:`block_plan`). Backward reuses
-that write plan (int32) when it takes at most 1/32 of the input's bytes, else it rebuilds it
-from the saved seed indices. Shared masks (one per sample) are small ``(N, *spatial)`` bools.
-Under ``torch.compile`` (where data-dependent sizes break graphs) a dense path draws the whole
-seed grid and grows blocks with separable, logarithmic-depth windowed ORs.
+``input * scale`` with the dropped positions zeroed through a write plan of block rows.
+
+This module holds the public op and modules; the internals are in :mod:`spatialdrop._dropblock`
+(sampling, calibration, geometry, scale policy, the custom ops and their autograd).
 """
 
 from __future__ import annotations
 
-import functools
-import math
 import numbers
-from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
+from ._dropblock import autograd as _autograd  # noqa: F401  (registers the ops' autograd and vmap)
+from ._dropblock.geometry import Geometry, check_representable
+from ._dropblock.ops import run
+from ._dropblock.scale import POLICIES
 from ._keyed import check_key_arg
 from ._module import StructuredDropout
 from ._validation import (
@@ -45,10 +44,9 @@ from ._validation import (
     check_p,
     check_sizes,
     fail,
-    float_dtype_of,
     squeeze_if,
 )
-from .keyed import MaskKey, keyed_uniform
+from .keyed import MaskKey
 
 __all__ = [
     "DropBlock",
@@ -60,537 +58,9 @@ __all__ = [
 
 _LAYOUT = "(N, C, *spatial), or (N, *spatial, C) with channel_dim=-1"
 SEEDINGS = ("uniform", "valid")
-SCALES = ("expected", "realized", "none")
+SCALES = POLICIES
 
 BlockSize = Union[int, Sequence[int]]
-
-
-# --- randomness: the one place that draws random numbers ---------------------------------
-
-
-def _draw_seeds(
-    numel: int,
-    gamma: float,
-    generator: torch.Generator | None,
-    device: torch.device,
-    *,
-    dense: bool,
-    key: MaskKey | None = None,
-) -> Tensor:
-    """Draw a flat Bernoulli(``gamma``) seed grid of ``numel`` places.
-
-    Every random number spatialdrop's DropBlock uses comes from here, so that another source
-    (for example a keyed, counter-based generator) can be put in one place.
-
-    Args:
-        numel: the number of places in the (flattened) seed grid.
-        gamma: the probability of a seed at each place, in ``[0, 1)``.
-        generator: the random number generator, or ``None`` for the global one.
-        device: where to draw.
-        dense: return a bool tensor of ``numel`` places (one uniform per place, static shape,
-            for ``torch.compile``) instead of the sorted int64 indices of the seeds.
-        key: draw from this keyed generator instead (see :mod:`spatialdrop.keyed`): the grid
-            is then split into one row per sample (``numel`` must be a multiple of the number
-            of sample ids), and row ``i`` depends only on the key's seed, step, layer and
-            ``sample_ids[i]``.
-
-    Returns:
-        With ``dense``, a bool tensor of shape ``(numel,)``; else the sorted indices of the
-        places holding a seed, an int64 tensor of data-dependent length. Both are exactly a
-        sequence of independent Bernoulli(``gamma``) trials.
-    """
-    if key is not None:
-        return _draw_keyed_seeds(numel, gamma, key, device, dense=dense)
-    if dense:
-        return torch.rand(numel, generator=generator, device=device) < gamma
-    if gamma <= 0.0 or numel == 0:
-        return torch.empty(0, dtype=torch.long, device=device)
-    # The gaps between successes of a Bernoulli(gamma) sequence are i.i.d. Geometric(gamma) on
-    # {1, 2, ...}: floor(log(U) / log(1 - gamma)) + 1 with U uniform on (0, 1]. Drawing gaps
-    # until the running sum passes the end is exactly the Bernoulli sequence. Draw the expected
-    # number plus a margin at once, and top up in the rare case it falls short.
-    log_q = math.log1p(-gamma)
-    parts: list[Tensor] = []
-    last = -1  # index of the last seed placed (or -1)
-    while True:
-        left = numel - 1 - last
-        mean = left * gamma
-        count = int(mean + 6.0 * math.sqrt(mean) + 16.0)
-        u = torch.rand(count, dtype=torch.float64, generator=generator, device=device)
-        gaps = torch.log1p(u.neg_()).div_(log_q).floor_().add_(1.0).clamp_(max=float(numel + 1))
-        pos = gaps.long().cumsum_(0).add_(last)
-        end = int(pos[-1])
-        parts.append(pos[pos < numel] if end >= numel else pos)
-        if end >= numel:
-            break
-        last = end
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _draw_keyed_seeds(numel: int, gamma: float, key: MaskKey, device: torch.device, *, dense: bool) -> Tensor:
-    """The keyed form of :func:`_draw_seeds`: the same Bernoulli grid, one row per sample.
-
-    Sparse: each row's seeds come from geometric gaps of its own keyed uniforms (columns of
-    ``keyed_uniform`` do not depend on how many are drawn, so topping up a short row by drawing
-    more columns leaves every row's earlier numbers, and so its seeds, unchanged).
-    """
-    n = key.sample_ids.numel()
-    row = numel // n if n else 0
-    if dense:
-        return (keyed_uniform(key, row, device=device) < gamma).view(-1)
-    if gamma <= 0.0 or numel == 0:
-        return torch.empty(0, dtype=torch.long, device=device)
-    log_q = math.log1p(-gamma)
-    mean = row * gamma
-    count = int(mean + 6.0 * math.sqrt(mean) + 16.0)
-    while True:
-        u = keyed_uniform(key, count, device=device).double()
-        gaps = torch.log1p(u.neg_()).div_(log_q).floor_().add_(1.0).clamp_(max=float(row + 1))
-        pos = gaps.long().cumsum_(1).sub_(1)
-        if bool((pos[:, -1] >= row).all()):
-            break
-        count *= 2
-    inside = pos < row
-    pos.add_(torch.arange(n, device=device).mul_(row).unsqueeze(1))
-    return pos[inside]  # row by row, ascending: sorted flat indices
-
-
-# --- calibration ---------------------------------------------------------------------------
-
-
-def uniform_gamma(p: float, blocks: Sequence[int]) -> float:
-    """Seed rate that drops every position with probability ``p`` under uniform seeding."""
-    k = math.prod(blocks)
-    return -math.expm1(math.log1p(-p) / k)
-
-
-def _coverage_histogram(sizes: tuple[int, ...], blocks: tuple[int, ...]) -> dict[int, int]:
-    """How many map positions are covered by how many valid seed places (whole blocks only)."""
-    hist: dict[int, int] = {1: 1}
-    for size, b in zip(sizes, blocks):
-        places = size - b + 1
-        per_dim = Counter(min(i, places - 1) - max(0, i - b + 1) + 1 for i in range(size))
-        combined: Counter[int] = Counter()
-        for c, w in hist.items():
-            for cd, wd in per_dim.items():
-                combined[c * cd] += w * wd
-        hist = dict(combined)
-    return hist
-
-
-def solve_valid_gamma(p: float, sizes: tuple[int, ...], blocks: tuple[int, ...]) -> float:
-    """Seed rate for ``seeding="valid"``: the mean drop rate over the map is ``p``.
-
-    A position covered by ``c`` valid seed places is dropped with probability
-    ``1 - (1 - gamma) ** c``; the mean of that over the map increases from 0 to 1 with
-    ``gamma``, so bisection finds it (to float precision). ``valid_gamma`` is the cached form.
-    """
-    hist = _coverage_histogram(sizes, blocks)
-    total = math.prod(sizes)
-
-    def mean_rate(gamma: float) -> float:
-        log_q = math.log1p(-gamma)
-        return sum(-w * math.expm1(c * log_q) for c, w in hist.items()) / total
-
-    lo, hi = 0.0, 1.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            break
-        if mean_rate(mid) < p:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
-valid_gamma = functools.lru_cache(maxsize=512)(solve_valid_gamma)
-
-
-# --- geometry: from seed places to map positions -------------------------------------------
-
-
-class _Geometry:
-    """Sizes of the map, the blocks and the seed grid, and where a seed's block lands."""
-
-    __slots__ = ("blocks", "channel_dim", "channels", "grid", "shared", "shift", "sizes", "spatial")
-
-    def __init__(
-        self,
-        input: Tensor,
-        channel_dim: int,
-        blocks: tuple[int, ...],
-        shared: bool,
-        seeding: str,
-    ) -> None:
-        self.channel_dim = channel_dim
-        self.spatial = tuple(d for d in range(1, input.dim()) if d != channel_dim)
-        self.sizes = tuple(int(input.shape[d]) for d in self.spatial)
-        self.blocks = blocks
-        self.channels = int(input.shape[channel_dim])
-        self.shared = shared
-        if seeding == "uniform":
-            self.grid = tuple(s + b - 1 for s, b in zip(self.sizes, blocks))
-            self.shift = (0,) * len(blocks)
-        else:
-            self.grid = tuple(s - b + 1 for s, b in zip(self.sizes, blocks))
-            self.shift = tuple(b - 1 for b in blocks)
-
-    def maps(self, batch: int) -> int:
-        """Number of independent masks: one per sample, or one per (sample, channel)."""
-        return batch if self.shared else batch * self.channels
-
-
-def _positions(j: Tensor, shift: int, size: int, b: int, stride: int) -> Tensor:
-    """Storage offsets ``(S, min(b, L))`` along one dim of the positions each seed drops.
-
-    The seed at uniform index ``j`` (grid index plus ``shift``) drops ``[j - b + 1, j]`` cut to
-    ``[0, L)``; a cut block repeats its border position, which is harmless.
-    """
-    if b <= size:
-        # clamp after scaling by the stride (monotone): one pass fewer
-        span = torch.arange(b - 1 - shift, -1 - shift, -1, device=j.device).mul_(stride)
-        return (j * stride).unsqueeze(-1).sub(span).clamp_(0, (size - 1) * stride)
-    # the block covers at most the whole map: positions lo .. hi, L of them with repeats
-    j = j + shift
-    lo = (j - (b - 1)).clamp_(min=0)
-    hi = j.clamp(max=size - 1)
-    span = torch.arange(size, device=j.device)
-    return torch.minimum(lo.unsqueeze(-1) + span, hi.unsqueeze(-1)).mul_(stride)
-
-
-def _outer_add(off: Tensor, pos: Tensor) -> Tensor:
-    """``off[s, ...] + pos[s, k]`` as a tensor ``(S, ..., k)``."""
-    return off.unsqueeze(-1) + pos.view((pos.shape[0],) + (1,) * (off.dim() - 1) + (pos.shape[1],))
-
-
-# A plan says where to write: for each run length ``w``, the storage offsets where a run of ``w``
-# positions along the last spatial dim starts.
-Plan = list[tuple[int, Tensor]]
-
-
-def _run_lengths(run: int) -> list[int]:
-    """The window lengths used for runs of at most ``run`` positions."""
-    return [1 << i for i in range(run.bit_length()) if 1 << i < run] + [run]
-
-
-def _run_length(length: int, run: int) -> int:
-    """The window used for a run of ``length`` positions: the run itself if whole, else a power of 2."""
-    return run if length == run else 1 << (length.bit_length() - 1)
-
-
-def block_plan(
-    seeds: Tensor,
-    grid: Sequence[int],
-    shift: Sequence[int],
-    sizes: Sequence[int],
-    blocks: Sequence[int],
-    map_offsets: Tensor,
-    strides: Sequence[int],
-) -> Plan:
-    """Where to write so as to cover every position dropped by the given seeds.
-
-    Args:
-        seeds: flat int64 indices into the seed grid of shape ``(maps, *grid)``.
-        grid: the seed grid's spatial shape.
-        shift: added to a seed's grid index to give its uniform-seeding index ``j`` (0 for
-            uniform seeding, ``b - 1`` for valid seeding); the seed at ``j`` drops positions
-            ``[j - b + 1, j]`` of ``[0, L)`` per dim.
-        sizes: the map's spatial shape ``L``.
-        blocks: the block sides ``b``.
-        map_offsets: storage offset (from the target's start) of position 0 of each map.
-        strides: the target's stride along each spatial dim.
-
-    Returns:
-        A list of ``(w, starts)``: write runs of ``w`` positions along the last spatial dim,
-        starting at the storage offsets ``starts`` (int64, ascending within each list entry).
-        A block's run along the last dim is written whole when the border does not cut it, and
-        as two overlapping power-of-2 windows when it does; the other dims are expanded row by
-        row. The work is proportional to the number of seeds times the block's cross-section:
-        per seed, never per map position, and it does not grow with the block's last side.
-    """
-    rest = seeds
-    coords: list[Tensor] = []
-    for g in reversed(grid):
-        coords.append(rest % g)
-        rest = rest // g
-    coords.reverse()
-    j = coords[-1] + shift[-1] if shift[-1] else coords[-1]
-    size, b, st = sizes[-1], blocks[-1], strides[-1]
-    lo = (j - (b - 1)).clamp_(min=0)
-    hi = j.clamp(max=size - 1)
-    run = min(b, size)
-    first = map_offsets.index_select(0, rest).add_(lo * st)
-    outer = coords[:-1]
-    if run == 1:
-        groups: list[tuple[int, Tensor | None]] = [(1, None)]
-    else:
-        table = torch.tensor([0] + [_run_length(n, run) for n in range(1, run + 1)], device=seeds.device)
-        width = table.index_select(0, hi - lo + 1)
-        # the second window of a cut run ends at hi
-        second = first + (hi - lo - width + 1).mul_(st)
-        groups = [(w, (width == w).nonzero().squeeze(1)) for w in _run_lengths(run)]
-    plan: Plan = []
-    for w, which in groups:
-        if which is None:
-            heads, cs = first, outer
-        elif which.numel() == 0:
-            continue
-        elif w == run:
-            heads, cs = first.index_select(0, which), [c.index_select(0, which) for c in outer]
-        else:  # two windows per run
-            heads = torch.cat([first.index_select(0, which), second.index_select(0, which)])
-            cs = [c.index_select(0, which).repeat(2) for c in outer]
-        for c, s, n, k, stride in zip(cs, shift, sizes, blocks, strides):
-            heads = _outer_add(heads, _positions(c, s, n, k, stride))
-        plan.append((w, heads.reshape(-1)))
-    return plan
-
-
-# Whether ``index_fill_`` may write through a self-overlapping window view (torch 2.x allows it;
-# should a future version refuse, the first refusal switches to one offset per element).
-_window_views = True
-
-
-def apply_plan(target: Tensor, value: float | bool, plan: Plan, last_stride: int) -> None:
-    """Write ``value`` into the dense tensor ``target`` at the runs given by ``plan``.
-
-    A run of ``w`` positions is one row of an overlapping window view of ``target``'s storage
-    (rows start one element apart, a row steps by ``last_stride``), so ``index_fill_`` writes
-    it from its first offset alone. Overlapping rows only write the same value twice.
-    """
-    global _window_views
-    for w, heads in plan:
-        index = heads.long()
-        if _window_views:
-            rows = target.numel() - (w - 1) * last_stride
-            windows = target.as_strided((rows, w), (1, last_stride), target.storage_offset())
-            try:
-                windows.index_fill_(0, index, value)
-                continue
-            except RuntimeError:
-                _window_views = False
-        span = torch.arange(w, device=index.device).mul_(last_stride)
-        _flat(target).index_fill_(0, (index.unsqueeze(1) + span).reshape(-1), value)
-
-
-def paint_blocks(
-    target: Tensor,
-    value: float | bool,
-    seeds: Tensor,
-    grid: Sequence[int],
-    shift: Sequence[int],
-    sizes: Sequence[int],
-    blocks: Sequence[int],
-    map_offsets: Tensor,
-    strides: Sequence[int],
-) -> None:
-    """Write ``value`` into the dense tensor ``target`` at every position the seeds drop.
-
-    See :func:`block_plan` for the arguments.
-    """
-    plan = block_plan(seeds, grid, shift, sizes, blocks, map_offsets, strides)
-    apply_plan(target, value, plan, strides[-1])
-
-
-def grow_blocks(grid: Tensor, sizes: Sequence[int], blocks: Sequence[int], shift: Sequence[int]) -> Tensor:
-    """Dense mask of dropped positions from a dense bool seed grid of shape ``(maps, *grid)``.
-
-    Each spatial dim is a windowed OR of width ``b`` done by log-doubling (``log2(b) + 1``
-    passes), so the cost does not grow with the block area. Valid-seeding grids (``shift``
-    ``b - 1``) are first placed in a zero uniform-sized grid.
-    """
-    out = grid
-    for axis, (size, b, s) in enumerate(zip(sizes, blocks, shift), start=1):
-        if s:  # valid grid of size - b + 1 places: pad to the uniform size + b - 1 places
-            pad_shape = list(out.shape)
-            pad_shape[axis] = b - 1
-            pad = out.new_zeros(pad_shape)
-            out = torch.cat([pad, out, pad], dim=axis)
-        out = _window_any(out, axis, b, size)
-    return out
-
-
-def _window_any(x: Tensor, dim: int, b: int, out_len: int) -> Tensor:
-    """``y[i] = any(x[i : i + b])`` along ``dim`` for ``i < out_len`` (``x`` has out_len + b - 1)."""
-    w = 1
-    while 2 * w <= b:
-        n = x.shape[dim] - w
-        x = x.narrow(dim, 0, n) | x.narrow(dim, w, n)
-        w *= 2
-    if w < b:
-        x = x.narrow(dim, 0, out_len) | x.narrow(dim, b - w, out_len)
-    return x.narrow(dim, 0, out_len)
-
-
-# --- applying a mask -----------------------------------------------------------------------
-
-
-def _is_dense(t: Tensor) -> bool:
-    """Whether ``t`` covers a gap-free, non-overlapping stretch of its storage."""
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _flat(t: Tensor) -> Tensor:
-    """A 1-D view of a dense tensor's storage stretch, indexed by storage offset."""
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
-
-
-def _map_offsets(t: Tensor, geo: _Geometry) -> Tensor:
-    """Storage offset (relative to ``t``'s start) of position 0 of each per-channel map."""
-    n = torch.arange(t.shape[0], device=t.device).mul_(t.stride(0))
-    c = torch.arange(geo.channels, device=t.device).mul_(t.stride(geo.channel_dim))
-    return (n.unsqueeze(1) + c).reshape(-1)
-
-
-def _maps_plan(target: Tensor, seeds: Tensor, geo: _Geometry) -> Plan:
-    """The plan that zeroes the dropped positions of every per-channel map of ``target``."""
-    strides = [target.stride(d) for d in geo.spatial]
-    return block_plan(seeds, geo.grid, geo.shift, geo.sizes, geo.blocks, _map_offsets(target, geo), strides)
-
-
-def _multiply(src: Tensor, factor: float | Tensor | None, dst: Tensor) -> None:
-    """``dst = src * factor`` in ``src``'s dtype, the product computed in float32 or wider."""
-    if factor is None:
-        if dst is not src:
-            dst.copy_(src)
-    else:
-        torch.mul(src, factor, out=dst)
-
-
-def _realized_factor(dropped: Tensor, per_sample: int, like: Tensor) -> Tensor:
-    """``per_sample / kept`` per sample (0 where nothing is kept), shaped to broadcast on ``like``."""
-    kept = (per_sample - dropped).to(float_dtype_of(like))
-    factor = torch.where(kept > 0, per_sample / kept.clamp(min=1), torch.zeros_like(kept))
-    return factor.view((like.shape[0],) + (1,) * (like.dim() - 1))
-
-
-def _shared_multiplier(keep: Tensor, factor: float | Tensor | None, geo: _Geometry, like: Tensor) -> Tensor:
-    """The ``(N, 1, *spatial)`` multiplier (kept * scale) of a shared mask, in float32 or wider."""
-    mult = keep.to(float_dtype_of(like))
-    if factor is not None:
-        mult = mult * (factor.view((-1,) + (1,) * len(geo.sizes)) if isinstance(factor, Tensor) else factor)
-    return mult.unsqueeze(geo.channel_dim)
-
-
-def _apply_shared(
-    src: Tensor, keep: Tensor, factor: float | Tensor | None, geo: _Geometry, inplace: bool
-) -> Tensor:
-    mult = _shared_multiplier(keep, factor, geo, src)
-    if inplace:
-        return src.mul_(mult)
-    out = torch.empty_like(src)
-    torch.mul(src, mult, out=out)
-    return out
-
-
-class _SeedMaskFunction(torch.autograd.Function):
-    """``input * scale`` with every seed's block zeroed: one mask per (sample, channel).
-
-    Saves for backward the write plan as int32 when that takes at most 1/32 of the input's
-    bytes (a bit per element), else the seed indices (int32 when they fit), from which backward
-    rebuilds the plan, or, if the seeds would take more than a byte per element (tiny blocks at
-    a high ``p``), a bool mask.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        input: Tensor,
-        seeds: Tensor,
-        scale: Optional[float],
-        realized: bool,
-        geo: _Geometry,
-        inplace: bool,
-    ) -> Tensor:
-        out = input if inplace else torch.empty_like(input)
-        target = out if _is_dense(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
-        plan = _maps_plan(target, seeds, geo)
-        last_stride = target.stride(geo.spatial[-1])
-        factor: float | Tensor | None = scale
-        if realized:  # the kept count needs the union of the blocks: paint them once
-            dropped = torch.zeros_like(target, dtype=torch.uint8)
-            apply_plan(dropped, 1, plan, last_stride)
-            counts = dropped.sum(dim=tuple(range(1, target.dim())), dtype=torch.int64)
-            factor = _realized_factor(counts, math.prod(target.shape[1:]), input)
-        _multiply(input, factor, target)
-        apply_plan(target, 0, plan, last_stride)
-        if target is not out:
-            out.copy_(target)
-        if inplace:
-            ctx.mark_dirty(input)
-        # keep for backward the smallest of: the plan, the seeds, a bool mask (one byte each)
-        heads = [h for _, h in plan]
-        small = target.numel() < 2**31
-        ctx.mode = "mask"
-        if small and 4 * sum(h.numel() for h in heads) * 32 <= input.numel() * input.element_size():
-            ctx.mode, ctx.widths = "plan", [w for w, _ in plan]
-            kept: list[Tensor] = [h.to(torch.int32) for h in heads]
-        elif (4 if small else 8) * seeds.numel() <= target.numel():
-            ctx.mode = "seeds"
-            kept = [seeds.to(torch.int32) if small else seeds]
-        else:  # seeds denser than one in four positions (tiny blocks, high p)
-            dropped_mask = torch.zeros_like(target, dtype=torch.bool)
-            apply_plan(dropped_mask, True, plan, last_stride)
-            kept = [dropped_mask]
-        ctx.save_for_backward(factor if isinstance(factor, Tensor) else None, *kept)
-        ctx.scale = factor if not isinstance(factor, Tensor) else None
-        ctx.geo = geo
-        ctx.layout = (target.shape, target.stride(), last_stride)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None, None, None, None]:
-        factor, *kept = ctx.saved_tensors
-        shape, strides, last_stride = ctx.layout
-        g = torch.empty_strided(shape, strides, dtype=grad.dtype, device=grad.device)
-        _multiply(grad, factor if factor is not None else ctx.scale, g)
-        if ctx.mode == "mask":
-            g.masked_fill_(kept[0], 0)
-        else:
-            plan = (
-                list(zip(ctx.widths, kept)) if ctx.mode == "plan" else _maps_plan(g, kept[0].long(), ctx.geo)
-            )
-            apply_plan(g, 0, plan, last_stride)
-        return g, None, None, None, None, None
-
-
-class _SharedMaskFunction(torch.autograd.Function):
-    """``input * multiplier`` for a shared mask: saves the small bool mask (one per sample)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        input: Tensor,
-        keep: Tensor,
-        factor: Optional[Tensor],
-        scale: Optional[float],
-        geo: _Geometry,
-        inplace: bool,
-    ) -> Tensor:
-        out = _apply_shared(input, keep, factor if factor is not None else scale, geo, inplace)
-        if inplace:
-            ctx.mark_dirty(input)
-        ctx.save_for_backward(keep, factor)
-        ctx.scale = scale
-        ctx.geo = geo
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None, None, None, None]:
-        keep, factor = ctx.saved_tensors
-        g = _apply_shared(grad, keep, factor if factor is not None else ctx.scale, ctx.geo, False)
-        return g, None, None, None, None, None
-
-
-def _compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
 
 
 # --- the op --------------------------------------------------------------------------------
@@ -630,13 +100,14 @@ def drop_block(
     centre, by nature of the placement. A block larger than the map has no valid placement and
     raises ``ValueError``.
 
-    Memory. No float mask is built. Per-channel masks are applied by zeroing the dropped
-    positions of ``input * scale``; for backward autograd keeps the positions to zero as int32
-    block-row offsets when they take at most 1/32 of the input's bytes, else the seed indices
-    (about ``p / prod(block_size)`` of the positions), and never more than one byte per
-    element (a bool mask, for tiny blocks at a high ``p``). A shared mask keeps one bool per
-    sample and position. Under ``torch.compile`` a dense path is used instead (a full-size
-    bool mask is kept).
+    Memory and paths. No float mask is built. On the CPU, per-channel masks are applied by
+    zeroing the dropped positions of ``input * scale`` (work per seed, not per position); for
+    backward autograd keeps the positions to zero as int32 block-row offsets when they take at
+    most 1/32 of the input's bytes, else nothing of per-element size: the mask is re-created from
+    a saved 64-bit seed (or the key), as it always is for shared masks. The op is opaque to
+    ``torch.compile`` (custom ops ``spatialdrop::drop_block_*``), so compiled code runs the same
+    path and gives the same result; every order of derivative works. CUDA and meta input, and
+    ``torch.export``, take a static-shape dense path with no device-to-host synchronisation.
 
     Args:
         input: a floating-point tensor ``(N, C, *spatial)`` with at least one spatial dim.
@@ -675,15 +146,15 @@ def drop_block(
     Examples:
         >>> import torch
         >>> from spatialdrop.functional import drop_block
-        >>> g = torch.Generator().manual_seed(3)
+        >>> g = torch.Generator().manual_seed(21)
         >>> y = drop_block(torch.ones(1, 1, 6, 8), p=0.2, block_size=3, generator=g)
         >>> (y > 0).long()[0, 0]  # 3 x 3 blocks, cut where they overlap the border
-        tensor([[0, 0, 1, 0, 0, 0, 1, 1],
-                [1, 1, 1, 0, 0, 0, 1, 1],
+        tensor([[1, 1, 1, 1, 1, 0, 0, 0],
+                [1, 1, 1, 1, 1, 0, 0, 0],
                 [1, 1, 1, 1, 1, 1, 1, 1],
                 [1, 1, 1, 1, 1, 1, 1, 1],
-                [1, 1, 1, 1, 1, 1, 1, 1],
-                [1, 1, 1, 0, 0, 0, 1, 1]])
+                [1, 1, 1, 1, 0, 0, 0, 1],
+                [1, 1, 1, 1, 0, 0, 0, 1]])
         >>> y.max()  # kept elements scaled by 1 / (1 - p)
         tensor(1.2500)
         >>> drop_block(torch.randn(2, 16, 32), p=0.1, block_size=5).shape  # 1-D
@@ -704,7 +175,7 @@ def drop_block(
     check_choice(fn, "scale", scale, SCALES)
     check_generator(fn, generator)
     check_key_arg(fn, key, generator, input.shape[0])
-    geo = _Geometry(input, cd, blocks, shared_channels, seeding)
+    geo = Geometry(input.shape, cd, blocks, shared_channels, seeding)
     if seeding == "valid" and any(b > s for b, s in zip(blocks, geo.sizes)):
         fail(
             fn,
@@ -713,67 +184,10 @@ def drop_block(
             "fits otherwise; seeding='uniform' handles larger blocks)",
             block_size,
         )
+    check_representable(fn, geo, block_size)
     if not training or p == 0.0 or input.numel() == 0:
         return input
-    compiling = _compiling()
-    if seeding == "uniform":
-        gamma = uniform_gamma(p, blocks)
-    else:  # dynamo traces the solver (constant-folded); eager calls share a cache
-        gamma = (solve_valid_gamma if compiling else valid_gamma)(p, geo.sizes, blocks)
-    factor: float | None = None
-    if scale == "expected":
-        factor = float(torch.tensor(1.0 / (1.0 - p), dtype=float_dtype_of(input)))
-    maps = geo.maps(input.shape[0])
-    places = maps * math.prod(geo.grid)
-    if compiling:
-        return _drop_block_dense(
-            input, gamma, factor, scale == "realized", geo, inplace, places, generator, key
-        )
-    with torch.no_grad():
-        seeds = _draw_seeds(places, gamma, generator, input.device, dense=False, key=key)
-    if not geo.shared:
-        out: Tensor = _SeedMaskFunction.apply(input, seeds, factor, scale == "realized", geo, inplace)
-        return out
-    with torch.no_grad():
-        keep = torch.ones((maps, *geo.sizes), dtype=torch.bool, device=input.device)
-        map_offsets = torch.arange(maps, device=input.device).mul_(math.prod(geo.sizes))
-        paint_blocks(
-            keep, False, seeds, geo.grid, geo.shift, geo.sizes, geo.blocks, map_offsets, keep.stride()[1:]
-        )
-        per_sample: Tensor | None = None
-        if scale == "realized":
-            counts = (~keep).sum(dim=tuple(range(1, keep.dim())), dtype=torch.int64)
-            per_sample = _realized_factor(counts, math.prod(geo.sizes), input).view(-1)
-    out = _SharedMaskFunction.apply(input, keep, per_sample, factor, geo, inplace)
-    return out
-
-
-def _drop_block_dense(
-    input: Tensor,
-    gamma: float,
-    factor: float | None,
-    realized: bool,
-    geo: _Geometry,
-    inplace: bool,
-    places: int,
-    generator: torch.Generator | None,
-    key: MaskKey | None,
-) -> Tensor:
-    """The static-shape path used under ``torch.compile``: dense seed grid, grown blocks."""
-    n = input.shape[0]
-    maps = geo.maps(n)
-    with torch.no_grad():
-        grid = _draw_seeds(places, gamma, generator, input.device, dense=True, key=key)
-        grid = grid.view((maps, *geo.grid))
-        keep = ~grow_blocks(grid, geo.sizes, geo.blocks, geo.shift)
-        keep = keep.view((n, 1 if geo.shared else geo.channels, *geo.sizes)).movedim(1, geo.channel_dim)
-        mult: float | Tensor | None = factor
-        if realized:
-            kept = keep.sum(dim=tuple(range(1, keep.dim())), dtype=torch.int64)
-            per_map = math.prod(keep.shape[1:])
-            mult = _realized_factor(per_map - kept, per_map, input).to(input.dtype)
-    scaled = input if mult is None else input * mult
-    out = torch.where(keep, scaled, torch.zeros((), dtype=input.dtype, device=input.device))
+    out = run(input, p, geo, seeding, scale, generator, key)
     if inplace:
         return input.copy_(out)
     return out
@@ -894,11 +308,11 @@ class DropBlock1d(DropBlock):
     Examples:
         >>> import torch
         >>> from spatialdrop import DropBlock1d
-        >>> torch.manual_seed(4)  # doctest: +ELLIPSIS
+        >>> torch.manual_seed(8)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> y = DropBlock1d(0.3, block_size=4)(torch.ones(1, 20))  # unbatched (C, L)
         >>> (y > 0).long()  # a run of 4, and one cut by the end of the sequence
-        tensor([[1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0]])
+        tensor([[1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0]])
     """
 
     spatial_dims = 1

@@ -1,0 +1,83 @@
+"""Unkeyed seed draws, and the one geometric-gap sampler that every sparse draw uses."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["draw_seeds", "gap_positions", "rand"]
+
+
+def rand(numel: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """``torch.rand(numel)`` from ``generator``, passing no ``generator=`` keyword when it is None.
+
+    An explicit ``generator=None`` has no ONNX lowering (``aten.rand.generator``) and fails with
+    symbolic sizes under ``torch.compile(dynamic=True)``.
+    """
+    if generator is None:
+        return torch.rand(numel, device=device)
+    return torch.rand(numel, generator=generator, device=device)
+
+
+def gap_positions(u: Tensor, gamma: float) -> Tensor:
+    """Positions of the successes of Bernoulli(``gamma``) trials, from uniforms, along the last dim.
+
+    The gaps between successes are i.i.d. Geometric(``gamma``) on ``{1, 2, ...}``:
+    ``floor(log(1 - U) / log(1 - gamma)) + 1``. Their running sum minus one gives the index of
+    each success. The sum is taken in float64: exact while below ``2**53`` (every grid we accept,
+    see :data:`~.geometry.MAX_PLACES`), and it cannot overflow past the end of the grid (a huge
+    gap is a huge float, not a wrapped int).
+
+    Args:
+        u: uniforms in ``[0, 1)``, any float dtype, ``(..., count)``.
+        gamma: the success probability, in ``(0, 1)``.
+
+    Returns:
+        float64 ``(..., count)``: ascending success indices (from 0) along the last dim; the
+        caller keeps those below its grid size and tops up if the last is not past the end.
+    """
+    log_q = math.log1p(-gamma)
+    gaps = torch.log1p(u.to(torch.float64).neg_()).div_(log_q).floor_().add_(1.0)
+    return gaps.cumsum_(-1).sub_(1.0)
+
+
+def draw_seeds(
+    numel: int, gamma: float, generator: torch.Generator | None, device: torch.device, *, dense: bool
+) -> Tensor:
+    """Draw a flat Bernoulli(``gamma``) seed grid of ``numel`` places (unkeyed).
+
+    Args:
+        numel: the number of places in the (flattened) seed grid.
+        gamma: the probability of a seed at each place, in ``[0, 1)``.
+        generator: the random number generator, or ``None`` for the global one.
+        device: where to draw.
+        dense: return a bool tensor of ``numel`` places (one uniform per place, static shape)
+            instead of the sorted int64 indices of the seeds.
+
+    Returns:
+        With ``dense``, a bool tensor of shape ``(numel,)``; else the sorted indices of the
+        places holding a seed, an int64 tensor of data-dependent length. Both are exactly a
+        sequence of independent Bernoulli(``gamma``) trials.
+    """
+    if dense:
+        return rand(numel, generator, device) < gamma
+    if gamma <= 0.0 or numel == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    # Draw the expected number of gaps plus a margin at once, and top up in the rare case the
+    # running sum falls short of the end.
+    parts: list[Tensor] = []
+    last = -1.0  # index of the last seed placed (or -1)
+    while True:
+        mean = (numel - 1 - last) * gamma
+        count = int(mean + 6.0 * math.sqrt(mean) + 16.0)
+        u = torch.rand(count, dtype=torch.float64, generator=generator, device=device)
+        pos = gap_positions(u, gamma).add_(last + 1.0)
+        end = float(pos[-1])
+        if end >= numel:
+            parts.append(pos[pos < numel])
+            break
+        parts.append(pos)
+        last = end
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).long()
