@@ -47,7 +47,8 @@ from ._validation import (
     float_dtype_of,
     squeeze_if,
 )
-from .keyed import MaskKey, check_key_arg, keyed_uniform
+from ._dropblock.keyed_seeds import draw_keyed_seeds
+from .keyed import MaskKey, check_key_arg
 
 __all__ = [
     "DropBlock",
@@ -99,7 +100,7 @@ def _draw_seeds(
         sequence of independent Bernoulli(``gamma``) trials.
     """
     if key is not None:
-        return _draw_keyed_seeds(numel, gamma, key, device, dense=dense)
+        return draw_keyed_seeds(numel, gamma, key, device, dense=dense)
     if dense:
         return torch.rand(numel, generator=generator, device=device) < gamma
     if gamma <= 0.0 or numel == 0:
@@ -124,34 +125,6 @@ def _draw_seeds(
             break
         last = end
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _draw_keyed_seeds(numel: int, gamma: float, key: MaskKey, device: torch.device, *, dense: bool) -> Tensor:
-    """The keyed form of :func:`_draw_seeds`: the same Bernoulli grid, one row per sample.
-
-    Sparse: each row's seeds come from geometric gaps of its own keyed uniforms (columns of
-    ``keyed_uniform`` do not depend on how many are drawn, so topping up a short row by drawing
-    more columns leaves every row's earlier numbers, and so its seeds, unchanged).
-    """
-    n = key.sample_ids.numel()
-    row = numel // n if n else 0
-    if dense:
-        return (keyed_uniform(key, row, device=device) < gamma).view(-1)
-    if gamma <= 0.0 or numel == 0:
-        return torch.empty(0, dtype=torch.long, device=device)
-    log_q = math.log1p(-gamma)
-    mean = row * gamma
-    count = int(mean + 6.0 * math.sqrt(mean) + 16.0)
-    while True:
-        u = keyed_uniform(key, count, device=device).double()
-        gaps = torch.log1p(u.neg_()).div_(log_q).floor_().add_(1.0).clamp_(max=float(row + 1))
-        pos = gaps.long().cumsum_(1).sub_(1)
-        if bool((pos[:, -1] >= row).all()):
-            break
-        count *= 2
-    inside = pos < row
-    pos.add_(torch.arange(n, device=device).mul_(row).unsqueeze(1))
-    return pos[inside]  # row by row, ascending: sorted flat indices
 
 
 # --- calibration ---------------------------------------------------------------------------

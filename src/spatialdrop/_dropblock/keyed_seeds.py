@@ -1,0 +1,206 @@
+"""The keyed DropBlock seed rule: integer-only, so that a kernel reproduces it bit for bit.
+
+A keyed DropBlock draws a flat Bernoulli(``gamma``) seed grid of ``numel`` places, split into one
+*row* of ``R = numel // n`` places per sample (``n = len(key.sample_ids)``). Row ``i`` depends only
+on ``key.seed``, ``key.step``, ``key.layer``, ``sid = key.sample_ids[i]`` and the place index
+``t`` in ``[0, R)``. Only 32-bit integer words and integer comparisons decide a seed; the real
+numbers involved (the thresholds below) are computed once on the host, so the CPU torch code
+and a Triton kernel draw exactly the same seeds.
+
+The rule. Let ``q = 1 - gamma`` and ``(k0, k1)`` the layer's Philox key
+(:meth:`spatialdrop.MaskKey.philox_seed`). The rule's own Philox key is
+``(w0, w1) = philox4x32_int(0x64726F70, 0, 0, 0, k0, k1)[:2]``, and word ``j`` of a row is word
+``j % 4`` of Philox-4x32-10 with key ``(w0, w1)`` at counter ``(j // 4, sid mod 2**32,
+(sid >> 32) mod 2**32, step mod 2**32)`` (``sid`` as 64-bit two's complement), the layout of
+:func:`spatialdrop.keyed_uniform`.
+
+- The chunk length is ``K = 2**clamp(floor(log2(4 / gamma)), 2, 10)`` (a power of two from 4 to
+  1024, about four over ``gamma``; ``floor(log2(x))`` is ``e - 1`` for ``math.frexp(x) = (m, e)``).
+  Chunk ``c`` of a row holds the places ``c K .. c K + K - 1`` (places ``>= R`` of the last
+  chunk do not exist and are ignored).
+- The gap thresholds are ``T[g] = round(2**32 * (1 - q**g))`` for ``g = 1 .. K`` (nearest
+  integer), and the gap of a word ``w`` is ``gap(w) = 1 + #{g in 1..K : w >= T[g]}``: a
+  Geometric(``gamma``) variable on ``{1, 2, ...}`` cut at ``K + 1``.
+- Chunk ``c`` uses the words ``j = c K + d`` for ``d = 0, 1, ...``: its seeds are at the
+  in-chunk positions ``x_d = gap(word[c K]) + ... + gap(word[c K + d]) - 1`` for every ``d``
+  with ``x_d < K`` (so at most ``K`` words per chunk).
+
+Because the gaps between the successes of a Bernoulli(``gamma``) sequence are i.i.d. geometric
+and a geometric variable is memoryless (so the first success of a chunk is again a gap from its
+start), this is exactly a Bernoulli(``gamma``) sequence at every place, independent between
+places, up to the rounding of ``T`` to multiples of ``2**-32``. Work is one word per chunk
+plus one per seed: the CPU sampler evaluates the first Philox call (4 words) of every chunk
+and more only for the few chunks with more than three seeds; a kernel walks each chunk's
+chain, one lane per chunk; the dense form takes all ``K`` words of every chunk and places the
+seeds with a cumulative sum (static shapes).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from .._philox import MASK32, philox4x32, philox4x32_int
+from ..keyed import MaskKey, _layer_key, _step_word
+
+__all__ = ["SeedRule", "chunk_length", "draw_keyed_seeds", "rule_key", "seed_rule"]
+
+DOMAIN = 0x64726F70  # "drop": separates the DropBlock stream from other uses of the layer key
+_MAX_ROW = 1 << 34  # counters j // 4 must fit 32 bits
+_MAX_LOG_K = 10
+
+
+def chunk_length(gamma: float) -> int:
+    """The chunk length ``K`` of the rule for ``gamma > 0``: a power of two in ``[4, 1024]``."""
+    _, e = math.frexp(4.0 / gamma)
+    return 1 << min(_MAX_LOG_K, max(2, e - 1))
+
+
+class SeedRule:
+    """The host-side constants of the rule for one ``gamma``: ``K`` and the thresholds ``T[1..K]``."""
+
+    __slots__ = ("chunk", "gamma", "thresholds")
+
+    def __init__(self, gamma: float) -> None:
+        self.gamma = gamma
+        if gamma <= 0.0:
+            self.chunk, self.thresholds = 4, [1 << 32] * 4
+            return
+        self.chunk = chunk_length(gamma)
+        log_q = math.log1p(-gamma)
+        two32 = float(1 << 32)
+        self.thresholds = [min(1 << 32, round(two32 * -math.expm1(g * log_q))) for g in range(1, self.chunk + 1)]
+
+    def table(self, device: torch.device) -> Tensor:
+        """The thresholds ``T[1..K]`` as an int64 tensor on ``device``."""
+        return torch.tensor(self.thresholds, dtype=torch.int64, device=device)
+
+
+@functools.lru_cache(maxsize=512)
+def seed_rule(gamma: float) -> SeedRule:
+    """The (cached) :class:`SeedRule` of ``gamma``."""
+    return SeedRule(gamma)
+
+
+def _derive(k0: int, k1: int) -> tuple[int, int]:
+    w = philox4x32_int(DOMAIN, 0, 0, 0, k0, k1)
+    return w[0], w[1]
+
+
+_derive_cached = functools.lru_cache(maxsize=4096)(_derive)
+
+
+def rule_key(key: MaskKey) -> tuple[int, int]:
+    """The rule's Philox key ``(w0, w1)`` for a key's seed and layer."""
+    k0, k1 = _layer_key(key.seed, key.layer)
+    if torch.compiler.is_compiling():
+        return _derive(k0, k1)
+    return _derive_cached(k0, k1)
+
+
+def _gaps(words: Tensor, table: Tensor) -> Tensor:
+    """``gap(w) = 1 + #{g : w >= T[g]}`` for int64 words (``table`` is ``T[1..K]``)."""
+    return torch.searchsorted(table, words.contiguous(), right=True).add_(1)
+
+
+def _gaps_fast(words: Tensor, table: Tensor, log_q: float) -> Tensor:
+    """:func:`_gaps` from a float estimate corrected by exact comparisons (CPU, eager only).
+
+    The count ``#{g : T[g] <= w}`` is estimated as ``floor(log1p(-w / 2**32) / log(q))`` and
+    then moved up or down one step at a time until ``T[c] <= w < T[c + 1]`` holds exactly, so
+    the result is :func:`_gaps`' whatever the rounding of the estimate.
+    """
+    k = table.numel()
+    padded = torch.cat([table.new_full((1,), -1), table, table.new_full((1,), 1 << 40)])  # T[0], T[K + 1]
+    est = torch.log1p(words.to(torch.float64).mul_(-(2.0**-32))).div_(log_q).floor_()
+    c = est.clamp_(0, k).long()
+    while True:
+        up = padded.index_select(0, c.view(-1) + 1).view_as(c) <= words
+        down = padded.index_select(0, c.view(-1)).view_as(c) > words
+        if not bool(up.any()) and not bool(down.any()):
+            return c.add_(1)
+        c += up.long() - down.long()
+
+
+def draw_keyed_seeds(numel: int, gamma: float, key: MaskKey, device: torch.device, *, dense: bool) -> Tensor:
+    """Draw a keyed Bernoulli(``gamma``) seed grid of ``numel`` places, one row per sample.
+
+    The rule is given in this module's docstring; the dense and the sparse forms give the same
+    seeds bit for bit.
+
+    Args:
+        numel: the number of places, a multiple of ``len(key.sample_ids)`` (one row per sample).
+        gamma: the seed probability of every place, in ``[0, 1)``.
+        key: the :class:`~spatialdrop.MaskKey`.
+        device: where to draw.
+        dense: return a bool tensor ``(numel,)`` (static shapes: every word of every chunk is
+            evaluated) instead of the sorted int64 flat indices of the seeds (work in
+            proportion to the number of chunks and seeds, with data-dependent sizes).
+
+    Returns:
+        The seed grid, dense (bool) or sparse (sorted int64 indices).
+
+    Examples:
+        >>> import torch
+        >>> from spatialdrop import MaskKey
+        >>> key = MaskKey(seed=0, step=1, layer=2, sample_ids=torch.tensor([4, 7]))
+        >>> seeds = draw_keyed_seeds(2000, 0.05, key, torch.device("cpu"), dense=False)
+        >>> dense = draw_keyed_seeds(2000, 0.05, key, torch.device("cpu"), dense=True)
+        >>> torch.equal(dense.nonzero().squeeze(1), seeds)
+        True
+    """
+    n = key.sample_ids.numel()
+    row = numel // n if n else 0
+    if row > _MAX_ROW:
+        raise ValueError(f"draw_keyed_seeds: a row must have at most 2**34 places, got {row}")
+    if gamma <= 0.0 or row == 0:
+        if dense:
+            return torch.zeros(numel, dtype=torch.bool, device=device)
+        return torch.empty(0, dtype=torch.long, device=device)
+    rule = seed_rule(gamma)
+    k = rule.chunk
+    table = rule.table(device)
+    w0, w1 = rule_key(key)
+    sid = key.sample_ids.to(device=device, dtype=torch.int64)
+    step = _step_word(key.step, device)
+    chunks = (row + k - 1) // k
+    log_q = math.log1p(-gamma)
+    if dense:
+        s = sid.view(n, 1)
+        ctr = torch.arange(chunks * k // 4, dtype=torch.int64, device=device).view(1, -1)
+        words = torch.stack(philox4x32(ctr, s & MASK32, (s >> 32) & MASK32, step, w0, w1), dim=-1)
+        pos = _gaps(words.view(n, chunks, k), table).cumsum_(-1).sub_(1)
+        # one column past the chunk takes every seed that falls outside it
+        grid = torch.zeros((n, chunks, k + 1), dtype=torch.bool, device=device)
+        grid.scatter_(-1, pos.clamp_(max=k), True)
+        return grid[..., :k].reshape(n, chunks * k)[:, :row].reshape(-1)
+    # sparse: the first four words of every chunk, then four more for the chunks still open
+    rows = torch.arange(n, device=device).repeat_interleave(chunks)
+    cs = torch.arange(chunks, device=device).repeat(n)
+    s = sid.index_select(0, rows)
+    start = torch.zeros_like(cs).sub_(1)  # in-chunk position of the last seed, -1 at first
+    parts_which: list[Tensor] = []
+    parts_pos: list[Tensor] = []
+    open_ = torch.arange(rows.numel(), device=device)
+    d = 0
+    while open_.numel() and d < k:
+        c, sc = cs.index_select(0, open_), s.index_select(0, open_)
+        ctr = c.mul(k // 4).add_(d // 4).unsqueeze(1)
+        sc = sc.unsqueeze(1)
+        words = torch.cat(philox4x32(ctr, sc & MASK32, (sc >> 32) & MASK32, step, w0, w1), dim=1)
+        pos = _gaps_fast(words, table, log_q).cumsum_(1).add_(start.index_select(0, open_).unsqueeze(1))
+        parts_which.append(open_.unsqueeze(1).expand(-1, 4)[pos < k])
+        parts_pos.append(pos[pos < k])
+        last = pos[:, -1]
+        still = last < k
+        start.index_copy_(0, open_, last)
+        open_ = open_[still]
+        d += 4
+    which = torch.cat(parts_which)
+    place = torch.cat(parts_pos)
+    flat = rows.index_select(0, which).mul_(row).add_(cs.index_select(0, which).mul_(k)).add_(place)
+    inside = cs.index_select(0, which).mul_(k).add_(place) < row
+    return flat[inside].sort().values
