@@ -72,7 +72,8 @@ class SeedRule:
         self.chunk = chunk_length(gamma)
         log_q = math.log1p(-gamma)
         two32 = float(1 << 32)
-        self.thresholds = [min(1 << 32, round(two32 * -math.expm1(g * log_q))) for g in range(1, self.chunk + 1)]
+        gaps = range(1, self.chunk + 1)
+        self.thresholds = [min(1 << 32, round(two32 * -math.expm1(g * log_q))) for g in gaps]
 
     def table(self, device: torch.device) -> Tensor:
         """The thresholds ``T[1..K]`` as an int64 tensor on ``device``."""

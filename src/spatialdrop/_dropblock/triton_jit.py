@@ -5,7 +5,6 @@ See :mod:`spatialdrop._dropblock.triton_kernels` for what they compute; the seed
 """
 
 # mypy: ignore-errors
-# ruff: noqa: ANN001, ANN202, N803
 
 import triton
 import triton.language as tl
@@ -14,7 +13,10 @@ __all__ = ["apply_kernel", "seed_kernel"]
 
 
 @triton.jit
-def _gap_step(r, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K: tl.constexpr, LOG_K: tl.constexpr):
+def _gap_step(
+    r, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K: tl.constexpr, LOG_K: tl.constexpr
+):
+    """One word of a chunk's chain: the next gap, its seed bit set if inside the chunk and row."""
     w = r.to(tl.int64) & 0xFFFFFFFF
     cnt = tl.zeros_like(pos)
     for i in tl.static_range(LOG_K):
@@ -30,8 +32,9 @@ def _gap_step(r, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K:
     tl.atomic_or(bits_ptr + n * words_per_row + (place >> 5), bit, mask=ok)
     return pos, alive & (pos < K)
 
+
 @triton.jit(do_not_specialize=["key0", "key1", "row", "words_per_row", "chunks"])
-def seed_kernel(
+def seed_kernel(  # noqa: D103 (see the module docstring of .triton_kernels)
     bits_ptr,
     table_ptr,
     key_ptr,
@@ -77,8 +80,9 @@ def seed_kernel(
         pos, alive = _gap_step(r3, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K, LOG_K)
         d += 1
 
+
 @triton.jit(do_not_specialize=["numel", "words_per_row"])
-def apply_kernel(
+def apply_kernel(  # noqa: D103
     x_ptr,
     out_ptr,
     bits_ptr,
@@ -141,4 +145,3 @@ def apply_kernel(
             v = (v.to(f.dtype) * f).to(v.dtype)
         v = tl.where(dropped != 0, tl.zeros_like(v), v)
         tl.store(out_ptr + o, v, mask=m)
-

@@ -46,10 +46,10 @@ _SEED_BLOCK = 128
 _APPLY_BLOCK = 1024
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except ImportError:
         return False
@@ -76,7 +76,7 @@ def triton_available(input: Tensor | None = None) -> bool:
     return input.is_cuda or (_interpreting() and input.device.type == "cpu")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels() -> tuple[Any, Any]:
     """The two kernels, imported on first use (after ``TRITON_INTERPRET`` is settled)."""
     from . import triton_jit
@@ -197,8 +197,8 @@ def _drop_block_impl(
         cs = [per_sample, math.prod(sizes)] + [math.prod(size3[i + 1 :]) for i in range(3)]
         _wrap(apply_kernel)[(_cdiv(n * per_sample, _APPLY_BLOCK),)](
             x, x, bits, factors, counts, n * per_sample, *cs, n, maps, *size3, *grid3, words,
-            B0=block3[0], B1=block3[1], B2=block3[2], VALID=int(valid), SHARED=shared, COUNT=True, SCALE=False,
-            BLOCK=_APPLY_BLOCK,
+            B0=block3[0], B1=block3[1], B2=block3[2], VALID=int(valid), SHARED=shared, COUNT=True,
+            SCALE=False, BLOCK=_APPLY_BLOCK,
         )  # fmt: skip
         kept = (per_sample - counts).to(fdt)
         factors = torch.where(kept > 0, per_sample / kept.clamp(min=1), torch.zeros_like(kept))
@@ -211,7 +211,7 @@ def _drop_block_impl(
     return out.movedim(1, channel_dim)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _op() -> Any:
     """Register ``spatialdrop::triton_drop_block`` (once) and return it."""
     from torch.library import triton_op
@@ -315,7 +315,8 @@ def triton_drop_block(
     """
     cd = channel_dim % input.dim()
     if not 1 <= input.dim() - 2 <= 3:
-        raise ValueError(f"triton_drop_block: input must have 1 to 3 spatial dims, got shape {tuple(input.shape)}")
+        shape = tuple(input.shape)
+        raise ValueError(f"triton_drop_block: input must have 1 to 3 spatial dims, got shape {shape}")
     factor = 1.0
     if scale == "expected":
         factor = float(torch.tensor(1.0 / (1.0 - p), dtype=float_dtype_of(input)))
