@@ -1,147 +1,151 @@
-"""The Triton kernels of the fused DropBlock (imported on first use by :mod:`.triton_kernels`).
+"""The Triton kernels of the fused DropBlock, loaded by :mod:`.triton_kernels` on first use.
 
 See :mod:`spatialdrop._dropblock.triton_kernels` for what they compute; the seed rule is that of
-:mod:`spatialdrop._dropblock.keyed_seeds`.
+:mod:`spatialdrop._dropblock.keyed_seeds`. ``triton.jit`` picks the compiler or the interpreter
+(``TRITON_INTERPRET=1``) when a kernel is defined, so :mod:`.triton_kernels` executes this file
+afresh for each mode instead of importing it.
 """
 
 # mypy: ignore-errors
 
-import triton
-import triton.language as tl
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module is still imported (doctest collection): it then defines nothing
+    triton = None
 
 __all__ = ["apply_kernel", "seed_kernel"]
 
+if triton is not None:
 
-@triton.jit
-def _gap_step(
-    r, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K: tl.constexpr, LOG_K: tl.constexpr
-):
-    """One word of a chunk's chain: the next gap, its seed bit set if inside the chunk and row."""
-    w = r.to(tl.int64) & 0xFFFFFFFF
-    cnt = tl.zeros_like(pos)
-    for i in tl.static_range(LOG_K):
-        half: tl.constexpr = K >> (i + 1)
-        t = tl.load(table_ptr + cnt + (half - 1))
-        cnt = tl.where(t <= w, cnt + half, cnt)
-    t = tl.load(table_ptr + cnt)
-    cnt = tl.where(t <= w, cnt + 1, cnt)
-    pos = pos + cnt + 1
-    place = c64 * K + pos
-    ok = alive & (pos < K) & (place < row)
-    bit = (tl.full(pos.shape, 1, tl.uint32) << (place & 31).to(tl.uint32)).to(tl.int32, bitcast=True)
-    tl.atomic_or(bits_ptr + n * words_per_row + (place >> 5), bit, mask=ok)
-    return pos, alive & (pos < K)
+    @triton.jit
+    def _gap_step(
+        r, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K: tl.constexpr, LOG_K: tl.constexpr
+    ):
+        """One word of a chunk's chain: the next gap, its seed bit set if inside the chunk and row."""
+        w = r.to(tl.int64) & 0xFFFFFFFF
+        cnt = tl.zeros_like(pos)
+        for i in tl.static_range(LOG_K):
+            half: tl.constexpr = K >> (i + 1)
+            t = tl.load(table_ptr + cnt + (half - 1))
+            cnt = tl.where(t <= w, cnt + half, cnt)
+        t = tl.load(table_ptr + cnt)
+        cnt = tl.where(t <= w, cnt + 1, cnt)
+        pos = pos + cnt + 1
+        place = c64 * K + pos
+        ok = alive & (pos < K) & (place < row)
+        bit = (tl.full(pos.shape, 1, tl.uint32) << (place & 31).to(tl.uint32)).to(tl.int32, bitcast=True)
+        tl.atomic_or(bits_ptr + n * words_per_row + (place >> 5), bit, mask=ok)
+        return pos, alive & (pos < K)
 
+    @triton.jit(do_not_specialize=["key0", "key1", "row", "words_per_row", "chunks"])
+    def seed_kernel(  # noqa: D103 (see the module docstring of .triton_kernels)
+        bits_ptr,
+        table_ptr,
+        key_ptr,
+        sid_ptr,
+        step_ptr,
+        key0,
+        key1,
+        row,
+        words_per_row,
+        chunks,
+        K: tl.constexpr,
+        LOG_K: tl.constexpr,
+        KEYED: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        c64 = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        if KEYED:
+            w0 = key0 & 0xFFFFFFFF
+            w1 = key1 & 0xFFFFFFFF
+            sid = tl.load(sid_ptr + n)
+            step = tl.load(step_ptr) & 0xFFFFFFFF
+        else:
+            w0 = tl.load(key_ptr) & 0xFFFFFFFF
+            w1 = tl.load(key_ptr + 1) & 0xFFFFFFFF
+            sid = n
+            step = n * 0
+        seed = w0.to(tl.uint64) | (w1.to(tl.uint64) << 32)
+        zero = tl.zeros([BLOCK], tl.uint32)
+        sid_lo = zero + (sid & 0xFFFFFFFF).to(tl.uint32)
+        sid_hi = zero + ((sid >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        step32 = zero + step.to(tl.uint32)
+        pos = tl.full([BLOCK], -1, tl.int64)
+        alive = c64 < chunks
+        d = 0
+        while tl.max(alive.to(tl.int32), axis=0) > 0:
+            ctr = (c64 * (K // 4) + d).to(tl.uint32)
+            r0, r1, r2, r3 = tl.philox(seed, ctr, sid_lo, sid_hi, step32)
+            pos, alive = _gap_step(r0, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K, LOG_K)
+            pos, alive = _gap_step(r1, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K, LOG_K)
+            pos, alive = _gap_step(r2, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K, LOG_K)
+            pos, alive = _gap_step(r3, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K, LOG_K)
+            d += 1
 
-@triton.jit(do_not_specialize=["key0", "key1", "row", "words_per_row", "chunks"])
-def seed_kernel(  # noqa: D103 (see the module docstring of .triton_kernels)
-    bits_ptr,
-    table_ptr,
-    key_ptr,
-    sid_ptr,
-    step_ptr,
-    key0,
-    key1,
-    row,
-    words_per_row,
-    chunks,
-    K: tl.constexpr,
-    LOG_K: tl.constexpr,
-    KEYED: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    c64 = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    if KEYED:
-        w0 = key0 & 0xFFFFFFFF
-        w1 = key1 & 0xFFFFFFFF
-        sid = tl.load(sid_ptr + n)
-        step = tl.load(step_ptr) & 0xFFFFFFFF
-    else:
-        w0 = tl.load(key_ptr) & 0xFFFFFFFF
-        w1 = tl.load(key_ptr + 1) & 0xFFFFFFFF
-        sid = n
-        step = n * 0
-    seed = w0.to(tl.uint64) | (w1.to(tl.uint64) << 32)
-    zero = tl.zeros([BLOCK], tl.uint32)
-    sid_lo = zero + (sid & 0xFFFFFFFF).to(tl.uint32)
-    sid_hi = zero + ((sid >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    step32 = zero + step.to(tl.uint32)
-    pos = tl.full([BLOCK], -1, tl.int64)
-    alive = c64 < chunks
-    d = 0
-    while tl.max(alive.to(tl.int32), axis=0) > 0:
-        ctr = (c64 * (K // 4) + d).to(tl.uint32)
-        r0, r1, r2, r3 = tl.philox(seed, ctr, sid_lo, sid_hi, step32)
-        pos, alive = _gap_step(r0, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K, LOG_K)
-        pos, alive = _gap_step(r1, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K, LOG_K)
-        pos, alive = _gap_step(r2, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K, LOG_K)
-        pos, alive = _gap_step(r3, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K, LOG_K)
-        d += 1
-
-
-@triton.jit(do_not_specialize=["numel", "words_per_row"])
-def apply_kernel(  # noqa: D103
-    x_ptr,
-    out_ptr,
-    bits_ptr,
-    factor_ptr,
-    counts_ptr,
-    numel,
-    s_n,
-    s_c,
-    s_0,
-    s_1,
-    s_2,
-    size_n,
-    size_c,
-    size_0,
-    size_1,
-    size_2,
-    grid_0,
-    grid_1,
-    grid_2,
-    words_per_row,
-    B0: tl.constexpr,
-    B1: tl.constexpr,
-    B2: tl.constexpr,
-    VALID: tl.constexpr,
-    SHARED: tl.constexpr,
-    COUNT: tl.constexpr,
-    SCALE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    m = o < numel
-    n = (o // s_n) % size_n
-    z = (o // s_0) % size_0
-    y = (o // s_1) % size_1
-    x = (o // s_2) % size_2
-    if SHARED:
-        base = n * words_per_row * 32
-    else:
-        c = (o // s_c) % size_c
-        base = n * words_per_row * 32 + c * (grid_0 * grid_1 * grid_2)
-    dropped = tl.zeros([BLOCK], tl.int32)
-    for e0 in tl.static_range(B0):
-        g0 = z + e0 - (B0 - 1) * VALID
-        ok0 = (g0 >= 0) & (g0 < grid_0)
-        for e1 in tl.static_range(B1):
-            g1 = y + e1 - (B1 - 1) * VALID
-            ok1 = ok0 & (g1 >= 0) & (g1 < grid_1)
-            for e2 in tl.static_range(B2):
-                g2 = x + e2 - (B2 - 1) * VALID
-                ok = m & ok1 & (g2 >= 0) & (g2 < grid_2)
-                t = base + (g0 * grid_1 + g1) * grid_2 + g2
-                word = tl.load(bits_ptr + (t >> 5), mask=ok, other=0)
-                dropped = dropped | ((word >> (t & 31).to(tl.int32)) & 1)
-    if COUNT:
-        tl.atomic_add(counts_ptr + n, dropped, mask=m & (dropped != 0))
-    else:
-        v = tl.load(x_ptr + o, mask=m)
-        if SCALE:
-            f = tl.load(factor_ptr + n, mask=m)
-            v = (v.to(f.dtype) * f).to(v.dtype)
-        v = tl.where(dropped != 0, tl.zeros_like(v), v)
-        tl.store(out_ptr + o, v, mask=m)
+    @triton.jit(do_not_specialize=["numel", "words_per_row"])
+    def apply_kernel(  # noqa: D103
+        x_ptr,
+        out_ptr,
+        bits_ptr,
+        factor_ptr,
+        counts_ptr,
+        numel,
+        s_n,
+        s_c,
+        s_0,
+        s_1,
+        s_2,
+        size_n,
+        size_c,
+        size_0,
+        size_1,
+        size_2,
+        grid_0,
+        grid_1,
+        grid_2,
+        words_per_row,
+        B0: tl.constexpr,
+        B1: tl.constexpr,
+        B2: tl.constexpr,
+        VALID: tl.constexpr,
+        SHARED: tl.constexpr,
+        COUNT: tl.constexpr,
+        SCALE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        m = o < numel
+        n = (o // s_n) % size_n
+        z = (o // s_0) % size_0
+        y = (o // s_1) % size_1
+        x = (o // s_2) % size_2
+        if SHARED:
+            base = n * words_per_row * 32
+        else:
+            c = (o // s_c) % size_c
+            base = n * words_per_row * 32 + c * (grid_0 * grid_1 * grid_2)
+        dropped = tl.zeros([BLOCK], tl.int32)
+        for e0 in tl.static_range(B0):
+            g0 = z + e0 - (B0 - 1) * VALID
+            ok0 = (g0 >= 0) & (g0 < grid_0)
+            for e1 in tl.static_range(B1):
+                g1 = y + e1 - (B1 - 1) * VALID
+                ok1 = ok0 & (g1 >= 0) & (g1 < grid_1)
+                for e2 in tl.static_range(B2):
+                    g2 = x + e2 - (B2 - 1) * VALID
+                    ok = m & ok1 & (g2 >= 0) & (g2 < grid_2)
+                    t = base + (g0 * grid_1 + g1) * grid_2 + g2
+                    word = tl.load(bits_ptr + (t >> 5), mask=ok, other=0)
+                    dropped = dropped | ((word >> (t & 31).to(tl.int32)) & 1)
+        if COUNT:
+            tl.atomic_add(counts_ptr + n, dropped, mask=m & (dropped != 0))
+        else:
+            v = tl.load(x_ptr + o, mask=m)
+            if SCALE:
+                f = tl.load(factor_ptr + n, mask=m)
+                v = (v.to(f.dtype) * f).to(v.dtype)
+            v = tl.where(dropped != 0, tl.zeros_like(v), v)
+            tl.store(out_ptr + o, v, mask=m)

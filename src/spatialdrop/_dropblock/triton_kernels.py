@@ -26,9 +26,12 @@ Triton is imported and the kernels are defined on first use, so that ``TRITON_IN
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,11 +80,20 @@ def triton_available(input: Tensor | None = None) -> bool:
 
 
 @functools.cache
-def _kernels() -> tuple[Any, Any]:
-    """The two kernels, imported on first use (after ``TRITON_INTERPRET`` is settled)."""
-    from . import triton_jit
+def _kernels_for(interpret: bool) -> tuple[Any, Any]:
+    name = f"spatialdrop._dropblock._triton_jit_{'interpreted' if interpret else 'compiled'}"
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_jit.py"))
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the Triton kernels from {__file__}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module.seed_kernel, module.apply_kernel
 
-    return triton_jit.seed_kernel, triton_jit.apply_kernel
+
+def _kernels() -> tuple[Any, Any]:
+    """The two kernels, defined on first use in the current mode (compiled or interpreted)."""
+    return _kernels_for(_interpreting())
 
 
 def _wrap(kernel: Any) -> Any:
