@@ -33,6 +33,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from ._dropblock.keyed_seeds import draw_keyed_seeds
 from ._module import StructuredDropout
 from ._validation import (
     check_bool,
@@ -47,7 +48,6 @@ from ._validation import (
     float_dtype_of,
     squeeze_if,
 )
-from ._dropblock.keyed_seeds import draw_keyed_seeds
 from .keyed import MaskKey, check_key_arg
 
 __all__ = [

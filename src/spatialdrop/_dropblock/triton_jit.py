@@ -19,6 +19,14 @@ __all__ = ["apply_kernel", "seed_kernel"]
 if triton is not None:
 
     @triton.jit
+    def _to_bf16_rne(r):
+        """float32 to bfloat16, rounded to nearest even as torch rounds (the interpreter truncates)."""
+        bits = r.to(tl.uint32, bitcast=True)
+        up = bits + 0x7FFF + ((bits >> 16) & 1)
+        up = tl.where(r != r, bits | 0x400000, up)  # NaN stays a (quiet) NaN
+        return (up >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
     def _gap_step(
         r, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K: tl.constexpr, LOG_K: tl.constexpr
     ):
@@ -38,7 +46,7 @@ if triton is not None:
         tl.atomic_or(bits_ptr + n * words_per_row + (place >> 5), bit, mask=ok)
         return pos, alive & (pos < K)
 
-    @triton.jit(do_not_specialize=["key0", "key1", "row", "words_per_row", "chunks"])
+    @triton.jit(do_not_specialize=["key0", "key1", "row", "words_per_row", "chunks", "total"])
     def seed_kernel(  # noqa: D103 (see the module docstring of .triton_kernels)
         bits_ptr,
         table_ptr,
@@ -50,31 +58,32 @@ if triton is not None:
         row,
         words_per_row,
         chunks,
+        total,
         K: tl.constexpr,
         LOG_K: tl.constexpr,
         KEYED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
-        c64 = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        alive = lane < total
+        n = lane // chunks  # one lane per (sample, chunk)
+        c64 = lane % chunks
+        zero = tl.zeros([BLOCK], tl.int64)
         if KEYED:
             w0 = key0 & 0xFFFFFFFF
             w1 = key1 & 0xFFFFFFFF
-            sid = tl.load(sid_ptr + n)
-            step = tl.load(step_ptr) & 0xFFFFFFFF
+            sid = tl.load(sid_ptr + n, mask=alive, other=0)
+            step = zero + (tl.load(step_ptr) & 0xFFFFFFFF)
         else:
             w0 = tl.load(key_ptr) & 0xFFFFFFFF
             w1 = tl.load(key_ptr + 1) & 0xFFFFFFFF
             sid = n
-            step = n * 0
+            step = zero
         seed = w0.to(tl.uint64) | (w1.to(tl.uint64) << 32)
-        zero = tl.zeros([BLOCK], tl.uint32)
-        sid_lo = zero + (sid & 0xFFFFFFFF).to(tl.uint32)
-        sid_hi = zero + ((sid >> 32) & 0xFFFFFFFF).to(tl.uint32)
-        step32 = zero + step.to(tl.uint32)
+        sid_lo = (sid & 0xFFFFFFFF).to(tl.uint32)
+        sid_hi = ((sid >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        step32 = step.to(tl.uint32)
         pos = tl.full([BLOCK], -1, tl.int64)
-        alive = c64 < chunks
         d = 0
         while tl.max(alive.to(tl.int32), axis=0) > 0:
             ctr = (c64 * (K // 4) + d).to(tl.uint32)
@@ -146,6 +155,10 @@ if triton is not None:
             v = tl.load(x_ptr + o, mask=m)
             if SCALE:
                 f = tl.load(factor_ptr + n, mask=m)
-                v = (v.to(f.dtype) * f).to(v.dtype)
+                r = v.to(f.dtype) * f
+                if v.dtype == tl.bfloat16:
+                    v = _to_bf16_rne(r)
+                else:
+                    v = r.to(v.dtype)
             v = tl.where(dropped != 0, tl.zeros_like(v), v)
             tl.store(out_ptr + o, v, mask=m)

@@ -25,12 +25,13 @@ Triton is imported and the kernels are defined on first use, so that ``TRITON_IN
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from .._validation import float_dtype_of
 from ..keyed import MaskKey
 from .keyed_seeds import rule_key, seed_rule
 
-__all__ = ["seed_bits", "triton_available", "triton_drop_block"]
+__all__ = ["cpu_interpreter", "seed_bits", "triton_available", "triton_drop_block"]
 
 _SCALE_MODES = {"none": 0, "expected": 1, "realized": 2}
 _BIAS = 1 << 32  # added to 32-bit key words so that Triton always types them int64
@@ -63,12 +64,35 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+_cpu_interpreter = False
+
+
+@contextlib.contextmanager
+def cpu_interpreter() -> Iterator[None]:
+    """Let CPU tensors take the Triton path, run by Triton's interpreter (for tests).
+
+    ``TRITON_INTERPRET=1`` must have been set before ``triton`` was first imported (Triton
+    decides at import whether its own library functions are compiled or interpreted).
+
+    Raises:
+        RuntimeError: if ``TRITON_INTERPRET`` is not ``1``.
+    """
+    global _cpu_interpreter
+    if not _interpreting():
+        raise RuntimeError("cpu_interpreter: set TRITON_INTERPRET=1 before triton is first imported")
+    previous, _cpu_interpreter = _cpu_interpreter, True
+    try:
+        yield
+    finally:
+        _cpu_interpreter = previous
+
+
 def triton_available(input: Tensor | None = None) -> bool:
     """Whether the Triton DropBlock can run on ``input``.
 
     True when ``triton`` is importable, ``SPATIALDROP_BACKEND`` is not ``torch``, and ``input``
-    is a CUDA tensor (or any tensor in Triton's interpreter mode, ``TRITON_INTERPRET=1``, used
-    by the tests). CPU input in normal use never touches Triton.
+    is a CUDA tensor (or a CPU tensor inside :func:`cpu_interpreter`, for the tests). CPU input
+    in normal use never touches Triton.
     """
     if os.environ.get("SPATIALDROP_BACKEND", "").lower() == "torch":
         return False
@@ -76,7 +100,7 @@ def triton_available(input: Tensor | None = None) -> bool:
         return False
     if input is None:
         return True
-    return input.is_cuda or (_interpreting() and input.device.type == "cpu")
+    return input.is_cuda or (_cpu_interpreter and _interpreting() and input.device.type == "cpu")
 
 
 @functools.cache
@@ -146,7 +170,7 @@ def _seed_bits_impl(
     k = rule.chunk
     chunks = _cdiv(row, k)
     seed_kernel, _ = _kernels()
-    grid = (_cdiv(chunks, _SEED_BLOCK), n)
+    grid = (_cdiv(n * chunks, _SEED_BLOCK),)
     _wrap(seed_kernel)[grid](
         bits,
         table,
@@ -158,6 +182,7 @@ def _seed_bits_impl(
         row,
         words,
         chunks,
+        n * chunks,
         K=k,
         LOG_K=k.bit_length() - 1,
         KEYED=keyed,
