@@ -156,7 +156,7 @@ if triton is not None:
             if SCALE:
                 f = tl.load(factor_ptr + n, mask=m)
                 r = v.to(f.dtype) * f
-                if v.dtype == tl.bfloat16:
+                if v.dtype == tl.bfloat16:  # noqa: SIM108 (a constexpr branch)
                     v = _to_bf16_rne(r)
                 else:
                     v = r.to(v.dtype)
