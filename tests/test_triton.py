@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -262,3 +262,38 @@ def test_empty_and_zero_rate() -> None:
     assert math.isclose(
         float(triton_drop_block(torch.ones(1, 1, 3), gamma=0.0, blocks=(1,), p=0.5)[0, 0, 0]), 2.0
     )
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_one_op_under_dynamo_fullgraph(keyed: bool) -> None:
+    # dynamo sees spatialdrop::triton_drop_block as one op; with the interpreter only the eager
+    # backend can run it (tests/test_cuda.py compiles it with inductor on a GPU)
+    key = MaskKey(5, 6, 7, torch.arange(2)) if keyed else None
+    gamma = uniform_gamma(0.1, (3, 3))
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return triton_drop_block(x, gamma=gamma, blocks=(3, 3), p=0.1, key=key) * 2
+
+    x = torch.randn(2, 4, 9, 9)
+    torch._dynamo.reset()
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable[..., object]:
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    torch.manual_seed(0)
+    a = compiled(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, f(x))
+    assert len(graphs) == 1
+    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.spatialdrop.triton_drop_block.default) == 1
+
+
+def test_meta_input_gives_the_shape() -> None:
+    x = torch.empty(2, 3, 8, 8, device="meta")
+    y = triton_drop_block(x, gamma=0.01, blocks=(3, 3), p=0.1)
+    assert y.shape == x.shape
+    assert y.device.type == "meta"

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .._validation import float_dtype_of
 from ..keyed import MaskKey
-from .keyed_seeds import rule_key, seed_rule
+from .keyed_seeds import SeedRule, rule_key, seed_rule
 
 __all__ = ["cpu_interpreter", "seed_bits", "triton_available", "triton_drop_block"]
 
@@ -131,9 +131,15 @@ def _cdiv(a: int, b: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _table(gamma: float, device: torch.device) -> Tensor:
-    """The gap thresholds of ``gamma`` on ``device``, copied there once and cached."""
+def _table_cached(gamma: float, device: torch.device) -> Tensor:
     return seed_rule(gamma).table(device)
+
+
+def _table(gamma: float, device: torch.device) -> Tensor:
+    """The gap thresholds of ``gamma`` on ``device``: copied there once and cached (in eager mode)."""
+    if torch.compiler.is_compiling():  # a constant of the graph
+        return SeedRule(gamma).table(device)
+    return _table_cached(gamma, device)
 
 
 def _padded(sizes: Sequence[int], fill: int) -> list[int]:
@@ -248,9 +254,8 @@ def _drop_block_impl(
     return out.movedim(1, channel_dim)
 
 
-@functools.cache
-def _op() -> Any:
-    """Register ``spatialdrop::triton_drop_block`` (once) and return it."""
+def _register() -> Any:
+    """Register ``spatialdrop::triton_drop_block`` (at import: not inside a traced call)."""
     from torch.library import triton_op
 
     @triton_op("spatialdrop::triton_drop_block", mutates_args=())
@@ -286,7 +291,20 @@ def _op() -> Any:
         return (g,) + (None,) * 14
 
     triton_drop_block_op.register_autograd(backward, setup_context=setup_context)
+
+    @triton_drop_block_op.register_fake
+    def _(input: Tensor, *args: Any) -> Tensor:
+        # the output's layout is the (dense) input's, as the kernel writes it
+        channel_dim = args[11]
+        x = input.movedim(channel_dim, 1)
+        if not _is_dense(x):
+            x = x.contiguous()
+        return torch.empty_like(x).movedim(1, channel_dim)
+
     return triton_drop_block_op
+
+
+_OP = _register()
 
 
 def _key_tensors(
@@ -358,7 +376,7 @@ def triton_drop_block(
     if scale == "expected":
         factor = float(torch.tensor(1.0 / (1.0 - p), dtype=float_dtype_of(input)))
     seed, sid, step, k0, k1 = _key_tensors(input.shape[0], input.device, generator, key)
-    out: Tensor = _op()(
+    out: Tensor = _OP(
         input, seed, sid, step, _table(float(gamma), input.device), k0, k1, key is not None, float(gamma),
         [int(b) for b in blocks], seeding == "valid", bool(shared), cd, _SCALE_MODES[scale], factor,
     )  # fmt: skip
