@@ -8,8 +8,6 @@ Shapes are small: the interpreter runs the kernels in numpy.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -17,10 +15,6 @@ import torch
 
 from conftest import assert_binomial
 
-# Triton decides at import whether its library functions are compiled or interpreted: set the
-# interpreter before the first import (run tests/test_cuda.py in a pytest process of its own).
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed (pip install spatialdrop[triton])")
 
 from spatialdrop import MaskKey
@@ -39,8 +33,8 @@ pytestmark = pytest.mark.triton
 
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.fail("triton was imported before this module could set TRITON_INTERPRET=1: run it alone")
+    # the kernels are defined for the mode at the time of the call: set per test, no leak
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("SPATIALDROP_BACKEND", raising=False)
     with cpu_interpreter():
         yield

@@ -46,7 +46,7 @@ from torch import Tensor
 from .._philox import MASK32, philox4x32, philox4x32_int
 from ..keyed import MaskKey, _layer_key, _step_word
 
-__all__ = ["SeedRule", "chunk_length", "draw_keyed_seeds", "rule_key", "seed_rule"]
+__all__ = ["SeedRule", "chunk_length", "draw_keyed_seeds", "rule_key", "seed_rule", "threshold_table"]
 
 DOMAIN = 0x64726F70  # "drop": separates the DropBlock stream from other uses of the layer key
 _MAX_ROW = 1 << 34  # counters j // 4 must fit 32 bits
@@ -84,6 +84,21 @@ class SeedRule:
 def seed_rule(gamma: float) -> SeedRule:
     """The (cached) :class:`SeedRule` of ``gamma``."""
     return SeedRule(gamma)
+
+
+@functools.lru_cache(maxsize=256)
+def _table_cached(gamma: float, device: torch.device) -> Tensor:
+    return seed_rule(gamma).table(device)
+
+
+def threshold_table(gamma: float, device: torch.device) -> Tensor:
+    """The thresholds ``T[1..K]`` of ``gamma`` on ``device``, copied there once (cached in eager mode).
+
+    A host-to-device copy synchronises with the device: caching keeps it to the first call.
+    """
+    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE):
+        return SeedRule(gamma).table(device)  # a constant of the graph; never cache fake tensors
+    return _table_cached(gamma, torch.device(device))
 
 
 def _derive(k0: int, k1: int) -> tuple[int, int]:
@@ -161,9 +176,8 @@ def draw_keyed_seeds(numel: int, gamma: float, key: MaskKey, device: torch.devic
         if dense:
             return torch.zeros(numel, dtype=torch.bool, device=device)
         return torch.empty(0, dtype=torch.long, device=device)
-    rule = seed_rule(gamma)
-    k = rule.chunk
-    table = rule.table(device)
+    k = (SeedRule(gamma) if torch.compiler.is_compiling() else seed_rule(gamma)).chunk
+    table = threshold_table(gamma, device)
     w0, w1 = rule_key(key)
     sid = key.sample_ids.to(device=device, dtype=torch.int64)
     step = _step_word(key.step, device)

@@ -8,11 +8,12 @@ afresh for each mode instead of importing it.
 
 # mypy: ignore-errors
 
-try:
+triton = None
+if __name__.startswith("spatialdrop._dropblock._triton_jit_"):  # loaded by .triton_kernels
     import triton
     import triton.language as tl
-except ImportError:  # the module is still imported (doctest collection): it then defines nothing
-    triton = None
+# else imported as a plain module (doctest collection): it defines nothing and imports no triton,
+# which would fix the compiled-or-interpreted choice for the whole process
 
 __all__ = ["apply_kernel", "seed_kernel"]
 
@@ -26,13 +27,33 @@ if triton is not None:
         up = tl.where(r != r, bits | 0x400000, up)  # NaN stays a (quiet) NaN
         return (up >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
+    # Only Triton builtins and functions defined here: Triton's own library functions (tl.zeros,
+    # tl.max, tl.philox, ...) are compiled or interpreted as chosen when triton was imported.
+
+    @triton.jit
+    def _maximum(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _philox(c0, c1, c2, c3, k0, k1):
+        """Philox-4x32-10, as Triton's ``philox_impl`` for uint32 words."""
+        for _ in tl.static_range(10):
+            _c0, _c2 = c0, c2
+            c0 = tl.umulhi(0xCD9E8D57, _c2) ^ c1 ^ k0
+            c2 = tl.umulhi(0xD2511F53, _c0) ^ c3 ^ k1
+            c1 = tl.mul(0xCD9E8D57, _c2, sanitize_overflow=False)
+            c3 = tl.mul(0xD2511F53, _c0, sanitize_overflow=False)
+            k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+            k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+        return c0, c1, c2, c3
+
     @triton.jit
     def _gap_step(
         r, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K: tl.constexpr, LOG_K: tl.constexpr
     ):
         """One word of a chunk's chain: the next gap, its seed bit set if inside the chunk and row."""
         w = r.to(tl.int64) & 0xFFFFFFFF
-        cnt = tl.zeros_like(pos)
+        cnt = pos * 0
         for i in tl.static_range(LOG_K):
             half: tl.constexpr = K >> (i + 1)
             t = tl.load(table_ptr + cnt + (half - 1))
@@ -47,7 +68,7 @@ if triton is not None:
         return pos, alive & (pos < K)
 
     @triton.jit(do_not_specialize=["key0", "key1", "row", "words_per_row", "chunks", "total"])
-    def seed_kernel(  # noqa: D103 (see the module docstring of .triton_kernels)
+    def seed_kernel(
         bits_ptr,
         table_ptr,
         key_ptr,
@@ -68,7 +89,7 @@ if triton is not None:
         alive = lane < total
         n = lane // chunks  # one lane per (sample, chunk)
         c64 = lane % chunks
-        zero = tl.zeros([BLOCK], tl.int64)
+        zero = tl.full([BLOCK], 0, tl.int64)
         if KEYED:
             w0 = key0 & 0xFFFFFFFF
             w1 = key1 & 0xFFFFFFFF
@@ -79,15 +100,16 @@ if triton is not None:
             w1 = tl.load(key_ptr + 1) & 0xFFFFFFFF
             sid = n
             step = zero
-        seed = w0.to(tl.uint64) | (w1.to(tl.uint64) << 32)
+        k0 = w0.to(tl.uint32)
+        k1 = w1.to(tl.uint32)
         sid_lo = (sid & 0xFFFFFFFF).to(tl.uint32)
         sid_hi = ((sid >> 32) & 0xFFFFFFFF).to(tl.uint32)
         step32 = step.to(tl.uint32)
         pos = tl.full([BLOCK], -1, tl.int64)
         d = 0
-        while tl.max(alive.to(tl.int32), axis=0) > 0:
+        while tl.reduce(alive.to(tl.int32), 0, _maximum) > 0:
             ctr = (c64 * (K // 4) + d).to(tl.uint32)
-            r0, r1, r2, r3 = tl.philox(seed, ctr, sid_lo, sid_hi, step32)
+            r0, r1, r2, r3 = _philox(ctr, sid_lo, sid_hi, step32, k0, k1)
             pos, alive = _gap_step(r0, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K, LOG_K)
             pos, alive = _gap_step(r1, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K, LOG_K)
             pos, alive = _gap_step(r2, pos, alive, c64, n, table_ptr, bits_ptr, row, words_per_row, K, LOG_K)
@@ -95,7 +117,7 @@ if triton is not None:
             d += 1
 
     @triton.jit(do_not_specialize=["numel", "words_per_row"])
-    def apply_kernel(  # noqa: D103
+    def apply_kernel(
         x_ptr,
         out_ptr,
         bits_ptr,
@@ -136,7 +158,7 @@ if triton is not None:
         else:
             c = (o // s_c) % size_c
             base = n * words_per_row * 32 + c * (grid_0 * grid_1 * grid_2)
-        dropped = tl.zeros([BLOCK], tl.int32)
+        dropped = tl.full([BLOCK], 0, tl.int32)
         for e0 in tl.static_range(B0):
             g0 = z + e0 - (B0 - 1) * VALID
             ok0 = (g0 >= 0) & (g0 < grid_0)
@@ -177,5 +199,5 @@ if triton is not None:
                     v = _to_bf16_rne(r)
                 else:
                     v = r.to(v.dtype)
-            v = tl.where(dropped != 0, tl.zeros_like(v), v)
+            v = tl.where(dropped != 0, v * 0, v)
             tl.store(out_ptr + o, v, mask=m)

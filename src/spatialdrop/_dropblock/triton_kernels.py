@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .._validation import float_dtype_of
 from ..keyed import MaskKey
-from .keyed_seeds import SeedRule, rule_key, seed_rule
+from .keyed_seeds import rule_key, seed_rule, threshold_table
 
 __all__ = ["cpu_interpreter", "seed_bits", "triton_available", "triton_drop_block"]
 
@@ -130,16 +130,8 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-@functools.lru_cache(maxsize=256)
-def _table_cached(gamma: float, device: torch.device) -> Tensor:
-    return seed_rule(gamma).table(device)
-
-
 def _table(gamma: float, device: torch.device) -> Tensor:
-    """The gap thresholds of ``gamma`` on ``device``: copied there once and cached (in eager mode)."""
-    if torch.compiler.is_compiling():  # a constant of the graph
-        return SeedRule(gamma).table(device)
-    return _table_cached(gamma, device)
+    return threshold_table(gamma, device)
 
 
 def _padded(sizes: Sequence[int], fill: int) -> list[int]:
