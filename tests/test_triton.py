@@ -139,11 +139,14 @@ def test_scale_policies_and_gradient_is_mask_times_scale(scale: str, shared: boo
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_dtypes(dtype: torch.dtype) -> None:
     x = torch.randn(2, 3, 8, 8).to(dtype)
+    # non-finite values: 0 where dropped (not nan * 0), scaled as torch scales them where kept
+    x[:, 0, 0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e30])
     key = MaskKey(0, 0, 0, torch.arange(2))
     for scale in ("expected", "realized"):
-        y, ref = _both(x, 0.2, (3, 3), key, scale=scale)
+        y, ref = _both(x, 0.3, (3, 3), key, scale=scale)
         assert y.dtype == dtype
-        assert torch.equal(y, ref)
+        torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
+        assert ((ref == 0) == (y == 0)).all()
 
 
 def test_channels_last_and_strided_layouts() -> None:

@@ -106,7 +106,7 @@ if triton is not None:
         sid_hi = ((sid >> 32) & 0xFFFFFFFF).to(tl.uint32)
         step32 = step.to(tl.uint32)
         pos = tl.full([BLOCK], -1, tl.int64)
-        d = 0
+        d = tl.program_id(0) * 0  # an int32 tensor: a loop-carried value cannot be a constexpr
         while tl.reduce(alive.to(tl.int32), 0, _maximum) > 0:
             ctr = (c64 * (K // 4) + d).to(tl.uint32)
             r0, r1, r2, r3 = _philox(ctr, sid_lo, sid_hi, step32, k0, k1)
@@ -199,5 +199,5 @@ if triton is not None:
                     v = _to_bf16_rne(r)
                 else:
                     v = r.to(v.dtype)
-            v = tl.where(dropped != 0, v * 0, v)
+            v = tl.where(dropped != 0, tl.full([BLOCK], 0, v.dtype), v)  # 0 even where v is inf or nan
             tl.store(out_ptr + o, v, mask=m)
