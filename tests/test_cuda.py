@@ -1,8 +1,8 @@
 """Every public layer on a CUDA device: forward and backward in every float dtype, keyed masks equal
 to the CPU's bit for bit, no host synchronisation, and the fused Triton DropBlock.
 
-Run by ``benchmarks/gpu_check.py`` (in a pytest process of its own: tests/test_triton.py switches
-Triton to its interpreter at import). Every test skips, with the reason, without CUDA.
+Run by ``benchmarks/gpu_check.py`` (``pytest -m cuda``). Every test skips, with the reason, without
+CUDA.
 """
 
 from __future__ import annotations
