@@ -193,29 +193,25 @@ def draw_keyed_seeds(numel: int, gamma: float, key: MaskKey, device: torch.devic
         grid.scatter_(-1, pos.clamp_(max=k), True)
         return grid[..., :k].reshape(n, chunks * k)[:, :row].reshape(-1)
     # sparse: the first four words of every chunk, then four more for the chunks still open
-    rows = torch.arange(n, device=device).repeat_interleave(chunks)
-    cs = torch.arange(chunks, device=device).repeat(n)
-    s = sid.index_select(0, rows)
-    start = torch.zeros_like(cs).sub_(1)  # in-chunk position of the last seed, -1 at first
-    parts_which: list[Tensor] = []
-    parts_pos: list[Tensor] = []
-    open_ = torch.arange(rows.numel(), device=device)
+    # (the arrays below hold the open chunks only: chunk index, flat index of its first place,
+    # sample id and the in-chunk position of its last seed)
+    c = torch.arange(chunks, device=device).repeat(n)
+    first = torch.arange(n, device=device).mul_(row).repeat_interleave(chunks).add_(c * k)
+    sc = sid.repeat_interleave(chunks)
+    last = torch.full_like(c, -1)
+    found: list[Tensor] = []
+    end = row + torch.arange(n, device=device).mul_(row).repeat_interleave(chunks)  # row ends
     d = 0
-    while open_.numel() and d < k:
-        c, sc = cs.index_select(0, open_), s.index_select(0, open_)
+    while c.numel() and d < k:
         ctr = c.mul(k // 4).add_(d // 4).unsqueeze(1)
-        sc = sc.unsqueeze(1)
-        words = torch.cat(philox4x32(ctr, sc & MASK32, (sc >> 32) & MASK32, step, w0, w1), dim=1)
-        pos = _gaps_fast(words, table, log_q).cumsum_(1).add_(start.index_select(0, open_).unsqueeze(1))
-        parts_which.append(open_.unsqueeze(1).expand(-1, 4)[pos < k])
-        parts_pos.append(pos[pos < k])
+        s1 = sc.unsqueeze(1)
+        words = torch.cat(philox4x32(ctr, s1 & MASK32, (s1 >> 32) & MASK32, step, w0, w1), dim=1)
+        pos = _gaps_fast(words, table, log_q).cumsum_(1).add_(last.unsqueeze(1))
+        flat = pos + first.unsqueeze(1)
+        found.append(flat[(pos < k) & (flat < end.unsqueeze(1))])
         last = pos[:, -1]
-        still = last < k
-        start.index_copy_(0, open_, last)
-        open_ = open_[still]
+        still = (last < k).nonzero().squeeze(1)
+        c, first, sc, end, last = (t.index_select(0, still) for t in (c, first, sc, end, last))
         d += 4
-    which = torch.cat(parts_which)
-    place = torch.cat(parts_pos)
-    flat = rows.index_select(0, which).mul_(row).add_(cs.index_select(0, which).mul_(k)).add_(place)
-    inside = cs.index_select(0, which).mul_(k).add_(place) < row
-    return flat[inside].sort().values
+    out = torch.cat(found) if len(found) > 1 else found[0]
+    return out.sort().values
