@@ -21,6 +21,7 @@ from spatialdrop import MaskKey
 from spatialdrop._dropblock.keyed_seeds import draw_keyed_seeds
 from spatialdrop._dropblock.triton_kernels import (
     cpu_interpreter,
+    register_op,
     seed_bits,
     triton_available,
     triton_drop_block,
@@ -29,6 +30,7 @@ from spatialdrop.drop_block import uniform_gamma, valid_gamma
 from spatialdrop.functional import drop_block
 
 pytestmark = pytest.mark.triton
+register_op()  # at import where CUDA is; here before any torch.compile traces a first call
 
 
 @pytest.fixture(autouse=True)

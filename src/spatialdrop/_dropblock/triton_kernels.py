@@ -42,7 +42,7 @@ from .._validation import float_dtype_of
 from ..keyed import MaskKey
 from .keyed_seeds import rule_key, seed_rule, threshold_table
 
-__all__ = ["cpu_interpreter", "seed_bits", "triton_available", "triton_drop_block"]
+__all__ = ["cpu_interpreter", "register_op", "seed_bits", "triton_available", "triton_drop_block"]
 
 _SCALE_MODES = {"none": 0, "expected": 1, "realized": 2}
 _BIAS = 1 << 32  # added to 32-bit key words so that Triton always types them int64
@@ -52,12 +52,8 @@ _APPLY_BLOCK = 1024
 
 @functools.cache
 def _triton_importable() -> bool:
-    try:
-        import triton
-        import triton.language  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether ``triton`` is installed (found without importing it: the import takes seconds)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def _interpreting() -> bool:
@@ -296,7 +292,24 @@ def _register() -> Any:
     return triton_drop_block_op
 
 
-_OP = _register()
+_OP: Any = None
+
+
+def register_op() -> Any:
+    """Register ``spatialdrop::triton_drop_block`` once and return it.
+
+    Registering imports ``triton`` (seconds), so it happens at this module's import only where
+    CUDA is available, else on the first eager call; call it before a ``torch.compile`` whose
+    trace would otherwise be the first call (the tests do, for the interpreter).
+    """
+    global _OP
+    if _OP is None:
+        _OP = _register()
+    return _OP
+
+
+if _triton_importable() and torch.cuda.is_available():
+    register_op()
 
 
 def _key_tensors(
@@ -368,7 +381,7 @@ def triton_drop_block(
     if scale == "expected":
         factor = float(torch.tensor(1.0 / (1.0 - p), dtype=float_dtype_of(input)))
     seed, sid, step, k0, k1 = _key_tensors(input.shape[0], input.device, generator, key)
-    out: Tensor = _OP(
+    out: Tensor = register_op()(
         input, seed, sid, step, _table(float(gamma), input.device), k0, k1, key is not None, float(gamma),
         [int(b) for b in blocks], seeding == "valid", bool(shared), cd, _SCALE_MODES[scale], factor,
     )  # fmt: skip
