@@ -193,25 +193,32 @@ def draw_keyed_seeds(numel: int, gamma: float, key: MaskKey, device: torch.devic
         grid.scatter_(-1, pos.clamp_(max=k), True)
         return grid[..., :k].reshape(n, chunks * k)[:, :row].reshape(-1)
     # sparse: the first four words of every chunk, then four more for the chunks still open
-    # (the arrays below hold the open chunks only: chunk index, flat index of its first place,
-    # sample id and the in-chunk position of its last seed)
+    # (the arrays below hold the open chunks only: chunk number, chunk index, flat index of its
+    # first place, sample id and the in-chunk position of its last seed). Each round's flat
+    # indices go to columns 4 r .. 4 r + 3 of the chunk's row of a table, so that reading the
+    # table row by row gives the seeds in ascending order, without a sort.
     c = torch.arange(chunks, device=device).repeat(n)
-    first = torch.arange(n, device=device).mul_(row).repeat_interleave(chunks).add_(c * k)
+    total = c.numel()
+    idx = torch.arange(total, device=device)
+    row_start = torch.arange(n, device=device).mul_(row).repeat_interleave(chunks)
+    first = row_start + c * k
     sc = sid.repeat_interleave(chunks)
     last = torch.full_like(c, -1)
-    found: list[Tensor] = []
-    end = row + torch.arange(n, device=device).mul_(row).repeat_interleave(chunks)  # row ends
+    rounds: list[tuple[Tensor, Tensor]] = []
+    end = numel  # "no seed": past the end of every row
     d = 0
     while c.numel() and d < k:
         ctr = c.mul(k // 4).add_(d // 4).unsqueeze(1)
         s1 = sc.unsqueeze(1)
         words = torch.cat(philox4x32(ctr, s1 & MASK32, (s1 >> 32) & MASK32, step, w0, w1), dim=1)
         pos = _gaps_fast(words, table, log_q).cumsum_(1).add_(last.unsqueeze(1))
-        flat = pos + first.unsqueeze(1)
-        found.append(flat[(pos < k) & (flat < end.unsqueeze(1))])
+        flat = torch.where(pos < k, pos + first.unsqueeze(1), end)
+        rounds.append((idx, flat))
         last = pos[:, -1]
         still = (last < k).nonzero().squeeze(1)
-        c, first, sc, end, last = (t.index_select(0, still) for t in (c, first, sc, end, last))
+        c, idx, first, sc, last = (t.index_select(0, still) for t in (c, idx, first, sc, last))
         d += 4
-    out = torch.cat(found) if len(found) > 1 else found[0]
-    return out.sort().values
+    table_ = torch.full((total, 4 * len(rounds)), end, dtype=torch.int64, device=device)
+    for r, (rows_, flat) in enumerate(rounds):
+        table_[:, 4 * r : 4 * r + 4].index_copy_(0, rows_, flat)
+    return table_[table_ < row_start.add_(row).unsqueeze(1)]  # the last chunk may pass the row end
