@@ -131,7 +131,7 @@ def _gaps_fast(words: Tensor, table: Tensor, log_q: float) -> Tensor:
     """
     k = table.numel()
     padded = torch.cat([table.new_full((1,), -1), table, table.new_full((1,), 1 << 40)])  # T[0], T[K + 1]
-    est = torch.log1p(words.to(torch.float64).mul_(-(2.0**-32))).div_(log_q).floor_()
+    est = torch.log1p(words.to(torch.float32).mul_(-(2.0**-32))).div_(log_q).floor_()
     c = est.clamp_(0, k).long()
     while True:
         up = padded.index_select(0, c.view(-1) + 1).view_as(c) <= words
