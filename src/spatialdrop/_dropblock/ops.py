@@ -11,7 +11,7 @@
 - The dense path (:func:`drop_block_dense`) has static shapes and no device-to-host read: it
   draws the whole seed grid and grows blocks densely. It serves CUDA and meta input (and any
   other non-CPU device), ``torch.export`` / ONNX export, and CPU input when
-  :data:`FORCE_STATIC_PATH` is set. For CUDA, :func:`_cuda_impl` is where a fused kernel plugs in.
+  :data:`FORCE_STATIC_PATH` is set. For CUDA with triton installed, :func:`_cuda_impl` runs the fused Triton kernel instead.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .calibration import seed_rate
 from .geometry import Geometry, grow_blocks
 from .planned import drop_block_maps_planned
 from .scale import scale_factor, scaled
+from .triton_kernels import triton_available, triton_drop_block
 
 __all__ = ["FORCE_STATIC_PATH", "drop_block_dense", "run"]
 
@@ -97,12 +98,27 @@ def _cuda_impl(
     generator: torch.Generator | None,
     key: MaskKey | None,
 ) -> Tensor | None:
-    """A fused CUDA kernel's entry point: return its output, or None to use the dense path.
+    """The fused Triton DropBlock when it can run on ``input``, else None (the dense path).
 
-    Called only for CUDA input (also under ``torch.compile``); it must not read device memory
-    on the host. No kernel is plugged in yet.
+    Called for input that takes the static path (also under ``torch.compile``): CUDA input when
+    triton is installed and ``SPATIALDROP_BACKEND`` is not ``torch``, or CPU input inside the
+    tests' :func:`~.triton_kernels.cpu_interpreter`. It reads no device memory on the host.
     """
-    return None
+    if not 1 <= len(geo.sizes) <= 3 or not triton_available(input):
+        return None
+    gamma = seed_rate(p, geo.sizes, geo.blocks, seeding, cached=not _compiling())
+    return triton_drop_block(
+        input,
+        gamma=gamma,
+        blocks=geo.blocks,
+        seeding=seeding,
+        shared=geo.shared,
+        channel_dim=geo.channel_dim,
+        scale=scale,
+        p=p,
+        generator=generator,
+        key=key,
+    )
 
 
 def _static_path(input: Tensor) -> bool:
@@ -120,7 +136,7 @@ def run(
 ) -> Tensor:
     """DropBlock of a checked, non-empty input in training mode, by the right path."""
     if _static_path(input):
-        out = _cuda_impl(input, p, geo, seeding, scale, generator, key) if input.is_cuda else None
+        out = _cuda_impl(input, p, geo, seeding, scale, generator, key)
         return out if out is not None else drop_block_dense(input, p, geo, seeding, scale, generator, key)
     if torch.compiler.is_exporting():  # no custom op in an exported program (ONNX cannot lower it)
         return drop_block_dense(input, p, geo, seeding, scale, generator, key)
