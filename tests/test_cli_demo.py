@@ -186,9 +186,10 @@ def test_figure_labels_match_the_legend_and_show_all_data(
     demo_plot.plot(summary, tmp_path / "f.png", "title")
     assert_png(tmp_path / "f.png")
     (fig,) = figures
-    legend_labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    legend_ax, acc, loss, *metric_axes = fig.axes
+    legend_labels = [t.get_text() for t in legend_ax.get_legend().get_texts()]
     assert legend_labels == [s["layer"] for s in summary.values()]
-    acc, loss, *metric_axes = fig.axes
+    assert not legend_ax.axison  # a row of its own
     low, high = acc.get_ylim()
     assert low <= 0.05  # the first epoch's accuracy is on the axis
     assert high >= 0.9

@@ -33,11 +33,12 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     plt = require("matplotlib.pyplot", "matplotlib", "demo")
     ticker = require("matplotlib.ticker", "matplotlib", "demo")
 
-    fig = plt.figure(figsize=(15, 8.2), layout="constrained")
-    grid = fig.add_gridspec(2, len(METRICS), height_ratios=[1.25, 1])
+    fig = plt.figure(figsize=(15, 8.4), layout="constrained")
+    grid = fig.add_gridspec(3, len(METRICS), height_ratios=[0.08, 1.25, 1])
     half = len(METRICS) // 2
-    ax_acc = fig.add_subplot(grid[0, :half])
-    ax_loss = fig.add_subplot(grid[0, half:])
+    ax_legend = fig.add_subplot(grid[0, :])
+    ax_acc = fig.add_subplot(grid[1, :half])
+    ax_loss = fig.add_subplot(grid[1, half:])
     for variant, s in summary.items():
         color = COLORS[variant]
         for key, ax in (("test_accuracy", ax_acc), ("train_loss", ax_loss)):
@@ -54,15 +55,19 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     ax_loss.set(xlabel="epoch", title="training loss (dropout active), log scale")
     ax_loss.set_ylabel("training loss", labelpad=10)
     ax_loss.set_yscale("log")
-    ax_loss.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax_loss.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax_loss.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax_loss.yaxis.set_minor_formatter(ticker.NullFormatter())
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
-    fig.legend(loc="outside upper center", ncol=len(summary), fontsize=10, frameon=False)
+    # the legend gets a row of its own, above the panels, so that it covers no data
+    ax_legend.axis("off")
+    handles, labels = ax_acc.get_legend_handles_labels()
+    ax_legend.legend(handles, labels, loc="center", ncol=len(summary), fontsize=10, frameon=False)
 
     names = [s["layer"] for s in summary.values()]
     for i, (metric, label) in enumerate(METRICS.items()):
-        ax = fig.add_subplot(grid[1, i])
+        ax = fig.add_subplot(grid[2, i])
         for j, (variant, s) in enumerate(summary.items()):
             m = s["metrics"][metric]
             values = [v for v in m["per_seed"] if not math.isnan(v)]
