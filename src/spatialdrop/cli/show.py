@@ -31,10 +31,11 @@ __all__ = ["mask_layers", "rate_layers", "rate_map", "run_show"]
 CMD = "show"
 SAMPLES, CHANNELS = 4, 4
 CHUNK = 1024
-CAPTION = (
-    "Masks: black = dropped, grey = kept, one tile per (sample, channel). Rates: colour = fraction of "
-    "draws in which the position was dropped (the same colour scale in every panel)."
-)
+CAPTION = {
+    "masks": "Masks: black = dropped, grey = kept, one tile per (sample, channel).",
+    "rates": "Rates: colour = fraction of draws in which the position was dropped "
+    "(one colour scale for every panel).",
+}
 
 
 def mask_layers(p: float, block_size: int) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
@@ -154,7 +155,7 @@ def run_show(
     slices = min(side3, 6)
     n_rows = (2 if show_masks else 0) + (1 if show_rates else 0)
     width = max(len(masks), len(rates) + 0.3, slices if show_masks else 0)
-    heights = ([1.3, 0.85] if show_masks else []) + ([1.15] if show_rates else [])
+    heights = ([1.3, 0.85] if show_masks else []) + ([1.4] if show_rates else [])
     fig = plt.figure(figsize=(2.6 * width, 2.6 * sum(heights) + 0.3), layout="constrained")
     subfigs = fig.subfigures(n_rows, 1, squeeze=False, height_ratios=heights)[:, 0]
     row = 0
@@ -233,7 +234,7 @@ def run_show(
             f"p asked = {p} (a calibrated layer is flat at p)",
             fontsize=10,
         )
-    fig.supxlabel(CAPTION, fontsize=9)
+    fig.supxlabel("\n".join(CAPTION[k] for k in ("masks", "rates") if panels in (k, "all")), fontsize=9)
     # format="png": write exactly ``out`` (matplotlib would append ".png" to a name without suffix)
     write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
