@@ -1,30 +1,20 @@
 from __future__ import annotations
 
-import csv
-import importlib.util
-import io
-import json
-import math
+import ast
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-import torch
 
 import spatialdrop
-from spatialdrop import _bench, _demo, _optional
-from spatialdrop.cli import main
+from spatialdrop.cli import _io, _optional, bench, demo, demo_train, main, show
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
-
-
-def assert_png(path: Path) -> None:
-    data = path.read_bytes()
-    assert len(data) > 1000, f"{path} is only {len(data)} bytes"
-    assert data[:8] == PNG_MAGIC
+CLI_DIR = Path(spatialdrop.cli.__file__).parent
 
 
 # --- the command line itself ----------------------------------------------------------------------
@@ -95,7 +85,7 @@ def test_missing_optional_dependency_names_the_extra(
 
     monkeypatch.setattr(_optional.importlib, "import_module", no_matplotlib)
     out = tmp_path / "masks.png"
-    assert main(["show", "--out", str(out)]) == 1
+    assert main(["show", "--no-progress", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "spatialdrop show: needs matplotlib" in err
     assert 'pip install "spatialdrop[demo]"' in err
@@ -119,309 +109,165 @@ def test_python_dash_m_runs_the_cli() -> None:
     assert done.stdout.strip() == f"spatialdrop {spatialdrop.__version__}"
 
 
-# --- demo -----------------------------------------------------------------------------------------
-
-TINY_DEMO = ["--quick", "--epochs", "2", "--seeds", "2", "--mc-samples", "2", "--jobs", "1", "--no-progress"]
+# --- output paths: checked before any work -------------------------------------------------------
 
 
-def test_demo_writes_table_json_and_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    threads = torch.get_num_threads()
-    assert main(["demo", *TINY_DEMO, "--out", str(tmp_path)]) == 0
-    assert torch.get_num_threads() == threads  # restored
-    out = capsys.readouterr().out
-    header = next(line for line in out.splitlines() if line.startswith("regulariser"))
-    for column in ("test acc", "test NLL", "ECE", "acc occluded", "acc noisy", "MC AUROC"):
-        assert column in header
-    for layer in ("no dropout", "nn.Dropout", "SpatialDropout2d", "DropBlock2d + DropSchedule"):
-        assert any(line.startswith(layer) for line in out.splitlines()), layer
-    assert "±" in out
-    assert "--quick is a smoke run" in out
-
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) >= {"command", "settings", "data", "environment", "metrics", "table", "variants"}
-    assert results["command"].startswith("spatialdrop demo --quick")
-    assert results["settings"]["epochs"] == 2
-    assert results["settings"]["seeds"] == 2
-    assert results["settings"]["quick"] is True
-    assert set(results["variants"]) == {"none", "dropout", "spatial", "dropblock"}
-    for variant in results["variants"].values():
-        assert set(variant["metrics"]) >= set(_demo.METRICS)
-        for m in variant["metrics"].values():
-            assert len(m["per_seed"]) == 2
-            assert set(m) == {"mean", "std", "per_seed"}
-        acc = variant["metrics"]["accuracy"]
-        assert 0.0 <= acc["mean"] <= 1.0
-        assert acc["mean"] == pytest.approx(sum(acc["per_seed"]) / 2)
-        assert len(variant["curves"]) == 2
-        assert variant["curves"][0]["epoch"] == [1, 2]
-    assert results["table"]["header"][0] == "regulariser"
-    assert_png(tmp_path / "figure.png")
-
-
-def test_demo_is_deterministic_given_the_seed(tmp_path: Path) -> None:
-    argv = ["demo", *TINY_DEMO, "--epochs", "1", "--seeds", "1", "--seed", "3"]
-    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
-    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
-    a = json.loads((tmp_path / "a" / "results.json").read_text())
-    b = json.loads((tmp_path / "b" / "results.json").read_text())
-    for name in a["variants"]:
-        assert a["variants"][name]["metrics"] == b["variants"][name]["metrics"]
-        assert a["variants"][name]["curves"] == b["variants"][name]["curves"]
-
-
-def test_demo_volumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["demo", "--data", "volumes", *TINY_DEMO, "--epochs", "1", "--seeds", "1", "--out", str(tmp_path)]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "SpatialDropout3d" in out
-    assert "DropBlock3d + DropSchedule" in out
-    assert "synthetic" in out
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["settings"]["data"] == "volumes"
-    assert_png(tmp_path / "figure.png")
-
-
-def test_volumes_are_balanced_deterministic_and_distinct() -> None:
-    x, y = _demo.make_volumes(50, 12, torch.Generator().manual_seed(0), noise=0.0)
-    x2, y2 = _demo.make_volumes(50, 12, torch.Generator().manual_seed(0), noise=0.0)
-    assert x.shape == (50, 1, 12, 12, 12)
-    assert torch.equal(x, x2)
-    assert torch.equal(y, y2)
-    assert torch.bincount(y).tolist() == [10] * len(_demo.VOLUME_CLASSES)
-    # noise-free solids: every volume has some solid voxels, and none fills the box
-    filled = (x > 0).flatten(1).float().mean(dim=1)
-    assert bool((filled > 0.02).all())
-    assert bool((filled < 0.9).all())
-
-
-def test_auroc_matches_the_pairwise_definition() -> None:
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randint(0, 6, (200,), generator=g).float()  # many ties
-    positive = torch.rand(200, generator=g) < 0.3
-    pos, neg = scores[positive], scores[~positive]
-    pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
-    assert _demo.auroc(scores, positive) == pytest.approx(float(pairs.mean()), abs=1e-12)
-    assert _demo.auroc(torch.tensor([0.1, 0.2, 0.9]), torch.tensor([False, False, True])) == 1.0
-    assert _demo.auroc(torch.tensor([0.9, 0.2, 0.1]), torch.tensor([False, False, True])) == 0.0
-    assert math.isnan(_demo.auroc(torch.tensor([0.1, 0.2]), torch.tensor([True, True])))
-
-
-def test_expected_calibration_error() -> None:
-    # confident and right: 0; four predictions at confidence 0.9 of which two right: |0.5 - 0.9|
-    right = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    assert _demo.expected_calibration_error(right, torch.tensor([0, 1])) == pytest.approx(0.0)
-    probs = torch.tensor([[0.9, 0.1]] * 4)
-    labels = torch.tensor([0, 0, 1, 1])
-    assert _demo.expected_calibration_error(probs, labels) == pytest.approx(0.4)
-    # two bins, equal weight: |1 - 0.95| and |0 - 0.55|
-    probs = torch.tensor([[0.95, 0.05], [0.45, 0.55]])
-    assert _demo.expected_calibration_error(probs, torch.tensor([0, 0])) == pytest.approx(
-        0.5 * 0.05 + 0.5 * 0.55
-    )
-
-
-# --- bench ----------------------------------------------------------------------------------------
-
-BENCH = ["bench", "--quick", "--repeats", "2", "--no-progress", "--threads", "1"]
-
-
-def test_bench_json_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "bench.json"
-    assert main([*BENCH, "--suite", "spatial", "--format", "json", "--out", str(out)]) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
-    report = json.loads(out.read_text())
-    assert set(report) == {"command", "environment", "rows", "goals"}
-    assert report["goals"] == []  # --quick shapes are not the issues' shapes
-    assert report["environment"]["torch_threads"] == 1
-    assert report["environment"]["torch"] == torch.__version__
-    rows = report["rows"]
-    assert {r["case"] for r in rows} == {c.name for c in _bench.spatial_cases(True, 0.1)}
-    assert set(rows[0]) == {f.name for f in _bench.Row.__dataclass_fields__.values()}
-    for r in rows:
-        assert r["fwd_ms"] > 0
-        assert r["fwd_bwd_ms"] > 0
-        if r["call"] == _bench.REFERENCE:
-            assert r["fwd_ratio"] == 1.0
-            assert r["saved_bytes"] == 0
-            assert r["drop_mean"] is None
-        else:
-            # channel dropout at p = 0.1: a rate near p, saving only the per-channel noise
-            assert 0.05 < r["drop_mean"] < 0.15
-            assert r["saved_fraction"] < 0.01
-    libraries = {r["library"] for r in rows}
-    assert libraries == {"torch", "spatialdrop"}
-
-
-def test_bench_dropblock_suite(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([*BENCH, "--suite", "dropblock", "--format", "csv"]) == 0
-    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert {r["kind"] for r in rows} == {"speed", "calibration"}
-    ours = [r for r in rows if r["library"] == "spatialdrop" and r["kind"] == "speed"]
-    assert len(ours) == 6
-    for r in ours:
-        assert float(r["fwd_bwd_ms"]) > 0
-        assert float(r["drop_mean"]) == pytest.approx(0.1, abs=0.02)
-        assert float(r["saved_fraction"]) < 0.25  # issue 3: at most a quarter of the input
-    # calibration: our default seeding drops p at the corners and the centre too
-    uniform = [
-        r
-        for r in rows
-        if r["kind"] == "calibration" and r["call"].startswith("drop_block") and "valid" not in r["call"]
-    ]
-    assert len(uniform) == len(_bench.CALIBRATION)
-    for r in uniform:
-        p = float(r["p"])
-        for key in ("drop_mean", "drop_corner", "drop_centre"):
-            assert float(r[key]) == pytest.approx(p, abs=0.06), (r["case"], key)
-    assert uniform[0]["fp16_ok"] == "True"
-    # peers: measured when installed, else listed with a note and no numbers
-    tv = [r for r in rows if r["library"] == "torchvision"]
-    assert len(tv) == 2 + len(_bench.CALIBRATION)
-    for r in tv:
-        if HAS_TORCHVISION:
-            assert float(r["drop_mean"]) > 0
-        else:
-            assert r["note"].startswith("torchvision not installed")
-            assert r["drop_mean"] == ""
-
-
-def test_bench_family_and_keyed_suites(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    assert main([*BENCH, "--suite", "family", "--format", "json", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert {r["suite"] for r in rows} == {"family"}
-    path = next(r for r in rows if r["call"] == "drop_path(x, p)")
-    assert path["drop_mean"] == pytest.approx(0.1, abs=0.03)  # 2048 single-channel samples
-    assert path["saved_fraction"] < 0.01
-    conv = next(r for r in rows if r["call"].startswith("filter_dropout"))
-    assert conv["fwd_bwd_ms"] > 0
-    assert conv["drop_mean"] is None  # filters, not activations: no activation drop rate
-    assert main([*BENCH, "--suite", "keyed", "--format", "json", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    keyed = [r for r in rows if r["call"] == "spatial_dropout(x, p, key=key)"]
-    assert len(keyed) == 2
-    for r in keyed:
-        assert 0.05 < r["drop_mean"] < 0.15
-    draws = [r for r in rows if r["call"].startswith("keyed_uniform")]
-    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] is None for r in draws)
-
-
-@pytest.mark.parametrize("fmt", ["table", "markdown"])
-def test_bench_text_formats_have_the_columns(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([*BENCH, "--suite", "spatial", "--format", fmt]) == 0
-    out = capsys.readouterr().out
-    assert "torch threads 1" in out
-    for title in (
-        "fwd ms",
-        "fwd / x * 2.0",
-        "fwd+bwd ms",
-        "saved for bwd",
-        "drop mean",
-        "drop corner",
-        "drop centre",
-    ):
-        assert title in out
-    assert "F.dropout1d(x.permute(0, 2, 1), p).permute(0, 2, 1)" in out
-    if fmt == "markdown":
-        assert "| case | shape | library | call |" in out
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt is Linux only")
-def test_bench_steady_malloc_is_reported_and_optional(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    argv = [*BENCH, "--suite", "spatial", "--format", "json", "--out", str(out)]
-    assert main(argv) == 0
-    env = json.loads(out.read_text())["environment"]
-    if _bench.steady_malloc(False):  # glibc: tuned during the run, defaults restored after it
-        assert env["malloc"].startswith("glibc, mmap off")
-    assert main([*argv, "--default-malloc"]) == 0
-    assert json.loads(out.read_text())["environment"]["malloc"] == "default"
-
-
-def test_bench_goals_are_checked_on_the_medians() -> None:
-    # Row(kind, suite, case, shape, p, library, call, fwd_ms, fwd_ratio, fwd_bwd_ms, fwd_bwd_ratio)
-    rows = [
-        _bench.Row("speed", "spatial", "2-D maps", "s", 0.1, "torch", "x * 2.0", 1.0, 1.0, 2.0, 1.0),
-        _bench.Row(
-            "speed",
-            "spatial",
-            "2-D maps",
-            "s",
-            0.1,
-            "spatialdrop",
-            "spatial_dropout(x, p)",
-            1.1,
-            1.1,
-            2.6,
-            1.3,
-        ),
-        _bench.Row(
-            "speed", "spatial", "2-D maps", "s", 0.1, "torch", "F.dropout2d(x, p)", 1.1, 1.1, 2.2, 1.1
-        ),
-        _bench.Row(
-            "speed",
-            "dropblock",
-            "2-D, block 7, a mask per channel",
-            "s",
-            0.1,
-            "spatialdrop",
-            "drop_block(x, p, 7)",
-            3.0,
-            3.0,
-            5.0,
-            2.5,
-            vs_torchvision=19.0,
-            saved_fraction=0.03,
-        ),
-    ]
-    checked = {g.what.split(": ", 1)[-1] + f" [{g.issue}]": g.met for g in _bench.goals(rows)}
-    assert checked == {
-        "torch time / ours, forward [2]": True,  # 1.1 / 1.1
-        "torch time / ours, fwd+bwd [2]": False,  # 2.2 / 2.6 = 0.85
-        "ours / x * 2.0, forward [2]": True,  # 1.1
-        "ours / x * 2.0, fwd+bwd [2]": False,  # 1.3
-        "fwd+bwd / x * 2.0 [3]": True,  # 2.5 <= 4
-        "speed-up over torchvision [3]": False,  # 19 < 20
-        "saved for backward / input bytes [3]": True,
+def _bad_paths(tmp_path: Path) -> dict[str, Path]:
+    existing = tmp_path / "existing.txt"
+    existing.write_text("keep me")
+    return {
+        "/proc/x": Path("/proc/x"),
+        "/proc/x/y.txt": Path("/proc/x/y.txt"),
+        "an existing file": existing,
+        "a file as parent folder": existing / "y.txt",
     }
 
 
-def test_bench_drop_rates_see_the_corners() -> None:
-    def corners_only(x: torch.Tensor) -> torch.Tensor:
-        y = x.clone()
-        y[..., 0, 0] = y[..., 0, -1] = y[..., -1, 0] = y[..., -1, -1] = 0
-        return y
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs a /proc file system")
+@pytest.mark.parametrize("command", ["demo", "bench", "show"])
+@pytest.mark.parametrize("which", ["/proc/x", "/proc/x/y.txt", "an existing file", "a file as parent folder"])
+def test_bad_output_path_exits_2_at_once_without_computing(
+    command: str,
+    which: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def no_work(*args: Any, **kwargs: Any) -> int:
+        raise AssertionError("computed before checking --out")
 
-    mean, corner, centre = _bench.drop_rates(corners_only, (2, 3, 5, 5), (2, 3), min_samples=1)
-    assert (mean, corner, centre) == (pytest.approx(4 / 25), 1.0, 0.0)
-
-
-# --- show -----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("panels", ["all", "masks", "rates"])
-def test_show_writes_a_png(panels: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "sub" / "masks.png"
-    argv = ["show", "--size", "12", "--block-size", "3", "-p", "0.2", "--draws", "300", "--panels", panels]
-    assert main([*argv, "--out", str(out)]) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
-    assert_png(out)
-
-
-def test_show_block_larger_than_the_map(tmp_path: Path) -> None:
-    # ours handles it (uniform seeding); the 'valid' placement refuses, which the panel reports
-    out = tmp_path / "big.png"
-    assert main(["show", "--size", "5", "--block-size", "7", "--draws", "100", "--out", str(out)]) == 0
-    assert_png(out)
+    monkeypatch.setattr(demo, "run_demo", no_work)
+    monkeypatch.setattr(bench, "run_bench", no_work)
+    monkeypatch.setattr(show, "run_show", no_work)
+    path = _bad_paths(tmp_path)[which]
+    started = time.perf_counter()
+    assert main([command, "--out", str(path)]) == 2
+    assert time.perf_counter() - started < 2.0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"spatialdrop: error: spatialdrop {command} --out: ")
+    assert "Traceback" not in err
+    assert (tmp_path / "existing.txt").read_text() == "keep me"
 
 
-def test_rate_map_of_our_dropblock_is_flat() -> None:
-    from spatialdrop.functional import drop_block
+@pytest.mark.parametrize("command", ["bench", "show"])
+def test_force_overwrites_an_existing_file(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs: list[Path] = []
+    monkeypatch.setattr(bench, "run_bench", lambda **kw: runs.append(kw["out"]) or 0)
+    monkeypatch.setattr(show, "run_show", lambda **kw: runs.append(kw["out"]) or 0)
+    path = _bad_paths(tmp_path)["an existing file"]
+    assert main([command, "--out", str(path)]) == 2
+    assert "exists; pass --force to overwrite it" in capsys.readouterr().err
+    assert main([command, "--out", str(path), "--force"]) == 0
+    assert runs == [path]
 
-    torch.manual_seed(0)
-    rate = __import__("spatialdrop._show", fromlist=["rate_map"]).rate_map(
-        lambda x: drop_block(x, 0.2, 3), size=9, draws=4000
+
+def test_missing_output_folders_are_fine_and_created_only_when_writing(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "out.txt"
+    _io.check_file(target, force=False, what="t")
+    assert not (tmp_path / "a").exists()
+    _io.write_text(target, "done\n")
+    assert target.read_text() == "done\n"
+
+
+def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _io.write_atomic(target, half_then_fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_show_ctrl_c_exits_130_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(show, "rate_map", interrupted)
+    out = tmp_path / "m.png"
+    assert main(["show", "--size", "8", "--block-size", "3", "--no-progress", "--out", str(out)]) == 130
+    assert capsys.readouterr().err == "spatialdrop show: interrupted\n"
+    assert not out.exists()
+
+
+# --- help texts state the code's defaults ---------------------------------------------------------
+
+
+def _help(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("field", ["seeds", "epochs", "mc_samples", "p", "block_size"])
+def test_demo_help_states_the_defaults_the_code_uses(field: str, capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help("demo", capsys)
+    option = "--" + field.replace("_", "-") if field != "p" else "-p P"
+    found = re.search(re.escape(option) + r"[^(]*\(default: ([^)]*)\)", text)
+    assert found is not None, text
+    numbers = re.findall(r"[\d.]+", found.group(1))
+    expected = [
+        getattr(demo_train.make_settings(d, q), field) for q in (False, True) for d in ("digits", "volumes")
+    ]
+    # "A for digits, B for volumes; with --quick C and D", with equal pairs written once
+    shown = [float(n) for n in numbers]
+    pairs = [expected[:2], expected[2:]]
+    want = [v for pair in pairs for v in (pair[:1] if pair[0] == pair[1] else pair)]
+    if pairs[0] == pairs[1]:
+        want = want[: len(want) // 2]
+    assert shown == [float(v) for v in want], (field, found.group(1))
+
+
+# --- the applications stay apart from the library -------------------------------------------------
+
+
+def _sources() -> list[Path]:
+    return sorted(CLI_DIR.glob("*.py"))
+
+
+def test_the_applications_use_only_the_public_api() -> None:
+    for path in _sources():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1, f"{path.name}: relative import out of the cli package"
+                if node.level == 0 and node.module and node.module.startswith("spatialdrop"):
+                    assert node.module in ("spatialdrop", "spatialdrop.functional"), (
+                        f"{path.name}: {node.module}"
+                    )
+                    assert all(not a.name.startswith("_") or a.name == "__version__" for a in node.names)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("spatialdrop.") or alias.name == "spatialdrop.functional"
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "spatialdrop"
+            ):
+                assert not node.attr.startswith("_") or node.attr == "__version__", (
+                    f"{path.name}: {node.attr}"
+                )
+
+
+def test_no_application_file_is_over_500_lines_and_none_names_a_ticket() -> None:
+    for path in _sources():
+        text = path.read_text()
+        assert len(text.splitlines()) <= 500, path.name
+        assert re.search(r"\bissues?\b\s*#?\d|\bticket", text, re.IGNORECASE) is None, path.name
+
+
+def test_the_library_has_no_application_modules_left_beside_it() -> None:
+    package = CLI_DIR.parent
+    assert not any(
+        (package / name).exists() for name in ("_bench.py", "_demo.py", "_show.py", "_optional.py")
     )
-    # every position dropped with probability 0.2: 4000 draws give sd 0.0063 per position
-    assert float(rate.mean()) == pytest.approx(0.2, abs=0.01)
-    assert float((rate - 0.2).abs().max()) < 0.04
+    assert (package / "__main__.py").read_text().count("\n") < 15

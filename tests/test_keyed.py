@@ -644,15 +644,10 @@ def test_keyed_normal_rows_follow_samples_and_are_standard_normal() -> None:
 
 
 def test_benchmark_quick_run(capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
+    from spatialdrop.cli import main
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_keyed.py"
-    spec = importlib.util.spec_from_file_location("bench_keyed", path)
-    assert spec is not None
-    assert spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.main(["--quick", "--repeats", "1", "--format", "markdown", "--no-progress"]) == 0
+    argv = ["bench", "--suite", "keyed", "--quick", "--repeats", "1", "--format", "markdown", "--no-progress"]
+    assert main(argv) == 0
     table = capsys.readouterr().out
     assert table.count("| `spatial_dropout(x, p, key=key)` |") == 2
     assert table.count("| `spatial_dropout(x, p)` |") == 2

@@ -12,6 +12,7 @@ Two kinds of panels, in one PNG:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,20 +20,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import spatialdrop
+from spatialdrop.functional import drop_block, spatial_dropout
+
+from ._io import write_atomic
 from ._optional import progress, require
 
 __all__ = ["mask_layers", "rate_layers", "rate_map", "run_show"]
 
 CMD = "show"
 SAMPLES, CHANNELS = 4, 4
+CHUNK = 1024
+CAPTION = {
+    "masks": "Masks: black = dropped, grey = kept, one tile per (sample, channel).",
+    "rates": "Rates: colour = fraction of draws in which the position was dropped "
+    "(one colour scale for every panel).",
+}
 
 
 def mask_layers(p: float, block_size: int) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
     """The 2-D layers whose sample masks are drawn: ``(title, input -> output)``."""
-    from .drop_block import drop_block
-    from .drop_path import DropPath
-    from .spatial_dropout import spatial_dropout
-
     b = block_size
     return [
         (f"nn.Dropout({p})\nelementwise", nn.Dropout(p)),
@@ -42,14 +49,12 @@ def mask_layers(p: float, block_size: int) -> list[tuple[str, Callable[[Tensor],
             f"DropBlock2d({p}, {b},\nshared_channels=True)",
             lambda x: drop_block(x, p, b, shared_channels=True),
         ),
-        (f"DropPath({p})\nwhole samples", DropPath(p)),
+        (f"DropPath({p})\nwhole samples", spatialdrop.DropPath(p)),
     ]
 
 
 def rate_layers(p: float, block_size: int) -> list[tuple[str, Callable[[Tensor], Tensor] | str]]:
     """The DropBlocks whose drop-rate maps are drawn; a string instead of a callable is a note."""
-    from .drop_block import drop_block
-
     b = block_size
     layers: list[tuple[str, Callable[[Tensor], Tensor] | str]] = [
         (
@@ -78,11 +83,18 @@ def rate_layers(p: float, block_size: int) -> list[tuple[str, Callable[[Tensor],
     return layers
 
 
-def rate_map(fn: Callable[[Tensor], Tensor], size: int, draws: int, chunk: int = 4096) -> Tensor:
+def rate_map(
+    fn: Callable[[Tensor], Tensor],
+    size: int,
+    draws: int,
+    chunk: int = CHUNK,
+    tick: Callable[[int], None] | None = None,
+) -> Tensor:
     """Per-position fraction of ``draws`` independent ``size × size`` maps that ``fn`` zeroes.
 
     Every map is its own sample (input shape ``(n, 1, size, size)``), so layers that share a
     mask across channels or rescale by the batch are counted the same way as the others.
+    ``tick(n)`` is called after each chunk of ``n`` maps.
     """
     count = torch.zeros(size, size, dtype=torch.float64)
     done = 0
@@ -92,6 +104,8 @@ def rate_map(fn: Callable[[Tensor], Tensor], size: int, draws: int, chunk: int =
             out = fn(torch.ones(n, 1, size, size))
             count += (out == 0).sum(dim=(0, 1), dtype=torch.float64)
             done += n
+            if tick is not None:
+                tick(n)
     return count / draws
 
 
@@ -121,12 +135,16 @@ def run_show(
     draws: int = 20000,
     panels: str = "all",
     seed: int = 0,
+    show_progress: bool = True,
 ) -> int:
-    """Draw the chosen panels into the PNG ``out``; return the exit code."""
+    """Draw the chosen panels into the PNG ``out`` (exactly that path); return the exit code.
+
+    ``out`` must have been checked by the caller (:func:`.check_file`).
+    """
+    started = time.perf_counter()
     matplotlib = require("matplotlib", "matplotlib", CMD)
     matplotlib.use("Agg")
     plt = require("matplotlib.pyplot", "matplotlib", CMD)
-    from .drop_block import drop_block
 
     torch.manual_seed(seed)
     show_masks = panels in ("all", "masks")
@@ -137,7 +155,7 @@ def run_show(
     slices = min(side3, 6)
     n_rows = (2 if show_masks else 0) + (1 if show_rates else 0)
     width = max(len(masks), len(rates) + 0.3, slices if show_masks else 0)
-    heights = ([1.3, 0.85] if show_masks else []) + ([1.15] if show_rates else [])
+    heights = ([1.3, 0.85] if show_masks else []) + ([1.4] if show_rates else [])
     fig = plt.figure(figsize=(2.6 * width, 2.6 * sum(heights) + 0.3), layout="constrained")
     subfigs = fig.subfigures(n_rows, 1, squeeze=False, height_ratios=heights)[:, 0]
     row = 0
@@ -152,8 +170,10 @@ def run_show(
                 dropped = (fn(x) == 0).float()
             ax.imshow(_mosaic(dropped).numpy(), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(f"{title}\n{float(dropped.mean()):.3f} dropped in this draw", fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            centres = [i * (size + 2) + (size - 1) / 2 for i in range(SAMPLES)]
+            ax.set_xticks(centres[:CHANNELS], [f"ch {j + 1}" for j in range(CHANNELS)], fontsize=8)
+            ax.set_yticks(centres, [f"sample {i + 1}" for i in range(SAMPLES)] if ax is axes[0] else [])
+            ax.tick_params(length=0, labelsize=8)
         sub.suptitle(
             f"one draw of each layer on {size}×{size} maps, p = {p}: {SAMPLES} samples (rows) × "
             f"{CHANNELS} channels (columns); dropped = black, kept = grey",
@@ -168,7 +188,9 @@ def run_show(
         picks = torch.linspace(0, side3 - 1, slices).round().long().tolist()
         for ax, d in zip(axes, picks):
             ax.imshow(dropped3[d].numpy(), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-            ax.set_title(f"depth {d}", fontsize=9)
+            ax.set_title(f"depth slice {d}", fontsize=9)
+            ax.set_xlabel("width", fontsize=8)
+            ax.set_ylabel("height" if ax is axes[0] else "", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
         sub.suptitle(
@@ -181,16 +203,19 @@ def run_show(
         sub = subfigs[row]
         axes = sub.subplots(1, len(rates), squeeze=False)[0]
         maps: list[tuple[Any, str, Tensor | str]] = []
-        with progress(CMD, total=len(rates), desc="drop-rate maps", unit="layer") as bar:
+        runnable = sum(1 for _, layer in rates if not isinstance(layer, str))
+        with progress(
+            CMD, total=runnable * draws, desc="drop-rate maps", enabled=show_progress, unit="map"
+        ) as bar:
             for ax, (title, layer) in zip(axes, rates):
                 if isinstance(layer, str):
                     maps.append((ax, title, layer))
-                else:
-                    try:
-                        maps.append((ax, title, rate_map(layer, size, draws)))
-                    except Exception as err:  # a peer that refuses this map/block size
-                        maps.append((ax, title, f"failed: {type(err).__name__}: {err}"[:120]))
-                bar.update(1)
+                    continue
+                bar.set_postfix_str(title.split("\n")[0])
+                try:
+                    maps.append((ax, title, rate_map(layer, size, draws, tick=bar.update)))
+                except Exception as err:  # a peer that refuses this map/block size
+                    maps.append((ax, title, f"failed: {type(err).__name__}: {err}"[:120]))
         top = max([2 * p] + [float(m.max()) for _, _, m in maps if isinstance(m, Tensor)])
         image = None
         for ax, title, m in maps:
@@ -209,8 +234,9 @@ def run_show(
             f"p asked = {p} (a calibrated layer is flat at p)",
             fontsize=10,
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.supxlabel("\n".join(CAPTION[k] for k in ("masks", "rates") if panels in (k, "all")), fontsize=9)
+    # format="png": write exactly ``out`` (matplotlib would append ".png" to a name without suffix)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    print(f"wrote {out}")
+    print(f"wrote {out} in {time.perf_counter() - started:.0f} s")
     return 0

@@ -1,24 +1,22 @@
-"""The ``spatialdrop`` command: ``demo``, ``bench`` and ``show``.
+"""The argument parser of the ``spatialdrop`` command, and the dispatch to its commands.
 
-``main(argv=None) -> int`` is the entry point of the ``spatialdrop`` script and of
-``python -m spatialdrop``; tests call it with a list of arguments. The commands need the optional
-dependencies of the ``demo`` extra (``pip install "spatialdrop[demo]"``), imported only when a
-command runs.
+Every command checks its ``--out`` before it computes anything (:mod:`._io`); the help texts
+state the defaults that the code uses (they are built from the same constants).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__
-from ._optional import MissingDependency
+from spatialdrop import __version__
 
-__all__ = ["build_parser", "main"]
+from ._io import check_file, check_folder
+
+__all__ = ["PROG", "build_parser"]
 
 PROG = "spatialdrop"
 
@@ -80,8 +78,34 @@ def _describe(*paragraphs: str) -> str:
     return "\n\n".join(textwrap.fill(" ".join(p.split()), width=88) for p in paragraphs)
 
 
+def _per_data(field: str) -> str:
+    """The demo's default of ``field`` per data set and with --quick, from its own settings.
+
+    E.g. ``"default: 150 for digits, 50 for volumes; with --quick 25 and 10"``.
+    """
+    from .demo_train import make_settings
+
+    def text(quick: bool) -> str:
+        digits, volumes = (getattr(make_settings(d, quick), field) for d in ("digits", "volumes"))
+        if digits == volumes:
+            return f"{digits}"
+        return f"{digits} for digits, {volumes} for volumes" if not quick else f"{digits} and {volumes}"
+
+    full, quick = text(False), text(True)
+    return f"default: {full}" if full == quick else f"default: {full}; with --quick {quick}"
+
+
+def _force(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--force", action="store_true", help=f"overwrite {what} (without it, an existing one is refused)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``spatialdrop`` command and its subcommands."""
+    from .bench import DEFAULT_REPEATS
+    from .bench_cases import SUITES
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Structured dropout for PyTorch: see it work (demo), time it (bench), look at it (show).",
@@ -103,36 +127,38 @@ def build_parser() -> argparse.ArgumentParser:
             "--data digits: scikit-learn's handwritten digits (real data shipped with scikit-learn, "
             "no download), upsampled to 16x16. --data volumes: synthetic 12^3 volumes of five solids "
             "(sphere, cube, cylinder, torus, cone) with random pose, for the 3-D layers.",
-            "Deterministic given --seed (and --threads). Defaults take about 3 minutes on 2 cores.",
+            "Given --seed and --threads, a run repeats its numbers exactly on the same machine with "
+            "the same torch build; another CPU or torch build may change the last digits. The "
+            "default run trains 20 models (digits) and takes minutes; README.md gives measured times.",
         ),
     )
     demo.add_argument("--data", choices=("digits", "volumes"), default="digits", help="the data set")
-    demo.add_argument("--out", type=Path, default=Path("spatialdrop-demo"), help="output folder")
-    demo.add_argument("--quick", action="store_true", help="fewer seeds and epochs (under a minute)")
+    demo.add_argument(
+        "--out", type=Path, default=Path("spatialdrop-demo"), help="output folder (created if missing)"
+    )
+    _force(demo, "results.json and figure.png in --out")
+    demo.add_argument("--quick", action="store_true", help="fewer seeds and epochs: a smoke run")
     demo.add_argument("--seed", type=_int_at_least(0), default=0, help="base seed (data split and runs)")
     demo.add_argument(
-        "--seeds",
+        "--seeds", type=_int_at_least(1), default=None, help=f"runs per regulariser ({_per_data('seeds')})"
+    )
+    demo.add_argument(
+        "--epochs", type=_int_at_least(1), default=None, help=f"epochs per run ({_per_data('epochs')})"
+    )
+    demo.add_argument(
+        "-p", type=_probability, default=None, help=f"drop probability of every layer ({_per_data('p')})"
+    )
+    demo.add_argument(
+        "--block-size",
         type=_int_at_least(1),
         default=None,
-        help="runs per regulariser (default: 5; 3 for volumes; 2 with --quick)",
-    )
-    demo.add_argument(
-        "--epochs",
-        type=_int_at_least(1),
-        default=None,
-        help="epochs per run (default: 150; 60 for volumes; fewer with --quick)",
-    )
-    demo.add_argument(
-        "-p", type=_probability, default=None, help="drop probability of every layer (default: 0.1)"
-    )
-    demo.add_argument(
-        "--block-size", type=_int_at_least(1), default=None, help="DropBlock block size (default: 3)"
+        help=f"DropBlock block size ({_per_data('block_size')})",
     )
     demo.add_argument(
         "--mc-samples",
         type=_int_at_least(1),
         default=None,
-        help="MC-dropout samples (default: 30; 10 with --quick)",
+        help=f"MC-dropout samples ({_per_data('mc_samples')})",
     )
     demo.add_argument(
         "--jobs", type=_int_at_least(1), default=_default_jobs(), help="training processes run in parallel"
@@ -147,18 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         description=_describe(
             "Side-by-side CPU benchmark: forward and forward+backward time (median of repeats, "
-            "after warm-up) as ratios to a bare x * 2.0 measured in the same run, bytes saved for "
-            "backward, and the realised drop rate (mean, corner, centre) of ours and, when "
-            "installed, torch's, torchvision's and timm's layers. Rows of peers that are not "
-            "installed are listed with a note; the goals of the issues are checked at the end.",
+            "after warm-up) as ratios to a bare x * 2.0 measured in the same run, our layers under "
+            "torch.compile(fullgraph=True) as a ratio to eager, bytes saved for backward, and the "
+            "realised drop rate (mean, corner, centre) of ours and, when installed, torch's, "
+            "torchvision's and timm's layers. Rows of peers that are not installed are listed with "
+            "a note; the speed and memory goals are checked at the end, each named by what it "
+            "measures. The table fits in 100 columns; --format markdown, json or csv hold every "
+            "column.",
             "One thread by default: on a machine shared with other work, every parallel region of "
             "a multi-threaded run can wait for a scheduler tick, which punishes code made of many "
-            "small ops far more than the work itself. Use --threads N on an idle machine.",
+            "small ops far more than the work itself. Use --threads N on an idle machine. "
+            "Ctrl-C writes the rows measured so far and exits with 130.",
         ),
     )
     bench.add_argument(
         "--suite",
-        choices=("spatial", "dropblock", "family", "keyed", "all"),
+        choices=(*SUITES, "all"),
         default="all",
         help="spatial: channel dropout vs torch; dropblock: DropBlock speed and calibration vs "
         "torchvision, timm, dropblock; family: DropPath, Gaussian, alpha, filter dropout; keyed: "
@@ -168,18 +198,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("table", "markdown", "json", "csv"), default="table", help="output format"
     )
     bench.add_argument("--out", type=Path, default=None, help="write to this file instead of stdout")
-    bench.add_argument("--quick", action="store_true", help="small shapes and few repeats (under a minute)")
-    bench.add_argument("--repeats", type=_int_at_least(1), default=None, help="timed repeats per row")
+    _force(bench, "--out")
+    bench.add_argument("--quick", action="store_true", help="small shapes and few repeats")
+    bench.add_argument(
+        "--repeats",
+        type=_int_at_least(1),
+        default=None,
+        help=f"timed repeats per row (default: {DEFAULT_REPEATS[False]}; "
+        f"{DEFAULT_REPEATS[True]} with --quick)",
+    )
     bench.add_argument(
         "--threads", type=_int_at_least(1), default=1, help="torch intra-op threads during the run"
     )
     bench.add_argument("-p", type=_probability, default=0.1, help="drop probability")
     bench.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed")
     bench.add_argument(
-        "--default-malloc",
+        "--no-compile",
         action="store_true",
-        help="keep glibc's default of a fresh mmap per big tensor (page faults on every call); by "
-        "default the bench turns mmap off so that freed memory is reused",
+        help="skip the torch.compile(fullgraph=True) rows (compiling takes a while on a small machine)",
+    )
+    bench.add_argument(
+        "--tuned-malloc",
+        action="store_true",
+        help="turn glibc's mmap threshold off during the run, so that freed memory is reused instead "
+        "of page-faulted in again on every call (as jemalloc/tcmalloc do); without it the bench "
+        "uses the allocator as users get it. The choice is reported with the results",
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)
@@ -191,15 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
         description=_describe(
             "Draw one sample mask of each layer on a --size map (dropped = dark), the per-position "
             "drop rate over many draws of our DropBlock and of torchvision's and timm's when "
-            "installed (the calibration picture), and a 3-D DropBlock mask as slices."
+            "installed (the calibration picture), and a 3-D DropBlock mask as slices. The PNG is "
+            "written to exactly the --out path."
         ),
     )
     show.add_argument("--out", type=Path, default=Path("spatialdrop-masks.png"), help="the PNG to write")
+    _force(show, "--out")
     show.add_argument("--size", type=_int_at_least(1), default=28, help="side of the square map")
     show.add_argument("--block-size", type=_int_at_least(1), default=7, help="DropBlock block size")
     show.add_argument("-p", type=_probability, default=0.1, help="drop probability")
     show.add_argument(
-        "--draws", type=_int_at_least(1), default=20000, help="masks averaged per heat map (maps x draws)"
+        "--draws", type=_int_at_least(1), default=20000, help="maps drawn per drop-rate heat map"
     )
     show.add_argument(
         "--panels",
@@ -208,14 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="masks: sample masks and 3-D slices; rates: the per-position drop-rate heat maps",
     )
     show.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed")
+    show.add_argument("--no-progress", action="store_true", help="no progress bar")
     show.set_defaults(func=_show)
     return parser
 
 
 def _demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from . import _demo
+    from .demo import OUTPUT_FILES, run_demo
+    from .demo_train import make_settings
 
-    settings = _demo.make_settings(
+    check_folder(args.out, OUTPUT_FILES, force=args.force, what=f"{PROG} demo --out")
+    settings = make_settings(
         args.data,
         args.quick,
         seed=args.seed,
@@ -228,13 +276,15 @@ def _demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
         threads=args.threads,
     )
     command = " ".join([PROG, *argv])
-    return _demo.run_demo(settings, args.out, show_progress=not args.no_progress, command=command)
+    return run_demo(settings, args.out, show_progress=not args.no_progress, command=command)
 
 
 def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from . import _bench
+    from .bench import run_bench
 
-    return _bench.run_bench(
+    if args.out is not None:
+        check_file(args.out, force=args.force, what=f"{PROG} bench --out")
+    return run_bench(
         suite=args.suite,
         fmt=args.format,
         out=args.out,
@@ -245,14 +295,16 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         seed=args.seed,
         show_progress=not args.no_progress,
         command=" ".join([PROG, *argv]),
-        steady=not args.default_malloc,
+        tuned_malloc=args.tuned_malloc,
+        compile_ours=not args.no_compile,
     )
 
 
 def _show(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from . import _show
+    from .show import run_show
 
-    return _show.run_show(
+    check_file(args.out, force=args.force, what=f"{PROG} show --out")
+    return run_show(
         out=args.out,
         size=args.size,
         block_size=args.block_size,
@@ -260,29 +312,5 @@ def _show(args: argparse.Namespace, argv: Sequence[str]) -> int:
         draws=args.draws,
         panels=args.panels,
         seed=args.seed,
+        show_progress=not args.no_progress,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``spatialdrop`` command line with ``argv`` (default: ``sys.argv[1:]``).
-
-    Returns:
-        The exit code: 0 on success, 1 when an optional dependency is missing. Bad options exit
-        through argparse with code 2 and a message naming the option.
-    """
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(args_list)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        code: int = args.func(args, args_list)
-    except MissingDependency as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
-    return code
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The ``spatialdrop`` command line: ``demo``, ``bench`` and ``show``.
+
+``main(argv=None) -> int`` is the entry point of the ``spatialdrop`` script and of
+``python -m spatialdrop``; tests call it with a list of arguments. The applications use the
+library only through its public API (``spatialdrop``, ``spatialdrop.functional``); they need the
+optional dependencies of the ``demo`` extra (``pip install "spatialdrop[demo]"``), imported only
+when a command runs.
+
+Exit codes: 0 done; 1 an optional dependency is missing; 2 a bad option or output path (checked
+before any work); 130 interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from ._io import OutputError
+from ._optional import MissingDependency
+from ._parser import PROG, build_parser
+
+__all__ = ["build_parser", "main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``spatialdrop`` command line with ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 on success, 1 when an optional dependency is missing, 2 for an output
+        path that cannot be written (one line on stderr, before any work), 130 after Ctrl-C. Bad
+        options exit through argparse with code 2 and a message naming the option.
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        code: int = args.func(args, args_list)
+    except OutputError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except MissingDependency as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return code

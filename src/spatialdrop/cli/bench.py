@@ -1,0 +1,109 @@
+"""``spatialdrop bench``: time our layers side by side with torch's, torchvision's and timm's.
+
+For every case (an input shape and the implementations compared on it, see
+:mod:`.bench_cases`) the bench reports, as medians over interleaved repeats after a warm-up
+(see :mod:`.bench_measure`):
+
+- forward time, and forward + backward time (``torch.autograd.grad`` with a ones gradient), each
+  also as a ratio to a bare ``x * 2.0`` measured on the same input in the same run, and the
+  forward + backward speed-up over torchvision where torchvision has the op;
+- for our layers under ``torch.compile(fullgraph=True)``: their time over the eager layer's;
+- the bytes that autograd saves for backward, counted with
+  :func:`torch.autograd.graph.saved_tensors_hooks`, each storage once, the input itself not
+  counted (it is alive anyway), also as a fraction of the input's bytes;
+- the realised drop rate on an all-ones input: over every element, at the corners of the
+  spatial map and at its centre (a calibrated layer drops ``p`` everywhere).
+
+Calibration cases (DropBlock suite) only measure the drop rates, on many independent
+single-channel maps of a few sizes, and whether float16 input gives a finite, non-zero output.
+Peers that are not installed are listed with a note instead of numbers.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ._io import write_text
+from ._optional import progress
+from .bench_cases import cases_for
+from .bench_measure import Row, measure, steady_malloc
+from .bench_report import environment, format_rows, goals
+
+__all__ = ["DEFAULT_REPEATS", "TUNED_MALLOC", "run_bench"]
+
+CMD = "bench"
+DEFAULT_REPEATS = {False: 15, True: 5}  # by --quick
+WARMUP = {False: 3, True: 1}
+TUNED_MALLOC = "glibc, mmap off and no trim (freed memory reused)"
+
+
+def _emit(text: str, out: Path | None) -> None:
+    text = text if text.endswith("\n") else text + "\n"
+    if out is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        write_text(out, text)
+
+
+def run_bench(
+    *,
+    suite: str = "all",
+    fmt: str = "table",
+    out: Path | None = None,
+    quick: bool = False,
+    repeats: int | None = None,
+    threads: int | None = None,
+    p: float = 0.1,
+    seed: int = 0,
+    show_progress: bool = True,
+    command: str = "",
+    tuned_malloc: bool = False,
+    compile_ours: bool = True,
+) -> int:
+    """Run the suite, print or write the rows in ``fmt``; return the exit code.
+
+    ``out`` must have been checked by the caller (:func:`.check_file`). On Ctrl-C the rows
+    measured so far are written (nothing when there are none) and the exit code is 130.
+    """
+    started = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    threads = threads or 1
+    repeats = repeats or DEFAULT_REPEATS[quick]
+    warmup = WARMUP[quick]
+    tuned = tuned_malloc and steady_malloc(True)
+    env = environment(threads, TUNED_MALLOC if tuned else "default (glibc)")  # load before the run
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    rows: list[Row] = []
+    interrupted = False
+    try:
+        cases = cases_for(suite, quick, p, compile_ours)
+        total = sum(warmup + repeats if c.timed else 1 for c in cases)
+        with progress(CMD, total=total, desc=f"bench {suite}", enabled=show_progress, unit="round") as bar:
+            for case in cases:
+                bar.set_postfix_str(case.name)
+                rows += measure(case, repeats, warmup, tick=lambda: bar.update(1))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        torch.set_num_threads(threads_before)
+        if tuned:
+            steady_malloc(False)
+    elapsed = time.perf_counter() - started
+    if interrupted:
+        if rows:
+            command += "  [interrupted: partial results]"
+            _emit(format_rows(rows, fmt, env, command), out)
+        where = f"; wrote the {len(rows)} rows measured so far to {out or 'stdout'}" if rows else ""
+        print(f"spatialdrop bench: interrupted after {elapsed:.0f} s{where}", file=sys.stderr)
+        return 130
+    # the goals name full-size shapes: --quick runs smaller ones
+    _emit(format_rows(rows, fmt, env, command, [] if quick else goals(rows)), out)
+    done = f"wrote {out} in {elapsed:.0f} s" if out is not None else f"bench done in {elapsed:.0f} s"
+    print(done, file=sys.stdout if out is not None else sys.stderr)
+    return 0

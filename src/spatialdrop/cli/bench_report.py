@@ -1,0 +1,351 @@
+"""How ``spatialdrop bench`` reports: the environment, the goals, and the four output formats.
+
+``table`` (the default) fits in :data:`WIDTH` columns and shows the main figures; ``markdown``,
+``json`` and ``csv`` hold every measured column.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import io
+import itertools
+import json
+import os
+import platform
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+import spatialdrop
+
+from .bench_cases import REFERENCE
+from .bench_measure import Row
+
+__all__ = ["WIDTH", "Goal", "environment", "format_rows", "goals"]
+
+WIDTH = 100
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment(threads: int, malloc: str = "default") -> dict[str, Any]:
+    """The machine and the libraries the numbers come from."""
+    try:
+        load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        load = "unknown"
+    return {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": threads,
+        "load_average_before": load,
+        "malloc": malloc,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "spatialdrop": spatialdrop.__version__,
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "timm": _version("timm"),
+        "dropblock": _version("dropblock"),
+    }
+
+
+# --- goals --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Goal:
+    """A speed or memory target, stated by what it measures, checked on the measured rows."""
+
+    what: str
+    measured: float
+    limit: float
+    at_least: bool
+
+    @property
+    def met(self) -> bool:
+        """Whether the measured value meets the goal."""
+        return self.measured >= self.limit if self.at_least else self.measured <= self.limit
+
+    def __str__(self) -> str:
+        sign = ">=" if self.at_least else "<="
+        verdict = "met" if self.met else "MISSED"
+        return f"{self.what}: {self.measured:.3g} (goal {sign} {self.limit:g}) {verdict}"
+
+
+def _find(rows: list[Row], case: str, call: str) -> Row | None:
+    return next((r for r in rows if r.case.startswith(case) and r.call.startswith(call) and r.fwd_ms), None)
+
+
+def goals(rows: list[Row]) -> list[Goal]:
+    """The targets that the measured rows can check (on medians), each named by what it measures.
+
+    Channel dropout: at least as fast as torch's (within 5 %) and at most 1.2x a bare multiply.
+    DropBlock per channel (2-D): fwd+bwd at most 4x a bare multiply, at least 20x torchvision's,
+    at most a quarter of the input's bytes saved for backward; shared (2-D): at most 2x a bare
+    multiply; per channel (3-D): at least 20x torchvision's. Compiled layers: fwd+bwd at most
+    1.1x the eager layer's.
+    """
+    out: list[Goal] = []
+    for r in rows:
+        if r.suite != "spatial" or r.library != "spatialdrop" or r.call.startswith("compile("):
+            continue
+        if r.case.startswith("2-D maps, many"):
+            continue
+        peer = next(
+            (t for t in rows if t.case == r.case and t.library == "torch" and t.call != REFERENCE), None
+        )
+        if peer is None or not (
+            r.fwd_ms and r.fwd_bwd_ms and r.fwd_ratio and peer.fwd_ms and peer.fwd_bwd_ms
+        ):
+            continue
+        where = f"spatial dropout, {r.case} {r.shape}"
+        out.append(Goal(f"{where}: torch's forward time / ours", peer.fwd_ms / r.fwd_ms, 0.95, True))
+        out.append(Goal(f"{where}: torch's fwd+bwd time / ours", peer.fwd_bwd_ms / r.fwd_bwd_ms, 0.95, True))
+        out.append(Goal(f"{where}: forward time / {REFERENCE}", r.fwd_ratio, 1.2, False))
+        out.append(Goal(f"{where}: fwd+bwd time / {REFERENCE}", r.fwd_bwd_ratio or 0.0, 1.2, False))
+    per2 = _find(rows, "2-D, block 7, a mask per channel", "drop_block(")
+    if per2 is not None and per2.fwd_bwd_ratio is not None:
+        where = f"DropBlock 2-D per channel {per2.shape}"
+        out.append(Goal(f"{where}: fwd+bwd time / {REFERENCE}", per2.fwd_bwd_ratio, 4, False))
+        if per2.vs_torchvision is not None:
+            out.append(Goal(f"{where}: torchvision's fwd+bwd time / ours", per2.vs_torchvision, 20, True))
+        if per2.saved_fraction is not None:
+            out.append(
+                Goal(f"{where}: bytes saved for backward / input bytes", per2.saved_fraction, 0.25, False)
+            )
+    shared2 = _find(rows, "2-D, block 7, one mask", "drop_block(")
+    if shared2 is not None and shared2.fwd_bwd_ratio is not None:
+        what = f"DropBlock 2-D shared {shared2.shape}: fwd+bwd time / {REFERENCE}"
+        out.append(Goal(what, shared2.fwd_bwd_ratio, 2, False))
+    per3 = _find(rows, "3-D, block 5, a mask per channel", "drop_block(")
+    if per3 is not None and per3.vs_torchvision is not None:
+        what = f"DropBlock 3-D per channel {per3.shape}: torchvision's fwd+bwd time / ours"
+        out.append(Goal(what, per3.vs_torchvision, 20, True))
+    for r in rows:
+        if r.fwd_bwd_vs_eager is not None:
+            what = f"{r.call} {r.shape}: fwd+bwd time compiled / eager"
+            out.append(Goal(what, r.fwd_bwd_vs_eager, 1.1, False))
+    return out
+
+
+# --- formats ------------------------------------------------------------------------------------
+
+FULL_COLUMNS = [
+    ("case", "case"),
+    ("shape", "shape"),
+    ("library", "library"),
+    ("call", "call"),
+    ("fwd_ms", "fwd ms"),
+    ("fwd_ratio", f"fwd / {REFERENCE}"),
+    ("fwd_bwd_ms", "fwd+bwd ms"),
+    ("fwd_bwd_ratio", f"fwd+bwd / {REFERENCE}"),
+    ("fwd_bwd_best_ms", "fwd+bwd best ms"),
+    ("vs_torchvision", "fwd+bwd speed-up vs torchvision"),
+    ("fwd_bwd_vs_eager", "fwd+bwd compiled / eager"),
+    ("saved_bytes", "saved for bwd"),
+    ("drop_mean", "drop mean"),
+    ("drop_corner", "drop corner"),
+    ("drop_centre", "drop centre"),
+    ("note", "note"),
+]
+CALIBRATION_COLUMNS = [
+    ("case", "case"),
+    ("library", "library"),
+    ("call", "call"),
+    ("drop_mean", "drop mean"),
+    ("drop_corner", "drop corner"),
+    ("drop_centre", "drop centre"),
+    ("fp16_ok", "float16 finite, not all zero"),
+    ("note", "note"),
+]
+# the default table: the main figures, short titles (explained by LEGEND), at most WIDTH columns
+TABLE_COLUMNS = [
+    ("call", "call"),
+    ("fwd_ms", "fwd ms"),
+    ("fwd_bwd_ms", "f+b ms"),
+    ("fwd_bwd_ratio", "f+b/ref"),
+    ("vs_torchvision", "tv/ours"),
+    ("fwd_bwd_vs_eager", "/eager"),
+    ("saved_fraction", "saved"),
+    ("drop_mean", "drop"),
+]
+TABLE_CALIBRATION_COLUMNS = [
+    ("call", "call"),
+    ("drop_mean", "mean"),
+    ("drop_corner", "corner"),
+    ("drop_centre", "centre"),
+    ("fp16_ok", "fp16 ok"),
+]
+LEGEND = (
+    f"f+b: forward + backward; ref: {REFERENCE} on the same input; tv/ours: torchvision's f+b time "
+    "over ours; /eager: compiled f+b time over the eager layer's; saved: bytes kept for backward "
+    "beyond the input, as % of the input; drop: fraction dropped on an all-ones input. "
+    "Every column, the corner and centre drop rates included: --format markdown, json or csv."
+)
+TEXT_KEYS = ("case", "shape", "library", "call", "note")
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _cell(row: Row, key: str) -> str:
+    value = getattr(row, key)
+    if value is None:
+        return "—"
+    if key == "saved_bytes":
+        return f"{_human_bytes(value)} ({100 * (row.saved_fraction or 0):.1f}%)"
+    if key == "saved_fraction":
+        return f"{100 * value:.1f}%"
+    if key.endswith("_ms"):
+        return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    if key.endswith(("_ratio", "_vs_eager")) or key == "vs_torchvision":
+        return f"{value:.2f}×" if value < 100 else f"{value:.0f}×"
+    if key.startswith("drop_"):
+        return f"{value:.3f}"
+    if key == "fp16_ok":
+        return "yes" if value else "NO"
+    return str(value)
+
+
+def _markdown(rows: list[Row], columns: list[tuple[str, str]]) -> list[str]:
+    lines = ["| " + " | ".join(t for _, t in columns) + " |"]
+    lines.append("|" + "|".join("---" if k in TEXT_KEYS else "---:" for k, _ in columns) + "|")
+    for r in rows:
+        cells = [_cell(r, k) for k, _ in columns]
+        cells = [f"`{c}`" if k == "call" else c for (k, _), c in zip(columns, cells)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return lines
+
+
+def _wrap(text: str, indent: str = "") -> list[str]:
+    return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=indent + "  ") or [""]
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _plain(rows: list[Row], columns: list[tuple[str, str]], title: Callable[[Row], str]) -> list[str]:
+    """Groups of rows under a heading, each line at most WIDTH characters, notes below the group."""
+    keys = [k for k, _ in columns]
+    titles = [t for _, t in columns]
+    widths = [max(len(t), *(len(_cell(r, k)) for r in rows)) for k, t in zip(keys, titles)]
+    room = WIDTH - sum(widths[1:]) - 2 * (len(widths) - 1)
+    widths[0] = max(12, min(widths[0], room))  # the call column takes what is left
+    out = []
+    for heading, group in itertools.groupby(rows, key=title):
+        out += _wrap(heading)
+        out.append(
+            "  ".join(t.ljust(w) if k in TEXT_KEYS else t.rjust(w) for k, t, w in zip(keys, titles, widths))
+        )
+        notes = []
+        for r in group:
+            cells = [_fit(_cell(r, k), w) for k, w in zip(keys, widths)]
+            line = "  ".join(
+                c.ljust(w) if k in TEXT_KEYS else c.rjust(w) for k, c, w in zip(keys, cells, widths)
+            )
+            out.append(line.rstrip())
+            if r.note and not r.note.startswith(f"{r.library} not installed"):
+                notes.append(f"note: {r.call}: {r.note}")
+            elif len(r.call) > widths[0]:
+                notes.append(f"call in full: {r.call}")
+        for note in notes:
+            out += _wrap(note, "  ")
+        out.append("")
+    return out
+
+
+def format_rows(
+    rows: list[Row], fmt: str, env: dict[str, Any], command: str, checked: Sequence[Goal] = ()
+) -> str:
+    """The rows as ``table``, ``markdown``, ``json`` or ``csv`` text, with the ``checked`` goals."""
+    if fmt == "json":
+        report = {
+            "command": command,
+            "environment": env,
+            "rows": [asdict(r) for r in rows],
+            "goals": [{**asdict(g), "met": g.met} for g in checked],
+        }
+        return json.dumps(report, indent=1) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=[f.name for f in Row.__dataclass_fields__.values()])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(asdict(r))
+        return buf.getvalue()
+    machine = (
+        f"{env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, load average "
+        f"before {env['load_average_before']}, malloc {env['malloc']}; torch {env['torch']}, "
+        f"torchvision {env['torchvision']}, timm {env['timm']}, dropblock {env['dropblock']}; "
+        f"{env['platform']}"
+    )
+    about = (
+        f"speed: median of interleaved repeats after warm-up, ratios to {REFERENCE} on the same input in "
+        "the same run; saved for bwd: bytes autograd keeps beyond the input (% of the input's); "
+        "drop rates on an all-ones input"
+    )
+    speed = [r for r in rows if r.kind == "speed"]
+    calibration = [r for r in rows if r.kind == "calibration"]
+    if fmt == "markdown":
+        lines = [f"Command: `{command}`  ", f"Machine: {machine}  ", f"{about}.", ""]
+        if speed:
+            lines += [*_markdown(speed, FULL_COLUMNS), ""]
+        if calibration:
+            lines += [
+                "Calibration: fraction dropped over many independent single-channel maps "
+                "(p asked in the case name).",
+                "",
+                *_markdown(calibration, CALIBRATION_COLUMNS),
+                "",
+            ]
+        if checked:
+            lines += ["Goals, checked on the medians above:", ""]
+            lines += [f"- {g}" for g in checked] + [""]
+        return "\n".join(lines)
+    out = [*_wrap(f"command: {command}"), *_wrap(f"machine: {machine}"), *_wrap(LEGEND)]
+    missing = sorted({r.library for r in rows if r.note.startswith(f"{r.library} not installed")})
+    if missing:
+        out += _wrap(f"not installed, so their rows show —: {', '.join(missing)}")
+    out.append("")
+    if speed:
+        out += _plain(speed, TABLE_COLUMNS, lambda r: f"[{r.suite}] {r.case}; input {r.shape}, p {r.p}")
+    if calibration:
+        out += _plain(
+            calibration,
+            TABLE_CALIBRATION_COLUMNS,
+            lambda r: f"[calibration] {r.case}; {r.shape.split('x')[0]} maps; drop rate mean, corner, centre",
+        )
+    if checked:
+        out.append("goals, checked on the medians above:")
+        for g in checked:
+            out += _wrap(str(g), "  ")
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,338 @@
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from spatialdrop.cli import bench, bench_cases, bench_measure, bench_report, main
+
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+
+BENCH = ["bench", "--quick", "--repeats", "2", "--no-progress", "--threads", "1", "--no-compile"]
+
+
+def test_bench_json_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    assert main([*BENCH, "--suite", "spatial", "--format", "json", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out} in ")
+    report = json.loads(out.read_text())
+    assert set(report) == {"command", "environment", "rows", "goals"}
+    assert report["goals"] == []  # --quick shapes are not the full-size shapes the goals name
+    assert report["environment"]["torch_threads"] == 1
+    assert report["environment"]["torch"] == torch.__version__
+    rows = report["rows"]
+    assert {r["case"] for r in rows} == {c.name for c in bench_cases.spatial_cases(True, 0.1)}
+    assert set(rows[0]) == {f.name for f in bench_measure.Row.__dataclass_fields__.values()}
+    for r in rows:
+        assert r["fwd_ms"] > 0
+        assert r["fwd_bwd_ms"] > 0
+        if r["call"] == bench_cases.REFERENCE:
+            assert r["fwd_ratio"] == 1.0
+            assert r["saved_bytes"] == 0
+            assert r["drop_mean"] is None
+        else:
+            # channel dropout at p = 0.1: a rate near p, saving only the per-channel noise
+            assert 0.05 < r["drop_mean"] < 0.15
+            assert r["saved_fraction"] < 0.01
+    libraries = {r["library"] for r in rows}
+    assert libraries == {"torch", "spatialdrop"}
+
+
+def test_bench_dropblock_suite(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*BENCH, "--suite", "dropblock", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {r["kind"] for r in rows} == {"speed", "calibration"}
+    ours = [r for r in rows if r["library"] == "spatialdrop" and r["kind"] == "speed"]
+    assert len(ours) == 6
+    for r in ours:
+        assert float(r["fwd_bwd_ms"]) > 0
+        assert float(r["drop_mean"]) == pytest.approx(0.1, abs=0.02)
+        assert float(r["saved_fraction"]) < 0.25  # at most a quarter of the input
+    # calibration: our default seeding drops p at the corners and the centre too
+    uniform = [
+        r
+        for r in rows
+        if r["kind"] == "calibration" and r["call"].startswith("drop_block") and "valid" not in r["call"]
+    ]
+    assert len(uniform) == len(bench_cases.CALIBRATION)
+    for r in uniform:
+        p = float(r["p"])
+        for key in ("drop_mean", "drop_corner", "drop_centre"):
+            assert float(r[key]) == pytest.approx(p, abs=0.06), (r["case"], key)
+    assert uniform[0]["fp16_ok"] == "True"
+    # peers: measured when installed, else listed with a note and no numbers
+    tv = [r for r in rows if r["library"] == "torchvision"]
+    assert len(tv) == 2 + len(bench_cases.CALIBRATION)
+    for r in tv:
+        if HAS_TORCHVISION:
+            assert float(r["drop_mean"]) > 0
+        else:
+            assert r["note"].startswith("torchvision not installed")
+            assert r["drop_mean"] == ""
+
+
+def test_bench_family_and_keyed_suites(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main([*BENCH, "--suite", "family", "--format", "json", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["suite"] for r in rows} == {"family"}
+    path = next(r for r in rows if r["call"] == "drop_path(x, p)")
+    assert path["drop_mean"] == pytest.approx(0.1, abs=0.03)  # 2048 single-channel samples
+    assert path["saved_fraction"] < 0.01
+    conv = next(r for r in rows if r["call"].startswith("filter_dropout"))
+    assert conv["fwd_bwd_ms"] > 0
+    assert conv["drop_mean"] is None  # filters, not activations: no activation drop rate
+    assert main([*BENCH, "--suite", "keyed", "--format", "json", "--out", str(out), "--force"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    keyed = [r for r in rows if r["call"] == "spatial_dropout(x, p, key=key)"]
+    assert len(keyed) == 2
+    for r in keyed:
+        assert 0.05 < r["drop_mean"] < 0.15
+    draws = [r for r in rows if r["call"].startswith("keyed_uniform")]
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] is None for r in draws)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "titles"),
+    [
+        ("table", ("call", "fwd ms", "f+b ms", "f+b/ref", "tv/ours", "/eager", "saved", "drop")),
+        (
+            "markdown",
+            (
+                "| case | shape | library | call |",
+                "fwd / x * 2.0",
+                "fwd+bwd ms",
+                "fwd+bwd compiled / eager",
+                "saved for bwd",
+                "drop mean",
+                "drop corner",
+                "drop centre",
+            ),
+        ),
+    ],
+)
+def test_bench_text_formats_have_the_columns(
+    fmt: str, titles: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*BENCH, "--suite", "spatial", "--format", fmt]) == 0
+    captured = capsys.readouterr()
+    out = " ".join(captured.out.split())
+    assert "torch threads 1" in out
+    for title in titles:
+        assert title in out
+    assert "F.dropout1d(x.permute(0, 2, 1), p).permute(0, 2, 1)" in out
+    assert re.fullmatch(r"bench done in \d+ s\n", captured.err)  # the elapsed time, beside the results
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt is Linux only")
+def test_bench_uses_the_default_allocator_unless_asked(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = [*BENCH, "--suite", "spatial", "--format", "json", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["environment"]["malloc"] == "default (glibc)"
+    assert main([*argv, "--tuned-malloc", "--force"]) == 0
+    if bench_measure.steady_malloc(False):  # glibc: tuned during the run, defaults restored after it
+        assert json.loads(out.read_text())["environment"]["malloc"] == bench.TUNED_MALLOC
+
+
+def test_bench_goals_are_checked_on_the_medians() -> None:
+    Row = bench_measure.Row  # Row(kind, suite, case, shape, p, library, call, fwd, ratio, f+b, ratio)
+    rows = [
+        Row("speed", "spatial", "2-D maps", "s", 0.1, "torch", "x * 2.0", 1.0, 1.0, 2.0, 1.0),
+        Row(
+            "speed",
+            "spatial",
+            "2-D maps",
+            "s",
+            0.1,
+            "spatialdrop",
+            "spatial_dropout(x, p)",
+            1.1,
+            1.1,
+            2.6,
+            1.3,
+        ),
+        Row("speed", "spatial", "2-D maps", "s", 0.1, "torch", "F.dropout2d(x, p)", 1.1, 1.1, 2.2, 1.1),
+        Row(
+            "speed",
+            "dropblock",
+            "2-D, block 7, a mask per channel",
+            "s",
+            0.1,
+            "spatialdrop",
+            "drop_block(x, p, 7)",
+            3.0,
+            3.0,
+            5.0,
+            2.5,
+            vs_torchvision=19.0,
+            saved_fraction=0.03,
+        ),
+        Row(
+            "speed",
+            "dropblock",
+            "2-D, block 7, a mask per channel",
+            "s",
+            0.1,
+            "spatialdrop",
+            "compile(drop_block(x, p, 7))",
+            3.0,
+            3.0,
+            5.25,
+            2.6,
+            fwd_bwd_vs_eager=1.05,
+        ),
+    ]
+    checked = {g.what: g.met for g in bench_report.goals(rows)}
+    assert checked == {
+        "spatial dropout, 2-D maps s: torch's forward time / ours": True,  # 1.1 / 1.1
+        "spatial dropout, 2-D maps s: torch's fwd+bwd time / ours": False,  # 2.2 / 2.6 = 0.85
+        "spatial dropout, 2-D maps s: forward time / x * 2.0": True,  # 1.1
+        "spatial dropout, 2-D maps s: fwd+bwd time / x * 2.0": False,  # 1.3
+        "DropBlock 2-D per channel s: fwd+bwd time / x * 2.0": True,  # 2.5 <= 4
+        "DropBlock 2-D per channel s: torchvision's fwd+bwd time / ours": False,  # 19 < 20
+        "DropBlock 2-D per channel s: bytes saved for backward / input bytes": True,
+        "compile(drop_block(x, p, 7)) s: fwd+bwd time compiled / eager": True,  # 1.05 <= 1.1
+    }
+    text = "\n".join(str(g) for g in bench_report.goals(rows))
+    assert re.search(r"issue|#\d|\[\d+\]", text, re.IGNORECASE) is None  # stated by what they measure
+
+
+def test_bench_drop_rates_see_the_corners() -> None:
+    def corners_only(x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        y[..., 0, 0] = y[..., 0, -1] = y[..., -1, 0] = y[..., -1, -1] = 0
+        return y
+
+    mean, corner, centre = bench_measure.drop_rates(corners_only, (2, 3, 5, 5), (2, 3), min_samples=1)
+    assert (mean, corner, centre) == (pytest.approx(4 / 25), 1.0, 0.0)
+
+
+@pytest.mark.parametrize("suite", ["spatial", "dropblock", "family", "keyed"])
+def test_bench_table_fits_in_100_columns(suite: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*BENCH, "--suite", suite, "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert len(lines) > 10
+    too_wide = [line for line in lines if len(line) > bench_report.WIDTH]
+    assert too_wide == []
+    assert re.search(r"\bissues?\b", out, re.IGNORECASE) is None
+
+
+def test_compiled_rows_sit_next_to_eager_with_their_ratio(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    compiled: list[dict[str, Any]] = []
+
+    def fake_compile(fn: Any, **options: Any) -> Any:  # compiling for real takes minutes here
+        compiled.append(options)
+        return lambda x: fn(x)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "bench.json"
+    argv = [a for a in BENCH if a != "--no-compile"]
+    assert main([*argv, "--suite", "all", "--format", "json", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    twins = [r for r in rows if r["call"].startswith("compile(")]
+    assert {(r["case"], r["call"]) for r in twins} == {
+        ("2-D maps", "compile(spatial_dropout(x, p))"),
+        ("2-D, block 7, a mask per channel", "compile(drop_block(x, p, 7))"),
+        (
+            "2-D, block 7, one mask shared by the channels",
+            "compile(drop_block(x, p, 7, shared_channels=True))",
+        ),
+        ("3-D, block 5, a mask per channel", "compile(drop_block(x, p, 5))"),
+        (
+            "3-D, block 5, one mask shared by the channels",
+            "compile(drop_block(x, p, 5, shared_channels=True))",
+        ),
+    }
+    assert compiled == [{"fullgraph": True, "dynamic": False}] * 5
+    for twin in twins:
+        eager = next(r for r in rows if r["case"] == twin["case"] and r["call"] == twin["call"][8:-1])
+        assert twin["fwd_bwd_vs_eager"] == pytest.approx(twin["fwd_bwd_ms"] / eager["fwd_bwd_ms"])
+        assert twin["fwd_vs_eager"] == pytest.approx(twin["fwd_ms"] / eager["fwd_ms"])
+        assert eager["fwd_bwd_vs_eager"] is None
+
+
+def test_an_implementation_that_fails_gets_a_note_and_the_others_are_measured() -> None:
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("compiler says no\nsecond line")
+
+    impls = [
+        bench_cases.Impl("spatialdrop", "spatial_dropout(x, p)", lambda x: x * 1.0),
+        bench_cases.Impl(
+            "spatialdrop", "compile(spatial_dropout(x, p))", broken, eager="spatial_dropout(x, p)"
+        ),
+    ]
+    case = bench_cases.Case("spatial", "c", (2, 3, 4, 4), (2, 3), impls, 0.1)
+    rows = bench_measure.measure(case, repeats=2, warmup=1, min_samples=8)
+    assert rows[1].fwd_ms is not None
+    assert rows[2].fwd_ms is None
+    assert rows[2].note == "failed: RuntimeError: compiler says no"
+
+
+def test_bench_ctrl_c_writes_the_rows_measured_so_far(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = bench.measure
+    calls = []
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", interrupted)
+    out = tmp_path / "bench.json"
+    assert main([*BENCH, "--suite", "spatial", "--format", "json", "--out", str(out)]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [captured.err.strip()]
+    assert captured.err.startswith("spatialdrop bench: interrupted after ")
+    assert f"wrote the 3 rows measured so far to {out}" in captured.err
+    report = json.loads(out.read_text())
+    assert {r["case"] for r in report["rows"]} == {"2-D maps"}
+    assert report["command"].endswith("[interrupted: partial results]")
+
+
+def test_bench_ctrl_c_before_any_row_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "measure", interrupted)
+    out = tmp_path / "bench.json"
+    assert main([*BENCH, "--suite", "spatial", "--out", str(out)]) == 130
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind either
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_bench_repeats_default_is_what_the_help_says(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    found = re.search(r"timed repeats per row \(default: (\d+); (\d+) with --quick\)", text)
+    assert found is not None
+    used: list[int] = []
+
+    def record(case: Any, repeats: int, *args: Any, **kwargs: Any) -> list[Any]:
+        used.append(repeats)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "measure", record)
+    main(["bench", "--suite", "spatial", "--no-progress", "--no-compile"])
+    main(["bench", "--suite", "spatial", "--no-progress", "--no-compile", "--quick"])
+    assert used == [int(found.group(1)), int(found.group(2))]
