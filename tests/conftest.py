@@ -66,20 +66,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 try:
-    from hypothesis import HealthCheck, settings
+    from hypothesis import HealthCheck, Phase, settings
 except ImportError:  # hypothesis is in the test extra; only test_properties needs it
     pass
 else:
     # "ci": fixed examples (derandomized), a few minutes in all; the default.
     settings.register_profile(
         "ci",
-        max_examples=60,
+        max_examples=150,
         derandomize=True,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],  # no shrinking: a hang costs the time bound
         deadline=None,
         print_blob=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     )
-    # "release": many random examples, for release checks: HYPOTHESIS_PROFILE=release pytest tests/test_properties.py
+    # "release": many random examples, for release checks:
+    #   HYPOTHESIS_PROFILE=release pytest tests/test_properties.py
     settings.register_profile(
         "release",
         max_examples=2000,

@@ -1,4 +1,4 @@
-"""The contract table: one entry per public op or module of spatialdrop (in the spirit of torch's ``ModuleInfo``).
+"""The contract table: one entry per public op or module of spatialdrop (after torch's ``ModuleInfo``).
 
 Each :class:`OpInfo` says how to build the op (``build``), its modes (``modes``: per-channel or
 shared masks, seeding, scale policies ...), its sample inputs (``samples``), and the facts that the
@@ -432,7 +432,9 @@ def check_output(
         if factor.numel() and dims:
             mean = factor.mean(dim=dims, keepdim=True)
             spread = (factor - mean).abs()
-            assert bool((spread <= rtol * mean.abs() + 1e-30).all()), f"{where}: factor not constant over {dims}"
+            assert bool((spread <= rtol * mean.abs() + 1e-30).all()), (
+                f"{where}: factor not constant over {dims}"
+            )
             factor = mean.expand_as(factor)
         return Readout(torch.ones_like(r64, dtype=torch.bool), factor, None)
     keep = y64 != 0
@@ -463,7 +465,9 @@ def check_output(
     return Readout(keep, factor, offset)
 
 
-def check_gradient(grad: Tensor, weight: Tensor, readout: Readout, *, unbatched: bool = False, what: str = "") -> None:
+def check_gradient(
+    grad: Tensor, weight: Tensor, readout: Readout, *, unbatched: bool = False, what: str = ""
+) -> None:
     """Assert ``grad == weight x factor`` (the gradient of ``sum(y * weight)`` is mask x scale)."""
     g = grad.detach().double()
     w = weight.detach().double()
@@ -475,7 +479,9 @@ def check_gradient(grad: Tensor, weight: Tensor, readout: Readout, *, unbatched:
     assert bool((err <= rtol * want.abs() + 1e-30).all()), f"{what}: gradient is not mask x scale"
 
 
-def dropped_fraction(readout: Readout, op: OpInfo, mode: Mode | None, channel_dim: int = 1) -> tuple[int, int]:
+def dropped_fraction(
+    readout: Readout, op: OpInfo, mode: Mode | None, channel_dim: int = 1
+) -> tuple[int, int]:
     """``(dropped units, units)`` counting one unit per independent mask value (not for DropBlock)."""
     keep = readout.keep
     dims = op.mask_dims(mode, keep.dim(), channel_dim)
@@ -536,7 +542,10 @@ def bad_args(op: OpInfo) -> list[BadArg]:
     """Every bad argument of ``op``: the common ones its signature has, then its own."""
     out = _p_bad(op.allow_p_one)
     if op.has_inplace:
-        out += [BadArg({"inplace": "yes"}, TypeError, "inplace"), BadArg({"inplace": 1}, TypeError, "inplace")]
+        out += [
+            BadArg({"inplace": "yes"}, TypeError, "inplace"),
+            BadArg({"inplace": 1}, TypeError, "inplace"),
+        ]
     if op.has_channel_dim:
         ndim = (op.spatial_dims + 2) if op.spatial_dims is not None else None
         out += [
@@ -703,7 +712,12 @@ OPS: list[OpInfo] = [
     OpInfo("alpha_spatial_dropout", "function", F.alpha_spatial_dropout, "alpha", allow_p_one=False),
     *_module_entries(
         "AlphaSpatialDropout",
-        [sd.AlphaSpatialDropout, sd.AlphaSpatialDropout1d, sd.AlphaSpatialDropout2d, sd.AlphaSpatialDropout3d],
+        [
+            sd.AlphaSpatialDropout,
+            sd.AlphaSpatialDropout1d,
+            sd.AlphaSpatialDropout2d,
+            sd.AlphaSpatialDropout3d,
+        ],
         F.alpha_spatial_dropout,
         "alpha",
         allow_p_one=False,

@@ -82,7 +82,9 @@ def _check_raises(op: OpInfo, bad: BadArg, call: Any, at_call: bool = False) -> 
     with pytest.raises((ValueError, TypeError)) as info, watchdog(3.0, f"{op.name} {bad.id}"):
         call()
     assert isinstance(info.value, bad.exc), f"{op.name}: {bad.id} raised {info.type.__name__}: {info.value}"
-    assert _names(op, info.value, bad.arg, at_call), f"message must name {_name(op)} and {bad.arg}: {info.value}"
+    assert _names(op, info.value, bad.arg, at_call), (
+        f"message must name {_name(op)} and {bad.arg}: {info.value}"
+    )
 
 
 @pytest.mark.parametrize(("op", "bad"), _bad_arg_params())
@@ -106,8 +108,8 @@ def test_bad_argument_raises_naming_it(op: OpInfo, bad: BadArg, training: bool) 
         with watchdog(3.0, f"{op.name} {bad.id}"):
             m = op.construct(p, **kwargs)
     except (ValueError, TypeError) as exc:
-        assert isinstance(exc, bad.exc), f"{op.name}: {bad.id} raised {type(exc).__name__}: {exc}"
-        assert _names(op, exc, bad.arg, False), f"message must name {_name(op)} and {bad.arg}: {exc}"
+        assert isinstance(exc, bad.exc), f"{op.name}: {bad.id} raised {type(exc).__name__}: {exc}"  # noqa: PT017
+        assert _names(op, exc, bad.arg, False), f"message must name {_name(op)} and {bad.arg}: {exc}"  # noqa: PT017
         return
     m.train(training)
     _check_raises(op, bad, lambda: m(x), at_call=True)
@@ -201,12 +203,19 @@ def _forward_backward(
 
 @pytest.mark.parametrize(("op", "mode", "sample"), _sample_params())
 def test_output_is_mask_times_scale_and_gradient_matches(op: OpInfo, mode: Mode, sample: Sample) -> None:
-    """Every sample input: shape/dtype/memory format kept, output = input x mask x scale, grad = mask x scale."""
+    """Every sample: shape/dtype/memory format kept, output = input x mask x scale, grad = mask x scale."""
     for seed in (0, 1):
         x, y, w, grad, m = _forward_backward(op, mode, sample, torch.float32, op.p, seed)
         ref = _plain(op, m, x.detach())
         out = check_output(
-            op, mode, op.p, x, y, channel_dim=sample.channel_dim, unbatched=sample.unbatched, ref=ref,
+            op,
+            mode,
+            op.p,
+            x,
+            y,
+            channel_dim=sample.channel_dim,
+            unbatched=sample.unbatched,
+            ref=ref,
             what=sample.id,
         )
         if sample.memory_format is not None:
@@ -230,7 +239,7 @@ def test_dtypes_kept(op: OpInfo, mode: Mode, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize(("op", "mode"), op_mode_params(ACTIVATION))
 def test_non_contiguous_input(op: OpInfo, mode: Mode) -> None:
     sample = default_sample(op)
-    shape = sample.shape[:-1] + (2 * sample.shape[-1],)
+    shape = (*sample.shape[:-1], 2 * sample.shape[-1])
     x = nonzero_input(shape)[..., ::2]
     assert not x.is_contiguous()
     m = op.build(mode=mode)
@@ -330,7 +339,8 @@ def test_deepcopy_and_pickle_keep_behaviour(op: OpInfo, mode: Mode) -> None:
     if op.kind == "filter":  # torch refuses to pickle a parametrized module: the layer itself pickles
         layer = op.construct(0.25) if op.target is sd.FilterDropout else sd.FilterDropout(0.25)
         back = pickle.loads(pickle.dumps(layer))
-        assert repr(back) == repr(layer) and back.p == layer.p
+        assert repr(back) == repr(layer)
+        assert back.p == layer.p
         return
     back = pickle.loads(pickle.dumps(m))
     assert repr(back) == repr(m)
@@ -343,7 +353,9 @@ def test_repr_shows_every_option(op: OpInfo, mode: Mode) -> None:
     m = op.build(0.25, mode)
     text = repr(m)
     assert type(m).__repr__ is nn.Module.__repr__, "use extra_repr, not __repr__"
-    assert text.startswith(f"{_name(op)}(") and "p=0.25" in text and "inplace=False" in text
+    assert text.startswith(f"{_name(op)}(")
+    assert "p=0.25" in text
+    assert "inplace=False" in text
     for k, v in mode.kwargs.items():
         assert f"{k}={v!r}" in text, f"{text} does not show {k}={v!r}"
     if op.has_channel_dim:
@@ -403,8 +415,8 @@ def test_keyed_module_needs_a_context_and_is_reproducible_in_one(op: OpInfo, mod
         try:
             sd.keyed_masks(m, 7)
         except (ValueError, TypeError) as exc:  # a layer that cannot be keyed may be refused
-            assert op.kind == "filter", f"{op.name}: keyed_masks refused a keyed layer: {exc}"
-            assert _name(op) in str(exc) or "FilterDropout" in str(exc)
+            assert op.kind == "filter", f"{op.name}: keyed_masks refused a keyed layer: {exc}"  # noqa: PT017
+            assert _name(op) in str(exc) or "FilterDropout" in str(exc)  # noqa: PT017
             return
     skipped = [w for w in caught if "FilterDropout" in str(w.message)]
     if op.kind == "filter" and skipped:  # keyed_masks said it skipped the layer: it stays unkeyed

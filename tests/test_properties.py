@@ -38,9 +38,34 @@ ARG_NAMES = (
 )
 
 P_EDGE = [
-    0.0, -0.0, 1.0, 0.5, 1e-300, 5e-324, 0.99999, 1 - 1e-7, 1 - 2**-53, 1e-7,
-    -1e-9, 1.0000001, -1.0, 2.0, float("nan"), float("inf"), float("-inf"),
-    10**400, -(10**400), 2**64, 0, 1, True, False, None, "0.5", [0.5], 1 + 0j,
+    0.0,
+    -0.0,
+    1.0,
+    0.5,
+    1e-300,
+    5e-324,
+    0.99999,
+    1 - 1e-7,
+    1 - 2**-53,
+    1e-7,
+    -1e-9,
+    1.0000001,
+    -1.0,
+    2.0,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    10**400,
+    -(10**400),
+    2**64,
+    0,
+    1,
+    True,
+    False,
+    None,
+    "0.5",
+    [0.5],
+    1 + 0j,
 ]
 
 
@@ -69,7 +94,15 @@ def block_sizes(n: int) -> st.SearchStrategy[Any]:
     )
 
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool, torch.complex64]
+DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.bool,
+    torch.complex64,
+]
 
 
 @st.composite
@@ -86,7 +119,7 @@ def _make_input(draw: st.DrawFn, shape: tuple[int, ...], dtype: torch.dtype) -> 
     float_dtype = dtype.is_floating_point
     base_dtype = dtype if float_dtype else torch.float32
     if layout == "non-contiguous" and len(shape) >= 1:
-        big = shape[:-1] + (2 * shape[-1],)
+        big = (*shape[:-1], 2 * shape[-1])
         x = nonzero_input(big, base_dtype, seed=draw(st.integers(0, 9)))[..., ::2]
     else:
         x = nonzero_input(shape, base_dtype, seed=draw(st.integers(0, 9)))
@@ -101,6 +134,8 @@ def _make_input(draw: st.DrawFn, shape: tuple[int, ...], dtype: torch.dtype) -> 
 
 def _message_ok(exc: BaseException, names: list[str]) -> bool:
     msg = str(exc)
+    if msg.startswith("mask_context: "):  # the harness's own mask_context(step=..., sample_ids=...) call
+        return re.match(r"mask_context: (step|sample_ids)\b", msg) is not None
     op_named = any(re.search(rf"\b{re.escape(n)}\b", msg) for n in names)
     return op_named and re.search(rf"\b({ARG_NAMES})\b", msg) is not None
 
@@ -114,48 +149,77 @@ def _is_zero(p: Any) -> bool:
 
 @st.composite
 def calls(draw: st.DrawFn, op: OpInfo) -> dict[str, Any]:
-    """One generated call: input, p, keyword arguments, training, inplace target, grad."""
+    """One generated call: input, p, keyword arguments, training, inplace target, grad.
+
+    Half of the calls are "sane" (a float input, p in [0, 1), training, the op's own modes) so that
+    the invariants of results, not only the errors, get many examples.
+    """
+    sane = draw(st.booleans())
     shape = draw(shapes(op))
-    dtype = draw(st.sampled_from(DTYPES))
+    dtype = draw(st.sampled_from(DTYPES[:4] if sane else DTYPES))
     x, layout = _make_input(draw, shape, dtype)
     kwargs: dict[str, Any] = {}
     mode = draw(st.sampled_from(op.modes))
     kwargs.update(mode.kwargs)
-    if op.family == "block" and draw(st.booleans()):
+    if op.family == "block" and not sane and draw(st.booleans()):
         kwargs["block_size"] = draw(block_sizes(max(len(shape) - 2, 1)))
-    if op.family == "block":
+    if op.family == "block" and not sane:
         if draw(st.integers(0, 9)) == 0:
             kwargs["seeding"] = draw(st.sampled_from(["uniform", "valid", "other", 1]))
         if draw(st.integers(0, 9)) == 0:
             kwargs["scale"] = draw(st.sampled_from(["expected", "realized", "none", "batch", None]))
     if op.has_channel_dim and draw(st.booleans()):
-        kwargs["channel_dim"] = draw(st.one_of(st.integers(-7, 7), st.sampled_from([1.0, True, None, np.int64(1)])))
-    inplace = draw(st.sampled_from([False, False, True, "yes"])) if op.has_inplace else False
+        if sane:
+            kwargs["channel_dim"] = draw(st.integers(-len(shape), len(shape) - 1)) if shape else 1
+        else:
+            kwargs["channel_dim"] = draw(
+                st.one_of(st.integers(-7, 7), st.sampled_from([1.0, True, None, np.int64(1)]))
+            )
+    inplace = (
+        draw(st.sampled_from([False, True] if sane else [False, True, "yes"])) if op.has_inplace else False
+    )
     if op.has_inplace and inplace is not False:
         kwargs["inplace"] = inplace
-    training = draw(st.sampled_from([True, True, False, "yes"]))
-    source = draw(st.sampled_from(["none", "none", "generator", "key", "bad-key", "both"]))
+    training = True if sane else draw(st.sampled_from([True, False, "yes"]))
+    source = draw(
+        st.sampled_from(
+            ["none", "generator", "key"] if sane else ["none", "generator", "key", "bad-key", "both"]
+        )
+    )
     n = shape[0] if shape else 0
     if op.kind == "function" and source in ("generator", "both"):
         kwargs["generator"] = torch.Generator().manual_seed(draw(st.integers(0, 2**32)))
     key = None
     if op.keyed and source in ("key", "bad-key", "both"):
         ids_n = n if source != "bad-key" else draw(st.integers(0, 5))
-        step = draw(st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([-1, 2**32, 1.5])))
-        key = sd.MaskKey(draw(st.integers(0, 2**64 - 1)), step, draw(st.integers(0, 2**64 - 1)), torch.arange(ids_n))
+        bad_steps = [] if sane else [-1, 2**32, 1.5]
+        step = draw(st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, *bad_steps])))
+        key = sd.MaskKey(
+            draw(st.integers(0, 2**64 - 1)), step, draw(st.integers(0, 2**64 - 1)), torch.arange(ids_n)
+        )
     grad = dtype.is_floating_point and draw(st.booleans())
     where = draw(st.sampled_from(["leaf", "view"])) if grad else "plain"
+    p = draw(st.floats(0.0, 0.95)) if sane else draw(p_values())
     return {
-        "x": x, "p": draw(p_values()), "kwargs": kwargs, "mode": mode, "training": training,
-        "key": key, "grad": grad, "where": where, "layout": layout,
+        "x": x,
+        "p": p,
+        "kwargs": kwargs,
+        "mode": mode,
+        "training": training,
+        "key": key,
+        "grad": grad,
+        "where": where,
+        "layout": layout,
     }
 
 
-def _run(op: OpInfo, case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, nn.Module | None]:
+def _run(
+    op: OpInfo, case: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, nn.Module | None]:
     """Run one generated call; returns (input as given, output, leaf to read the gradient from, module)."""
     x0 = case["x"]
     leaf = None
-    x = x0.clone() if x0.is_contiguous() else x0  # keep the layout; the original stays for checks
+    x = x0  # the generated layout itself (an in-place op may write it; the checks use a copy)
     if case["grad"]:
         leaf = x0.detach().clone().requires_grad_(True)
         x = leaf if case["where"] == "leaf" else leaf * 1.0
@@ -175,12 +239,12 @@ def _run(op: OpInfo, case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, 
 
 def _check_case(op: OpInfo, case: dict[str, Any]) -> None:
     names = [op.target.__name__] + ([op.function.__name__] if op.function is not None else [])
-    x0 = case["x"]
+    x0 = case["x"].clone()  # the values before the call, for the checks
     with watchdog(TIME_BOUND, f"{op.name} {case['kwargs']} p={case['p']!r} shape={tuple(x0.shape)}"):
         try:
             x, y, leaf, m = _run(op, case)
         except (ValueError, TypeError) as exc:
-            assert _message_ok(exc, names), f"{op.name}: message names no op/argument: {exc}"
+            assert _message_ok(exc, names), f"{op.name}: message names no op/argument: {exc}"  # noqa: PT017
             if "mask_context" in str(exc) or "MaskKey" in str(exc):
                 return
             return
@@ -204,7 +268,9 @@ def _check_result(
     leaf: torch.Tensor | None,
     training: bool,
 ) -> None:
-    assert y.shape == x0.shape and y.dtype == x0.dtype and y.device == x0.device, op.name
+    assert y.shape == x0.shape, op.name
+    assert y.dtype == x0.dtype, op.name
+    assert y.device == x0.device, op.name
     assert x0.is_floating_point(), f"{op.name} accepted a {x0.dtype} input"
     p = float(case["p"])
     inplace = case["kwargs"].get("inplace", False) is True
@@ -212,12 +278,22 @@ def _check_result(
         assert torch.equal(y, x0), f"{op.name}: eval / p=0 / empty is not the identity"
         return
     kwargs = case["kwargs"]
-    mode = Mode("generated", {k: v for k, v in kwargs.items() if k in ("block_size", "shared_channels", "scale", "seeding")})
+    mode = Mode(
+        "generated",
+        {k: v for k, v in kwargs.items() if k in ("block_size", "shared_channels", "scale", "seeding")},
+    )
     channel_dim = kwargs.get("channel_dim", 1)
     ndim = x0.dim()
     unbatched = op.spatial_dims is not None and ndim == op.spatial_dims + 1
     readout = check_output(
-        op, mode, p, x0, y, channel_dim=int(channel_dim), unbatched=unbatched, what=f"generated {tuple(x0.shape)}"
+        op,
+        mode,
+        p,
+        x0,
+        y,
+        channel_dim=int(channel_dim),
+        unbatched=unbatched,
+        what=f"generated {tuple(x0.shape)}",
     )
     if inplace:
         assert torch.equal(x, y), f"{op.name}: inplace did not write the input"
@@ -237,7 +313,9 @@ def test_generated_calls_give_a_valid_result_or_a_clear_error(op: OpInfo, data: 
 
 
 @pytest.mark.parametrize("op", [pytest.param(op, id=op.name) for op in OPS if op.kind == "filter"])
-@given(p=p_values(), dims=st.integers(1, 3), cin=st.integers(0, 3), cout=st.integers(0, 4), n=st.integers(0, 3))
+@given(
+    p=p_values(), dims=st.integers(1, 3), cin=st.integers(0, 3), cout=st.integers(0, 4), n=st.integers(0, 3)
+)
 @settings(max_examples=30)
 def test_generated_filter_dropout(op: OpInfo, p: Any, dims: int, cin: int, cout: int, n: int) -> None:
     """Filter dropout: output = plain conv output x one factor per filter (0 or 1/(1-p)), or a clear error."""
@@ -251,7 +329,7 @@ def test_generated_filter_dropout(op: OpInfo, p: Any, dims: int, cin: int, cout:
             else:
                 conv = sd.filter_dropout(conv, p)
         except (ValueError, TypeError) as exc:
-            assert _message_ok(exc, ["FilterDropout", "filter_dropout"]), str(exc)
+            assert _message_ok(exc, ["FilterDropout", "filter_dropout"]), str(exc)  # noqa: PT017
             return
         x = nonzero_input((n, max(cin, 1)) + (3,) * dims)
         y = conv(x)
@@ -264,14 +342,20 @@ def test_generated_filter_dropout(op: OpInfo, p: Any, dims: int, cin: int, cout:
         assert readout.keep.shape == y.shape
 
 
-@given(seed=st.integers(0, 2**64 - 1), step=st.integers(0, 2**32 - 1), n=st.integers(0, 6), per=st.integers(0, 9))
-def test_keyed_uniform_and_normal_are_bounded_and_split_consistent(seed: int, step: int, n: int, per: int) -> None:
+@given(
+    seed=st.integers(0, 2**64 - 1), step=st.integers(0, 2**32 - 1), n=st.integers(0, 6), per=st.integers(0, 9)
+)
+def test_keyed_uniform_and_normal_are_bounded_and_split_consistent(
+    seed: int, step: int, n: int, per: int
+) -> None:
     key = sd.MaskKey(seed, step, 5, torch.arange(n))
     with watchdog(TIME_BOUND, "keyed_uniform"):
         u = sd.keyed_uniform(key, per)
         z = sd.keyed_normal(key, per)
-    assert u.shape == (n, per) and z.shape == (n, per)
-    assert bool(((u >= 0) & (u < 1)).all()) and bool(torch.isfinite(z).all())
+    assert u.shape == (n, per)
+    assert z.shape == (n, per)
+    assert bool(((u >= 0) & (u < 1)).all())
+    assert bool(torch.isfinite(z).all())
     if n > 1:
         part = key._replace(sample_ids=key.sample_ids[1:])
         assert torch.equal(sd.keyed_uniform(part, per), u[1:])

@@ -36,7 +36,14 @@ from optable import (
 )
 
 LAYERS = [op for op in OPS if op.is_module]
-FAST = {"spatial_dropout", "drop_block", "SpatialDropout2d", "DropBlock2d", "GaussianSpatialDropout2d", "DropPath"}
+FAST = {
+    "spatial_dropout",
+    "drop_block",
+    "SpatialDropout2d",
+    "DropBlock2d",
+    "GaussianSpatialDropout2d",
+    "DropPath",
+}
 
 
 def _params(ops: list[OpInfo], *, fast: set[str] | None = None, all_modes: bool = True) -> list[Any]:
@@ -76,7 +83,9 @@ def _plain(op: OpInfo, m: nn.Module, x: Tensor) -> Tensor:
     return op.reference(m, x)
 
 
-def _check(op: OpInfo, mode: Mode, m: nn.Module, x: Tensor, y: Tensor, what: str, p: float | None = None) -> Readout:
+def _check(
+    op: OpInfo, mode: Mode, m: nn.Module, x: Tensor, y: Tensor, what: str, p: float | None = None
+) -> Readout:
     return check_output(op, mode, op.p if p is None else p, x, y, ref=_plain(op, m, x.detach()), what=what)
 
 
@@ -103,7 +112,9 @@ def test_compile_default_mode_has_no_graph_break_in_spatialdrop(op: OpInfo, mode
     m = op.build(mode=mode)
     x = _sample(op).make()
     explanation = torch._dynamo.explain(m)(x)
-    ours = [(str(r.reason), _spatialdrop_frames(r)) for r in explanation.break_reasons if _spatialdrop_frames(r)]
+    ours = [
+        (str(r.reason), _spatialdrop_frames(r)) for r in explanation.break_reasons if _spatialdrop_frames(r)
+    ]
     assert not ours, f"{op.name}: graph breaks inside spatialdrop: {ours}"
     torch._dynamo.reset()
     compiled = torch.compile(m)
@@ -160,9 +171,9 @@ def test_compile_dynamic_batch_and_map_size(op: OpInfo, mode: Mode) -> None:
     m = op.build(mode=mode)
     compiled = torch.compile(m, dynamic=True, backend=counter)
     base = _sample(op).shape
-    shapes = [base, (2 * base[0],) + base[1:]]
+    shapes = [base, (2 * base[0], *base[1:])]
     if op.kind != "filter" and op.min_rank == 3:
-        shapes.append((base[0], base[1]) + tuple(s + i + 1 for i, s in enumerate(base[2:])))
+        shapes.append((base[0], base[1], *tuple(s + i + 1 for i, s in enumerate(base[2:]))))
     for i, shape in enumerate(shapes):
         x = nonzero_input(shape, seed=i)
         y = compiled(x)
@@ -170,7 +181,9 @@ def test_compile_dynamic_batch_and_map_size(op: OpInfo, mode: Mode) -> None:
     assert counter.frame_count <= 2, f"{op.name}: {counter.frame_count} compilations for {len(shapes)} shapes"
 
 
-@pytest.mark.parametrize(("op", "mode"), _params(LAYERS, fast={"DropBlock2d", "SpatialDropout2d"}, all_modes=False))
+@pytest.mark.parametrize(
+    ("op", "mode"), _params(LAYERS, fast={"DropBlock2d", "SpatialDropout2d"}, all_modes=False)
+)
 def test_compile_p_changing_every_step_does_not_recompile(op: OpInfo, mode: Mode) -> None:
     """As DropSchedule does: a new p every step, no error, no recompilation per step."""
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -186,23 +199,32 @@ def test_compile_p_changing_every_step_does_not_recompile(op: OpInfo, mode: Mode
         layer.p = p
         y = op.run(compiled, x, seed=1)
         _check(op, mode, m, x, y, f"p={p}", p=p)
-    assert counter.frame_count <= 2, f"{op.name}: {counter.frame_count} compilations for {len(ps)} values of p"
+    assert counter.frame_count <= 2, (
+        f"{op.name}: {counter.frame_count} compilations for {len(ps)} values of p"
+    )
 
 
 @pytest.mark.parametrize(
-    "op", [pytest.param(op, id=op.name, marks=[] if op.name == "DropBlock2d" else [pytest.mark.slow])
-           for op in LAYERS if op.kind == "module" and op.spatial_dims in (None, 2)]
+    "op",
+    [
+        pytest.param(op, id=op.name, marks=[] if op.name == "DropBlock2d" else [pytest.mark.slow])
+        for op in LAYERS
+        if op.kind == "module" and op.spatial_dims in (None, 2)
+    ],
 )
 def test_compile_model_with_layers_at_different_map_sizes(op: OpInfo) -> None:
     """Two layers at 8x8 and 4x4 in one compiled model (issue 10's reproducer), called twice."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    net = nn.Sequential(op.build(0.1, op.modes[0]), nn.Conv2d(8, 8, 3, stride=2, padding=1), op.build(0.1, op.modes[0]))
+    net = nn.Sequential(
+        op.build(0.1, op.modes[0]), nn.Conv2d(8, 8, 3, stride=2, padding=1), op.build(0.1, op.modes[0])
+    )
     compiled = torch.compile(net)
     x = nonzero_input((8, 8, 8, 8))
     for _ in range(2):
         y = compiled(x)
-        assert y.shape == (8, 8, 4, 4) and bool(torch.isfinite(y).all())
+        assert y.shape == (8, 8, 4, 4)
+        assert bool(torch.isfinite(y).all())
     net.eval()
     assert torch.allclose(compiled(x), net[1](x))
 
@@ -258,9 +280,12 @@ def test_func_vmap(op: OpInfo, mode: Mode, randomness: str) -> None:
     reads = [_check(op, mode, m, xs[i], ys[i], f"vmap {randomness} slice {i}") for i in range(3)]
     if randomness == "same":
         for r in reads[1:]:
-            assert torch.equal(r.keep, reads[0].keep) and torch.allclose(r.factor, reads[0].factor)
+            assert torch.equal(r.keep, reads[0].keep)
+            assert torch.allclose(r.factor, reads[0].factor)
     elif op.family != "gaussian":
-        assert any(not torch.equal(r.keep, reads[0].keep) for r in reads[1:]), "vmap 'different' drew one mask"
+        assert any(not torch.equal(r.keep, reads[0].keep) for r in reads[1:]), (
+            "vmap 'different' drew one mask"
+        )
 
 
 @pytest.mark.parametrize(("op", "mode"), _params([op for op in OPS if op.keyed and op.kind == "function"]))
@@ -340,8 +365,17 @@ def test_torch_export(op: OpInfo, mode: Mode, strict: bool, training: bool) -> N
         assert not any(("rand" in t or "bernoulli" in t) for t in targets), targets
 
 
-HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
-RANDOM_ONNX = {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Dropout"}
+HAS_ORT = (
+    importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
+)
+RANDOM_ONNX = {
+    "RandomUniform",
+    "RandomUniformLike",
+    "RandomNormal",
+    "RandomNormalLike",
+    "Bernoulli",
+    "Dropout",
+}
 
 
 def _onnx_run(m: nn.Module, x: Tensor) -> tuple[Tensor, set[str]]:
