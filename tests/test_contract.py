@@ -224,11 +224,18 @@ def test_output_is_mask_times_scale_and_gradient_matches(op: OpInfo, mode: Mode,
             check_gradient(grad, w, out, unbatched=sample.unbatched, what=f"{op.name} {sample.id}")
 
 
-@pytest.mark.parametrize(("op", "mode"), op_mode_params())
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def _dtype_params() -> list[Any]:
+    return [
+        pytest.param(op, mode, dtype, id=f"{op.name}-{mode.name}-{str(dtype)[6:]}")
+        for op in OPS
+        for mode in op.modes
+        for dtype in op.dtypes
+        if dtype != torch.float32
+    ]
+
+
+@pytest.mark.parametrize(("op", "mode", "dtype"), _dtype_params())
 def test_dtypes_kept(op: OpInfo, mode: Mode, dtype: torch.dtype) -> None:
-    if dtype not in op.dtypes:
-        pytest.skip(f"{op.name} does not run in {dtype} on this build (conv)")
     sample = default_sample(op)
     x, y, w, grad, m = _forward_backward(op, mode, sample, dtype, op.p, 0)
     out = check_output(op, mode, op.p, x, y, ref=_plain(op, m, x.detach()), what=str(dtype))
@@ -249,10 +256,8 @@ def test_non_contiguous_input(op: OpInfo, mode: Mode) -> None:
     assert torch.equal(y, op.run(op.build(mode=mode), x.contiguous(), seed=0))
 
 
-@pytest.mark.parametrize(("op", "mode"), op_mode_params(ACTIVATION))
+@pytest.mark.parametrize(("op", "mode"), op_mode_params([op for op in ACTIVATION if op.has_inplace]))
 def test_inplace(op: OpInfo, mode: Mode) -> None:
-    if not op.has_inplace:
-        pytest.skip(f"{op.name} has no inplace")
     sample = default_sample(op)
     x = sample.make()
     want = op.run(op.build(mode=mode), x.clone(), seed=3)
@@ -270,12 +275,15 @@ def test_inplace(op: OpInfo, mode: Mode) -> None:
     check_gradient(leaf.grad, w, out, what=f"{op.name} inplace")
 
 
-@pytest.mark.parametrize(("op", "mode"), op_mode_params([op for op in OPS if op.family != "block"]))
+@pytest.mark.parametrize(
+    ("op", "mode"), op_mode_params([op for op in OPS if op.family not in ("block", "gaussian")])
+)
 def test_drop_rate_is_binomial(op: OpInfo, mode: Mode) -> None:
-    """The units of a mask (channel, sample, filter) are dropped independently at rate p."""
+    """The units of a mask (channel, sample, filter) are dropped independently at rate p.
+
+    (DropBlock's rate and Gaussian dropout's factor law are tested in their own files.)
+    """
     p = 0.3
-    if op.family == "gaussian":
-        pytest.skip("Gaussian dropout drops nothing (its factor law is tested per op)")
     dropped = total = 0
     for seed in range(40 if op.family in ("filter", "sample") else 4):
         if op.kind == "filter":
@@ -450,12 +458,13 @@ def _compile_params() -> list[Any]:
     for op in OPS:
         for i, mode in enumerate(op.modes):
             marks = [] if (i == 0 and op.spatial_dims in (None, 2)) else [pytest.mark.slow]
-            out.append(pytest.param(op, mode, id=f"{op.name}-{mode.name}", marks=marks))
+            for keyed in [False, True] if op.keyed else [False]:
+                kind = "keyed" if keyed else "seeded"
+                out.append(pytest.param(op, mode, keyed, id=f"{kind}-{op.name}-{mode.name}", marks=marks))
     return out
 
 
-@pytest.mark.parametrize(("op", "mode"), _compile_params())
-@pytest.mark.parametrize("keyed", [False, True], ids=["seeded", "keyed"])
+@pytest.mark.parametrize(("op", "mode", "keyed"), _compile_params())
 def test_compile_fullgraph_matches_eager(op: OpInfo, mode: Mode, keyed: bool) -> None:
     """torch.compile(fullgraph=True) (aot_eager: the RNG stays torch's) gives eager's output.
 
@@ -463,8 +472,6 @@ def test_compile_fullgraph_matches_eager(op: OpInfo, mode: Mode, keyed: bool) ->
     same masks where the op draws the same numbers when traced; DropBlock's traced path may draw
     differently, so there the output is checked against the contract instead.
     """
-    if keyed and not op.keyed:
-        pytest.skip(f"{op.name} has no keyed form")
     torch._dynamo.reset()
     sample = _keyed_sample(op)
     x = sample.make()
