@@ -566,6 +566,8 @@ def bad_args(op: OpInfo) -> list[BadArg]:
                 BadArg({"key": "k"}, TypeError, "key"),
                 BadArg({"key": "KEY_AND_GENERATOR"}, ValueError, "key"),
                 BadArg({"key": "KEY_WRONG_BATCH"}, ValueError, "key.sample_ids"),
+                BadArg({"key": "KEY_BAD_STEP"}, ValueError, "key.step"),
+                BadArg({"key": "KEY_BAD_IDS"}, TypeError, "key.sample_ids"),
             ]
     out += list(op.bad_args_extra)
     if op.kind == "function":

@@ -56,6 +56,10 @@ def _resolve(op: OpInfo, kwargs: dict[str, Any], n: int) -> dict[str, Any]:
         kw["generator"] = torch.Generator()
     elif kw.get("key") == "KEY_WRONG_BATCH":
         kw["key"] = make_key(0, n + 1)
+    elif kw.get("key") == "KEY_BAD_STEP":
+        kw["key"] = make_key(0, n)._replace(step=-1)
+    elif kw.get("key") == "KEY_BAD_IDS":
+        kw["key"] = make_key(0, n)._replace(sample_ids=torch.arange(n, dtype=torch.float32))
     return kw
 
 
