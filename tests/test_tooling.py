@@ -146,9 +146,16 @@ def _compile_fullgraph_inductor(op: OpInfo, mode: Mode, keyed: bool) -> None:
     eager = op.run(m, x, seed=5, key=ctx)
     compiled = torch.compile(m, fullgraph=True)
     got = op.run(compiled, x, seed=5, key=ctx)
-    _check(op, mode, m, x, got, "compiled (fullgraph)")
+    r_got = _check(op, mode, m, x, got, "compiled (fullgraph)")
     if keyed or op.family != "block":
-        assert torch.equal(got, eager), f"{op.name}: compiled masks differ from eager under the same seed"
+        r_eager = _check(op, mode, m, x, eager, "eager")
+        assert torch.equal(r_got.keep, r_eager.keep), (
+            f"{op.name}: compiled masks differ from eager (same seed)"
+        )
+        # Gaussian noise and conv outputs are computed by other kernels: equal up to rounding
+        exact = op.family not in ("gaussian", "filter")
+        tol = {"rtol": 0.0, "atol": 0.0} if exact else {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(got, eager, **tol)
     xg = x.clone().requires_grad_(True)
     y = op.run(compiled, xg, seed=5, key=ctx)
     w = nonzero_input(y.shape, seed=3)
@@ -173,11 +180,14 @@ def test_compile_dynamic_batch_and_map_size(op: OpInfo, mode: Mode) -> None:
     shapes = [base, (2 * base[0], *base[1:])]
     if op.kind != "filter" and op.min_rank == 3:
         shapes.append((base[0], base[1], *tuple(s + i + 1 for i, s in enumerate(base[2:]))))
+    first = 0
     for i, shape in enumerate(shapes):
         x = nonzero_input(shape, seed=i)
         y = compiled(x)
         _check(op, mode, m, x, y, f"dynamic {shape}")
-    assert counter.frame_count <= 2, f"{op.name}: {counter.frame_count} compilations for {len(shapes)} shapes"
+        first = first or counter.frame_count
+    extra = counter.frame_count - first  # frames compiled after the first call: recompilations
+    assert extra <= 1, f"{op.name}: {extra} more frames compiled for {len(shapes) - 1} new shapes"
 
 
 @pytest.mark.parametrize(
@@ -194,13 +204,14 @@ def test_compile_p_changing_every_step_does_not_recompile(op: OpInfo, mode: Mode
     x = _sample(op).make()
     ps = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
     layer = m if op.kind != "filter" else next(mm for mm in m.modules() if isinstance(mm, sd.FilterDropout))
+    first = 0
     for p in ps:
         layer.p = p
         y = op.run(compiled, x, seed=1)
         _check(op, mode, m, x, y, f"p={p}", p=p)
-    assert counter.frame_count <= 2, (
-        f"{op.name}: {counter.frame_count} compilations for {len(ps)} values of p"
-    )
+        first = first or counter.frame_count
+    extra = counter.frame_count - first  # frames compiled after the first step: recompilations
+    assert extra <= 1, f"{op.name}: {extra} more frames compiled for {len(ps) - 1} new values of p"
 
 
 @pytest.mark.parametrize(
@@ -225,7 +236,7 @@ def test_compile_model_with_layers_at_different_map_sizes(op: OpInfo) -> None:
         assert y.shape == (8, 8, 4, 4)
         assert bool(torch.isfinite(y).all())
     net.eval()
-    assert torch.allclose(compiled(x), net[1](x))
+    torch.testing.assert_close(compiled(x), net[1](x), rtol=1e-5, atol=1e-5)  # the conv alone
 
 
 # --- torch.fx ---------------------------------------------------------------------------------
