@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from scipy.stats import binom
@@ -36,3 +38,56 @@ FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def shape_for(spatial_dims: int, n: int = 4, c: int = 6, side: int = 5) -> tuple[int, ...]:
     """A small batched channels-first shape with ``spatial_dims`` spatial dims."""
     return (n, c) + (side,) * spatial_dims
+
+
+# --- markers, the slow subset, hypothesis profiles ------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--runslow",
+        action="store_true",
+        default=False,
+        help="also run the tests marked slow (the full compile/export matrix); or set SPATIALDROP_SLOW=1",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a slow case (compile, export); run with --runslow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow") or os.environ.get("SPATIALDROP_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow or SPATIALDROP_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+try:
+    from hypothesis import HealthCheck, Phase, settings
+except ImportError:  # hypothesis is in the test extra; only test_properties needs it
+    pass
+else:
+    # "ci": fixed examples (derandomized), a few minutes in all; the default.
+    settings.register_profile(
+        "ci",
+        max_examples=150,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],  # no shrinking: a hang costs the time bound
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
+    # "release": many random examples, for release checks:
+    #   HYPOTHESIS_PROFILE=release pytest tests/test_properties.py
+    settings.register_profile(
+        "release",
+        max_examples=2000,
+        derandomize=False,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
