@@ -59,10 +59,11 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--runslow") or os.environ.get("SPATIALDROP_SLOW") == "1":
         return
-    skip = pytest.mark.skip(reason="slow: run with --runslow or SPATIALDROP_SLOW=1")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    # deselected, not skipped: the default run is the fast subset, .ci/run runs the slow one too
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]
 
 
 try:
