@@ -309,3 +309,22 @@ def test_onnx_export_train_mode(tmp_path: object) -> None:
     session = onnxruntime.InferenceSession(path)
     out = session.run(None, {session.get_inputs()[0].name: np.ones((4, 8, 9, 9), np.float32)})[0]
     assert 0.15 < float((out == 0).mean()) < 0.45
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_compile_p_changing_every_step_does_not_recompile_per_step(shared: bool) -> None:
+    # as DropSchedule does: a new p on the module at every step
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    m = sd.DropBlock2d(0.05, 3, shared_channels=shared)
+    compiled = torch.compile(m, fullgraph=True)
+    x = torch.ones(64, 8, 12, 12)
+    rates = []
+    for step in range(8):
+        m.p = 0.05 + 0.05 * step
+        rates.append(float((compiled(x) == 0).float().mean()))
+    assert counters["stats"]["unique_graphs"] <= 2  # the first p, then p as a symbol
+    assert rates[0] < 0.15
+    assert 0.3 < rates[-1] < 0.5

@@ -141,7 +141,7 @@ def run(
     if torch.compiler.is_exporting():  # no custom op in an exported program (ONNX cannot lower it)
         return drop_block_dense(input, p, geo, seeding, scale, generator, key)
     seed, words, step, ids = _op_args(generator, key)
-    p_tensor = torch.scalar_tensor(p, dtype=torch.float64)
+    p_tensor = torch.ones((), dtype=torch.float64) * p  # not torch.full: that specialises p
     if not geo.shared and (_compiling() or torch._C._functorch.peek_interpreter_stack() is None):
         # per channel: keep the write plan for backward when it is small (see .planned)
         planned = drop_block_maps_planned(
