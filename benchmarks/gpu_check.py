@@ -153,8 +153,8 @@ def _triton_direct(
     shape: tuple[int, ...], block: int, p: float, shared: bool
 ) -> Callable[[Tensor], Tensor] | None:
     try:
-        from spatialdrop._dropblock.triton_kernels import triton_available, triton_drop_block
         from spatialdrop._dropblock.calibration import uniform_gamma
+        from spatialdrop._dropblock.triton_kernels import triton_available, triton_drop_block
     except ImportError:
         return None
     blocks = (block,) * (len(shape) - 2)

@@ -18,6 +18,7 @@ from conftest import assert_binomial
 pytest.importorskip("triton", reason="triton is not installed (pip install spatialdrop[triton])")
 
 from spatialdrop import MaskKey
+from spatialdrop._dropblock.calibration import uniform_gamma, valid_gamma
 from spatialdrop._dropblock.keyed_seeds import draw_keyed_seeds
 from spatialdrop._dropblock.triton_kernels import (
     cpu_interpreter,
@@ -26,7 +27,6 @@ from spatialdrop._dropblock.triton_kernels import (
     triton_available,
     triton_drop_block,
 )
-from spatialdrop._dropblock.calibration import uniform_gamma, valid_gamma
 from spatialdrop.functional import drop_block
 
 pytestmark = pytest.mark.triton

@@ -11,7 +11,8 @@
 - The dense path (:func:`drop_block_dense`) has static shapes and no device-to-host read: it
   draws the whole seed grid and grows blocks densely. It serves CUDA and meta input (and any
   other non-CPU device), ``torch.export`` / ONNX export, and CPU input when
-  :data:`FORCE_STATIC_PATH` is set. For CUDA with triton installed, :func:`_cuda_impl` runs the fused Triton kernel instead.
+  :data:`FORCE_STATIC_PATH` is set. For CUDA with triton installed, :func:`_cuda_impl` runs
+  the fused Triton kernel instead.
 """
 
 from __future__ import annotations
