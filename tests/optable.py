@@ -49,12 +49,17 @@ class BadArg:
 
     ``when`` is ``"build"`` when the error must come at construction (modules) and ``"call"`` when
     it can only come with an input (functions; sizes a module cannot check before it sees a map).
+
+    ``match``, if given, is a regex for what follows ``"<op>: <arg> must be "`` in the message
+    (the project's format ``"<fn>: <arg> must be <allowed>, got <value>"``): the allowed values
+    and the bad value as the message must show them.
     """
 
     kwargs: dict[str, Any]
     exc: type[Exception]
     arg: str
     when: str = "build"
+    match: str = ""
 
     @property
     def id(self) -> str:
@@ -260,7 +265,9 @@ class OpInfo:
             return [
                 Sample((6,), desc="1d"),
                 Sample((6, 5), desc="2d"),
+                Sample((6, 3, 4), desc="3d"),
                 Sample((6, 3, s, s), desc="4d"),
+                Sample((6, 2, 3, 3, 3), desc="5d"),
                 Sample((6, 3, s, s), memory_format=torch.channels_last, desc="channels_last"),
                 Sample((0, 3, s), desc="empty"),
                 Sample((1, 2, 3, 2, 2, 2), desc="6d"),
@@ -522,44 +529,90 @@ def watchdog(seconds: float, what: str) -> Iterator[None]:
 # --- the table ---------------------------------------------------------------------------------
 
 
+def _got(v: Any) -> str:
+    """The regex of ``", got <repr(v)>"`` at the end of a message."""
+    return ", got " + re.escape(repr(v)) + "$"
+
+
 def _p_bad(allow_one: bool) -> list[BadArg]:
+    interval = r"\[0, 1\]" if allow_one else r"\[0, 1\)"
+    prob, real = f"a probability in {interval}", f"a real number in {interval}"
     bad = [
-        BadArg({"p": -0.1}, ValueError, "p"),
-        BadArg({"p": 1.5}, ValueError, "p"),
-        BadArg({"p": float("nan")}, ValueError, "p"),
-        BadArg({"p": float("inf")}, ValueError, "p"),
-        BadArg({"p": 10**400}, ValueError, "p"),
-        BadArg({"p": "0.5"}, TypeError, "p"),
-        BadArg({"p": True}, TypeError, "p"),
-        BadArg({"p": None}, TypeError, "p"),
+        BadArg({"p": v}, ValueError, "p", match=prob + _got(v))
+        for v in (-0.1, 1.5, 2, float("nan"), float("inf"))
     ]
+    bad.append(BadArg({"p": 10**400}, ValueError, "p", match=prob + ", got a number of magnitude ~1e400$"))
+    bad += [BadArg({"p": v}, TypeError, "p", match=real + _got(v)) for v in ("0.5", True, None)]
     if not allow_one:
-        bad.append(BadArg({"p": 1.0}, ValueError, "p"))
+        bad.append(
+            BadArg(
+                {"p": 1.0}, ValueError, "p", match=prob + r" \(p = 1 would drop every element.*" + _got(1.0)
+            )
+        )
     return bad
+
+
+def _bools(arg: str, values: Sequence[Any]) -> list[BadArg]:
+    return [BadArg({arg: v}, TypeError, arg, match="a bool" + _got(v)) for v in values]
+
+
+def _channel_dim_range(ndim: int | None) -> str:
+    """The allowed channel dims as the message shows them (any batched rank when ``ndim`` is None)."""
+    if ndim is None:
+        return r"a dim of the \d+-D batched input other than the batch dim 0: 1 \.\. \d+ or -1 \.\. -\d+"
+    return (
+        rf"a dim of the {ndim}-D batched input other than the batch dim 0: "
+        rf"1 \.\. {ndim - 1} or -1 \.\. -{ndim - 1}"
+    )
+
+
+def _channel_dim_bad(op_spatial_dims: int | None, input_ndim: int | None, *, function: bool) -> list[BadArg]:
+    """Bad ``channel_dim`` values; ``input_ndim``: the rank of the input the checks call with.
+
+    A rank-free module checks ``channel_dim = 0`` at construction, against its smallest rank.
+    """
+    ndim = (op_spatial_dims + 2) if op_spatial_dims is not None else None
+    when = "build" if ndim else "call"
+    rng = _channel_dim_range(ndim or input_ndim)
+    zero = rng if (ndim or function) else _channel_dim_range(None)
+    out = [BadArg({"channel_dim": 0}, ValueError, "channel_dim", match=zero + _got(0))]
+    out += [
+        BadArg({"channel_dim": v}, TypeError, "channel_dim", match="an int" + _got(v))
+        for v in (1.0, True, "last")
+    ]
+    out += [BadArg({"channel_dim": v}, ValueError, "channel_dim", when, match=rng + _got(v)) for v in (9, -9)]
+    edge = ndim or input_ndim
+    if edge is not None:  # one past the last dim, on either side
+        out += [
+            BadArg({"channel_dim": v}, ValueError, "channel_dim", when, match=rng + _got(v))
+            for v in (edge, -edge)
+        ]
+    return out
+
+
+def input_ndim(op: OpInfo) -> int | None:
+    """The rank of the input the argument checks call an op with (``None``: none, or any)."""
+    if op.kind == "filter":
+        return None
+    if op.family == "block" and op.spatial_dims is None:
+        return 4  # 2-d, as the block_size lists in the table assume
+    return len(op.samples()[0].shape)
 
 
 def bad_args(op: OpInfo) -> list[BadArg]:
     """Every bad argument of ``op``: the common ones its signature has, then its own."""
     out = _p_bad(op.allow_p_one)
     if op.has_inplace:
-        out += [
-            BadArg({"inplace": "yes"}, TypeError, "inplace"),
-            BadArg({"inplace": 1}, TypeError, "inplace"),
-        ]
+        out += _bools("inplace", ["yes", 1, 0, None])
     if op.has_channel_dim:
-        ndim = (op.spatial_dims + 2) if op.spatial_dims is not None else None
-        out += [
-            BadArg({"channel_dim": 0}, ValueError, "channel_dim"),
-            BadArg({"channel_dim": 1.0}, TypeError, "channel_dim"),
-            BadArg({"channel_dim": True}, TypeError, "channel_dim"),
-        ]
-        big = 9
-        out.append(BadArg({"channel_dim": big}, ValueError, "channel_dim", "build" if ndim else "call"))
-        out.append(BadArg({"channel_dim": -big}, ValueError, "channel_dim", "build" if ndim else "call"))
+        out += _channel_dim_bad(op.spatial_dims, input_ndim(op), function=op.kind == "function")
     if op.kind == "function":
+        out += _bools("training", ["no", 1, None])
         out += [
-            BadArg({"training": "no"}, TypeError, "training"),
-            BadArg({"generator": 1}, TypeError, "generator"),
+            BadArg(
+                {"generator": v}, TypeError, "generator", match="None or a torch.Generator, got " + t + "$"
+            )
+            for v, t in ((1, "int"), ("g", "str"))
         ]
         if op.keyed:
             out += [
@@ -575,25 +628,61 @@ def bad_args(op: OpInfo) -> list[BadArg]:
     return out
 
 
-def _block_bad(spatial_dims: int | None) -> tuple[BadArg, ...]:
+def _block_bad(spatial_dims: int | None, *, function: bool = False) -> tuple[BadArg, ...]:
     n = spatial_dims or 2  # functions are checked on a 2-d input
     wrong_len = (3,) * (n + 1)
-    return (
-        BadArg({"block_size": 0}, ValueError, "block_size"),
-        BadArg({"block_size": -3}, ValueError, "block_size"),
-        BadArg({"block_size": True}, TypeError, "block_size"),
-        BadArg({"block_size": 2.5}, TypeError, "block_size"),
-        BadArg({"block_size": "3"}, TypeError, "block_size"),
-        BadArg({"block_size": (3,) * (n - 1) + (0,)}, ValueError, "block_size"),
-        BadArg({"block_size": (3,) * (n - 1) + (True,)}, TypeError, "block_size"),
-        BadArg({"block_size": wrong_len}, ValueError, "block_size", "build" if spatial_dims else "call"),
+    # the rank-free module does not know how many sizes it needs until it sees a map
+    sizes = r"a positive int or a tuple of (\d+ )?positive ints"
+    if spatial_dims or function:
+        sizes = rf"a positive int or a tuple of {n} positive ints"
+    zero_first = (0,) + (3,) * (n - 1)
+    zero_last = (3,) * (n - 1) + (0,)
+    true_last = (3,) * (n - 1) + (True,)
+    out = (
+        BadArg({"block_size": 0}, ValueError, "block_size", match=sizes + _got(0)),
+        BadArg({"block_size": -3}, ValueError, "block_size", match=sizes + _got(-3)),
+        BadArg({"block_size": True}, TypeError, "block_size", match=sizes + _got(True)),
+        BadArg({"block_size": 2.0}, TypeError, "block_size", match=sizes + _got(2.0)),
+        BadArg({"block_size": 2.5}, TypeError, "block_size", match=sizes + _got(2.5)),
+        BadArg({"block_size": "3"}, TypeError, "block_size", match=sizes + _got("3")),
+        BadArg({"block_size": zero_first}, ValueError, "block_size", match=sizes + _got(zero_first)),
+        BadArg({"block_size": zero_last}, ValueError, "block_size", match=sizes + _got(zero_last)),
+        BadArg({"block_size": true_last}, TypeError, "block_size", match=sizes + _got(true_last)),
+        BadArg(
+            {"block_size": wrong_len},
+            ValueError,
+            "block_size",
+            "build" if spatial_dims else "call",
+            match=rf"a positive int or a tuple of {n} positive ints" + _got(wrong_len),
+        ),
         BadArg({"block_size": 10**30}, ValueError, "block_size", "call"),
         BadArg({"block_size": 2**62}, ValueError, "block_size", "call"),
-        BadArg({"seeding": "random"}, ValueError, "seeding"),
-        BadArg({"scale": "batch"}, ValueError, "scale"),
-        BadArg({"scale": None}, ValueError, "scale"),
-        BadArg({"shared_channels": "yes"}, TypeError, "shared_channels"),
+        *(
+            BadArg({"seeding": v}, ValueError, "seeding", match="one of 'uniform', 'valid'" + _got(v))
+            for v in ("random", "same", "centre")
+        ),
+        BadArg(
+            {"scale": "batch"},
+            ValueError,
+            "scale",
+            match="one of 'expected', 'realized', 'none'" + _got("batch"),
+        ),
+        BadArg(
+            {"scale": None}, ValueError, "scale", match="one of 'expected', 'realized', 'none'" + _got(None)
+        ),
+        *_bools("shared_channels", ["yes", 1, None]),
     )
+    if function:  # a block larger than the (6, 6) map cannot be seeded whole
+        out += (
+            BadArg(
+                {"block_size": (8, 3), "seeding": "valid"},
+                ValueError,
+                "block_size",
+                "call",
+                match=r"at most the map size \(6, 6\) .*seeding='valid'.*" + _got((8, 3)),
+            ),
+        )
+    return out
 
 
 BLOCK_MODES = (
@@ -673,7 +762,7 @@ OPS: list[OpInfo] = [
         "block",
         allow_p_one=False,
         modes=_block_modes(None),
-        bad_args_extra=_block_bad(None),
+        bad_args_extra=_block_bad(None, function=True),
         p=0.3,
     ),
     *_block_module_entries(),
@@ -685,7 +774,7 @@ OPS: list[OpInfo] = [
         modes=(Mode("default"), Mode("unscaled", {"scale": False})),
         has_channel_dim=False,
         min_rank=1,
-        bad_args_extra=(BadArg({"scale": "yes"}, TypeError, "scale"),),
+        bad_args_extra=tuple(_bools("scale", ["yes", 1, 0])),
     ),
     OpInfo(
         "DropPath",
@@ -696,7 +785,10 @@ OPS: list[OpInfo] = [
         has_channel_dim=False,
         min_rank=1,
         function=F.drop_path,
-        bad_args_extra=(BadArg({"scale": "yes"}, TypeError, "scale"),),
+        bad_args_extra=(
+            *_bools("scale", ["yes", 1, 0]),
+            BadArg({"channel_dim": 1}, TypeError, "channel_dim"),  # DropPath has no channel_dim
+        ),
     ),
     OpInfo("gaussian_spatial_dropout", "function", F.gaussian_spatial_dropout, "gaussian", allow_p_one=False),
     *_module_entries(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 import warnings
 from typing import Any
 
@@ -82,12 +83,27 @@ def _names(op: OpInfo, exc: BaseException, arg: str, at_call: bool) -> bool:
     return any(message_names(exc, n, arg) for n in names)
 
 
+def _says(op: OpInfo, exc: BaseException, bad: BadArg, at_call: bool) -> bool:
+    """The message reads ``"<op>: <arg> must be <bad.match>"`` (when the table gives a match)."""
+    if not bad.match:
+        return True
+    names = [_name(op)]
+    if at_call and op.function is not None:
+        names.append(op.function.__name__)
+    return any(
+        re.search(rf"\b{re.escape(n)}: {re.escape(bad.arg)} must be {bad.match}", str(exc)) for n in names
+    )
+
+
 def _check_raises(op: OpInfo, bad: BadArg, call: Any, at_call: bool = False) -> None:
     with pytest.raises((ValueError, TypeError)) as info, watchdog(3.0, f"{op.name} {bad.id}"):
         call()
     assert isinstance(info.value, bad.exc), f"{op.name}: {bad.id} raised {info.type.__name__}: {info.value}"
     assert _names(op, info.value, bad.arg, at_call), (
         f"message must name {_name(op)} and {bad.arg}: {info.value}"
+    )
+    assert _says(op, info.value, bad, at_call), (
+        f"message must read '{bad.arg} must be {bad.match}': {info.value}"
     )
 
 
@@ -114,29 +130,48 @@ def test_bad_argument_raises_naming_it(op: OpInfo, bad: BadArg, training: bool) 
     except (ValueError, TypeError) as exc:
         assert isinstance(exc, bad.exc), f"{op.name}: {bad.id} raised {type(exc).__name__}: {exc}"  # noqa: PT017
         assert _names(op, exc, bad.arg, False), f"message must name {_name(op)} and {bad.arg}: {exc}"  # noqa: PT017
+        assert _says(op, exc, bad, False), f"message must read '{bad.arg} must be {bad.match}': {exc}"  # noqa: PT017
         return
     m.train(training)
     _check_raises(op, bad, lambda: m(x), at_call=True)
 
 
 @pytest.mark.parametrize("op", op_params(ACTIVATION))
-def test_bad_inputs_raise_naming_input(op: OpInfo) -> None:
-    m = op.build(training=True)
+@pytest.mark.parametrize("training", [True, False])
+def test_bad_inputs_raise_naming_input(op: OpInfo, training: bool) -> None:
+    """A non-tensor, an integer tensor or a tensor of the wrong rank: the message says what is allowed."""
+    m = op.build(training=training)
     x = default_sample(op).make()
-    with pytest.raises(TypeError, match="input"):
+    with pytest.raises(TypeError, match=r"input must be a torch.Tensor, got list$") as info:
         m(x.tolist())
-    with pytest.raises(TypeError, match="input"):
-        m(torch.ones(x.shape, dtype=torch.int64))
+    assert _names(op, info.value, "input", at_call=True), str(info.value)
+    for dtype in (torch.int64, torch.int32):
+        with pytest.raises(
+            TypeError, match=rf"input must be a floating-point tensor .*, got {dtype}$"
+        ) as info:
+            m(torch.ones(x.shape, dtype=dtype))
+        assert _names(op, info.value, "input", at_call=True), str(info.value)
     if op.spatial_dims is not None:
-        wrong = [torch.ones((2,) * (op.spatial_dims + 3)), torch.ones((2,) * op.spatial_dims)]
+        d = op.spatial_dims
+        want = rf"input must be a {d + 2}-D batched .* or {d + 1}-D unbatched .*"
+        wrong = [torch.ones((2,) * (d + 3)), torch.ones((2,) * d)]
     elif op.min_rank == 3:
+        want = r"input must be a tensor with at least 3 dims .*, got shape \(4, 5\)$"
         wrong = [torch.ones(4, 5)]
     else:
+        want = rf"input must be a tensor with at least {op.min_rank} dims .*, got shape \(\)$"
         wrong = [torch.ones(())]
+    # a rank-fixed class names itself; a rank-free one may name the function it calls
+    names = (
+        [_name(op)]
+        if op.spatial_dims is not None or op.function is None
+        else [_name(op), op.function.__name__]
+    )
+    prefix = "(" + "|".join(rf"\b{re.escape(n)}" for n in names) + "): "
     for t in wrong:
-        with pytest.raises(ValueError, match="input") as info:
+        with pytest.raises(ValueError, match=prefix + want) as info:
             m(t)
-        assert message_names(info.value, _name(op), "input")
+        assert _names(op, info.value, "input", at_call=True), str(info.value)
 
 
 # --- identities -----------------------------------------------------------------------------
@@ -156,6 +191,8 @@ def test_eval_is_identity_and_draws_nothing(op: OpInfo, mode: Mode) -> None:
         y = m(x)
         assert torch.equal(torch.get_rng_state(), state), f"{op.name}: eval drew random numbers"
         assert torch.equal(y, want), f"{op.name} {sample.id}: eval is not the identity"
+        if op.kind != "filter" and not sample.unbatched:  # not even a copy: the input itself
+            assert y is x, f"{op.name} {sample.id}: eval returned a copy of the input"
 
 
 @pytest.mark.parametrize(("op", "mode"), op_mode_params())
@@ -168,6 +205,8 @@ def test_p_zero_is_identity_and_draws_nothing(op: OpInfo, mode: Mode) -> None:
         y = m(x)
         assert torch.equal(torch.get_rng_state(), state), f"{op.name}: p=0 drew random numbers"
         assert torch.equal(y, want), f"{op.name} {sample.id}: p=0 is not the identity"
+        if op.kind != "filter" and not sample.unbatched:  # not even a copy: the input itself
+            assert y is x, f"{op.name} {sample.id}: p=0 returned a copy of the input"
 
 
 @pytest.mark.parametrize("op", op_params([op for op in OPS if op.allow_p_one]))
@@ -224,6 +263,11 @@ def test_output_is_mask_times_scale_and_gradient_matches(op: OpInfo, mode: Mode,
         )
         if sample.memory_format is not None:
             assert y.is_contiguous(memory_format=sample.memory_format), f"{op.name}: memory format not kept"
+            if op.kind != "filter":  # the same masks as on a contiguous copy, under the same seed
+                y_contiguous = op.run(
+                    op.build(op.p, mode, channel_dim=sample.channel_dim), x.detach().contiguous(), seed=seed
+                )
+                assert torch.equal(y.detach(), y_contiguous), f"{op.name}: memory format changed the masks"
         if op.kind != "filter" and x.numel():
             check_gradient(grad, w, out, unbatched=sample.unbatched, what=f"{op.name} {sample.id}")
 
@@ -248,14 +292,20 @@ def test_dtypes_kept(op: OpInfo, mode: Mode, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize(("op", "mode"), op_mode_params(ACTIVATION))
-def test_non_contiguous_input(op: OpInfo, mode: Mode) -> None:
+@pytest.mark.parametrize("layout", ["sliced", "transposed"])
+def test_non_contiguous_input(op: OpInfo, mode: Mode, layout: str) -> None:
+    """A strided slice, or the same values with the batch and channel strides swapped."""
     sample = default_sample(op)
-    shape = (*sample.shape[:-1], 2 * sample.shape[-1])
-    x = nonzero_input(shape)[..., ::2]
+    if layout == "sliced":
+        shape = (*sample.shape[:-1], 2 * sample.shape[-1])
+        x = nonzero_input(shape)[..., ::2]
+    else:
+        shape = sample.shape if len(sample.shape) >= 2 else (*sample.shape, 4)
+        x = nonzero_input(shape).transpose(0, 1).contiguous().transpose(0, 1)
     assert not x.is_contiguous()
     m = op.build(mode=mode)
     y = op.run(m, x, seed=0)
-    check_output(op, mode, op.p, x, y, what="non-contiguous")
+    check_output(op, mode, op.p, x, y, what=f"non-contiguous ({layout})")
     # the same masks as on a contiguous copy, under the same seed
     assert torch.equal(y, op.run(op.build(mode=mode), x.contiguous(), seed=0))
 

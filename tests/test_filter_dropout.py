@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils import parametrize
-from torch.utils.checkpoint import checkpoint
 
 from conftest import RANKS, assert_binomial
 from spatialdrop import FilterDropout, filter_dropout, remove_filter_dropout
@@ -282,18 +281,6 @@ def test_cached_reuses_the_first_mask_as_documented() -> None:
         z2 = (conv(x) == 0).flatten(2).all(-1)
     assert z1.any()
     assert torch.equal(z1, z2)
-
-
-def test_checkpoint_recomputes_the_same_mask() -> None:
-    conv, _, x = make(2)
-    x.requires_grad_(True)
-    torch.manual_seed(11)
-    conv(x).relu().sum().backward()
-    g_plain = x.grad.clone()
-    x.grad = None
-    torch.manual_seed(11)
-    checkpoint(lambda t: conv(t).relu(), x, use_reentrant=False).sum().backward()
-    assert torch.equal(g_plain, x.grad)
 
 
 def test_inside_a_model_with_sequential() -> None:
