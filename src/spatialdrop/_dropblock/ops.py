@@ -143,8 +143,10 @@ def run(
         return drop_block_dense(input, p, geo, seeding, scale, generator, key)
     seed, words, step, ids = _op_args(generator, key)
     p_tensor = torch.ones((), dtype=torch.float64) * p  # not torch.full: that specialises p
-    if not geo.shared and (_compiling() or torch._C._functorch.peek_interpreter_stack() is None):
-        # per channel: keep the write plan for backward when it is small (see .planned)
+    if not geo.shared and not _compiling() and torch._C._functorch.peek_interpreter_stack() is None:
+        # per channel, plain eager: keep the write plan for backward when it is small (see
+        # .planned). Not under torch.compile: the plan's length depends on the data (a graph
+        # break, or capture_dynamic_output_shape_ops); there backward re-creates the mask.
         planned = drop_block_maps_planned(
             input, seed, p_tensor, list(geo.blocks), geo.channel_dim, seeding, scale, words, step, ids
         )

@@ -7,7 +7,10 @@ write plan (the storage offsets of the dropped runs, data-dependent length) when
 it to the gradient. When the plan would be larger (tiny blocks at a high ``p``) the forward
 returns an empty plan and replay re-creates the mask from the seed (or key) instead. Replay is
 linear in the gradient, so its own backward is replay again: every order of derivative works.
-Both ops are opaque to the compiler, so eager and compiled code run the same code.
+Both ops are opaque to the compiler. Only plain eager calls use them: the plan's length depends
+on the data, which would break a ``torch.compile`` graph (or need
+``capture_dynamic_output_shape_ops``), so compiled code calls ``spatialdrop::drop_block_maps``
+(static output shape; backward re-creates the mask from the seed), which gives the same result.
 """
 
 from __future__ import annotations
