@@ -11,7 +11,7 @@
 - :mod:`.sparse`: the custom ops ``spatialdrop::drop_block_maps`` / ``drop_block_shared`` (the
   CPU path: seeds drawn sparsely, only dropped positions written); :mod:`.planned`:
   ``spatialdrop::drop_block_maps_planned`` / ``drop_block_maps_replay`` (per channel, keeping the
-  int32 write plan for backward when it is small; plain eager only).
+  int32 write plan for backward when it is small).
 - :mod:`.autograd`: :class:`~.autograd.DropBlockFunction` (torch.func-ready, backward = itself)
   and the ops' autograd formulas and vmap rules.
 - :mod:`.ops`: the dispatch (:func:`~.ops.run`), the dense static-shape path (CUDA, meta,
