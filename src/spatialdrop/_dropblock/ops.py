@@ -143,10 +143,22 @@ def run(
         return drop_block_dense(input, p, geo, seeding, scale, generator, key)
     seed, words, step, ids = _op_args(generator, key)
     p_tensor = torch.ones((), dtype=torch.float64) * p  # not torch.full: that specialises p
-    if not geo.shared and (_compiling() or torch._C._functorch.peek_interpreter_stack() is None):
-        # per channel: keep the write plan for backward when it is small (see .planned)
+    compiling = _compiling()
+    if not geo.shared and (compiling or torch._C._functorch.peek_interpreter_stack() is None):
+        # per channel: keep the write plan for backward when it is small (see .planned); under
+        # torch.compile in a buffer of static size (no data-dependent shape: no graph break)
         planned = drop_block_maps_planned(
-            input, seed, p_tensor, list(geo.blocks), geo.channel_dim, seeding, scale, words, step, ids
+            input,
+            seed,
+            p_tensor,
+            list(geo.blocks),
+            geo.channel_dim,
+            seeding,
+            scale,
+            words,
+            step,
+            ids,
+            compiling,
         )
         return planned[0]
     result: Tensor = DropBlockFunction.apply(
