@@ -99,8 +99,11 @@ def test_bad_inputs_raise() -> None:
         ValueError, match=r"drop_path: input must be a tensor with at least 1 dims .* got shape \(\)"
     ):
         drop_path(torch.tensor(1.0), 0.5, training=False)
-    with pytest.raises(ValueError, match=r"drop_path: input must be a tensor with at least 1 dims"):
+    # the layer checks its input itself, so the message names the layer (tests/test_contract.py)
+    with pytest.raises(ValueError, match=r"DropPath: input must be a tensor with at least 1 dims"):
         DropPath(0.5).eval()(torch.tensor(1.0))
+    with pytest.raises(TypeError, match=r"DropPath: input must be a torch.Tensor, got list"):
+        DropPath(0.5)([1.0])  # type: ignore[arg-type]
 
 
 def test_module_constructor_validates_and_repr() -> None:
