@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import spatialdrop as sd
+import spatialdrop.spatial_dropout
 from conftest import assert_binomial
 from optable import (
     OPS,
@@ -519,12 +520,15 @@ def _compile_params() -> list[Any]:
 
 
 @pytest.mark.parametrize(("op", "mode", "keyed"), _compile_params())
-def test_compile_fullgraph_matches_eager(op: OpInfo, mode: Mode, keyed: bool) -> None:
+def test_compile_fullgraph_matches_eager(
+    op: OpInfo, mode: Mode, keyed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """torch.compile(fullgraph=True) (aot_eager: the RNG stays torch's) gives eager's output.
 
     Keyed masks are the same bits by design. With the global generator the same seed gives the
-    same masks where the op draws the same numbers when traced; DropBlock's traced path may draw
-    differently, so there the output is checked against the contract instead.
+    same masks as the eager twin of the traced draw (``rand < 1 - p``, see
+    ``spatial_dropout.bernoulli_keep``); DropBlock's traced path may draw differently, so there
+    the output is checked against the contract instead.
     """
     torch._dynamo.reset()
     sample = _keyed_sample(op)
@@ -537,7 +541,11 @@ def test_compile_fullgraph_matches_eager(op: OpInfo, mode: Mode, keyed: bool) ->
     else:
         m = op.build(mode=mode, keyed_seed=7 if keyed else None)
         ctx_key = key if keyed else None
+    if not keyed and op.family != "block":
+        # compiled, the keep mask is rand < 1 - p (p stays symbolic), not bernoulli_: so is eager's twin
+        monkeypatch.setattr(spatialdrop.spatial_dropout, "is_compiling", lambda: True)
     eager = op.run(m, x, seed=5, key=ctx_key)
+    monkeypatch.undo()
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     got = op.run(compiled, x, seed=5, key=ctx_key)
     check_output(op, mode, op.p, x, got, ref=_plain(op, m, x), what="compiled")

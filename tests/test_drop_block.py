@@ -580,8 +580,11 @@ def test_inplace(shared: bool, scale: str) -> None:
     z.sum().backward()
     torch.manual_seed(1)
     assert torch.allclose(leaf.grad, drop_block(torch.ones_like(leaf), 0.3, 3, **kw))
-    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad"):
+    # in place on a leaf that requires grad (or a view of one): the project's error, before any write
+    with pytest.raises(ValueError, match=r"drop_block: inplace must be False .* got True with a leaf"):
         drop_block(leaf, 0.3, 3, inplace=True, **kw)
+    with pytest.raises(ValueError, match=r"drop_block: inplace .* got True with a view of a leaf"):
+        drop_block(leaf[1:], 0.3, 3, inplace=True, **kw)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"seeding": "valid", "scale": "realized", "shared_channels": True}])

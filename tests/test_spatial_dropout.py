@@ -155,9 +155,16 @@ def test_inplace_writes_input_and_keeps_autograd_rules() -> None:
     z.sum().backward()
     torch.manual_seed(1)
     assert torch.equal(leaf.grad, spatial_dropout(torch.ones_like(leaf), 0.5))
-    # inplace on a leaf that requires grad is torch's own error
-    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad"):
+    # inplace on a leaf that requires grad (or a view of one) is refused up front, naming inplace
+    before = leaf.detach().clone()
+    with pytest.raises(ValueError, match=r"spatial_dropout: inplace must be False .* got True with a leaf"):
         spatial_dropout(leaf, 0.5, inplace=True)
+    with pytest.raises(ValueError, match=r"spatial_dropout: inplace .* got True with a view of a leaf"):
+        SpatialDropout2d(0.5, inplace=True)(leaf[0])  # unbatched: the batch axis makes a view
+    assert torch.equal(leaf, before)  # nothing written
+    with torch.no_grad():  # without grad mode torch allows it, and so do we
+        spatial_dropout(leaf, 0.5, inplace=True)
+    assert SpatialDropout2d(0.5, inplace=True).eval()(leaf) is leaf  # eval writes nothing
     # module with unbatched input and inplace writes through the view
     u = torch.ones(6, 5, 5)
     SpatialDropout2d(0.5, inplace=True)(u)

@@ -24,11 +24,13 @@ __all__ = [
     "check_device",
     "check_float_input",
     "check_generator",
+    "check_inplace_target",
     "check_int",
     "check_min_rank",
     "check_p",
     "check_scale_fits",
     "check_sizes",
+    "check_tensor",
     "fail",
     "generator_kwargs",
 ]
@@ -148,10 +150,16 @@ def check_choice(fn: str, arg: str, value: Any, allowed: Sequence[str]) -> str:
     return value
 
 
-def check_float_input(fn: str, input: Any) -> Tensor:
-    """Check that ``input`` is a floating-point tensor."""
+def check_tensor(fn: str, input: Any) -> Tensor:
+    """Check that ``input`` is a :class:`torch.Tensor` (a ``TypeError`` naming ``input`` if not)."""
     if not isinstance(input, Tensor):
         fail(fn, "input", "a torch.Tensor", Shown(type(input).__name__), kind=TypeError)
+    return input
+
+
+def check_float_input(fn: str, input: Any) -> Tensor:
+    """Check that ``input`` is a floating-point tensor."""
+    check_tensor(fn, input)
     if not input.is_floating_point():
         fail(
             fn,
@@ -167,6 +175,35 @@ def check_generator(fn: str, generator: object) -> None:
     """Check that ``generator`` is ``None`` or a :class:`torch.Generator`."""
     if generator is not None and not isinstance(generator, torch.Generator):
         fail(fn, "generator", "None or a torch.Generator", Shown(type(generator).__name__), kind=TypeError)
+
+
+def check_inplace_target(fn: str, input: Tensor, inplace: bool) -> None:
+    """Refuse ``inplace=True`` on an input that autograd forbids writing in place.
+
+    With grad mode on, torch raises a ``RuntimeError`` deep inside the op for an in-place write
+    into a leaf that requires grad, or into a view of one (an unbatched input given a batch axis
+    by a module is such a view). This raises the project's ``ValueError`` naming ``inplace``
+    first. It reads only ``requires_grad``, ``is_leaf`` and ``_base``, never data, so it traces
+    under ``torch.compile`` and ``torch.fx``. Call it where the op is about to write ``input``,
+    after the eval-mode shortcut (which writes nothing and is fine on any input).
+    """
+    if not inplace or not torch.is_grad_enabled() or not input.requires_grad:
+        return
+    if input.is_leaf:
+        what = "a leaf tensor that requires grad"
+    else:
+        base = input._base
+        if base is None or not base.is_leaf:
+            return
+        what = "a view of a leaf tensor that requires grad"
+    fail(
+        fn,
+        "inplace",
+        "False for an input that autograd may not modify in place (a leaf that requires grad, "
+        "or a view of one, with grad mode on); pass a non-leaf, run under torch.no_grad(), "
+        "or use inplace=False",
+        Shown(f"True with {what}"),
+    )
 
 
 def check_min_rank(fn: str, input: Tensor, min_ndim: int, layout: str) -> None:
@@ -234,8 +271,7 @@ def as_batched(fn: str, input: Tensor, spatial_dims: int | None) -> tuple[Tensor
     Returns:
         The batched tensor (a view of ``input``) and whether a batch axis was added.
     """
-    if not isinstance(input, Tensor):
-        fail(fn, "input", "a torch.Tensor", Shown(type(input).__name__), kind=TypeError)
+    check_tensor(fn, input)
     if spatial_dims is None:
         check_min_rank(fn, input, 3, "(N, C, *spatial) or with channel_dim=-1 (N, *spatial, C)")
         return input, False

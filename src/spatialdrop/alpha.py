@@ -15,6 +15,7 @@ from ._validation import (
     check_channel_dim,
     check_float_input,
     check_generator,
+    check_inplace_target,
     check_min_rank,
     check_p,
     check_scale_fits,
@@ -131,6 +132,7 @@ def alpha_spatial_dropout(
     check_key_arg(fn, key, generator, input.shape[0])
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    check_inplace_target(fn, input, inplace)
     alpha = SELU_NEG_SATURATION
     a = 1.0 / math.sqrt((alpha * alpha * p + 1.0) * (1.0 - p))
     check_scale_fits(fn, p, input.dtype, alpha * a, "a |alpha'| = 1.7581 / sqrt((1 + 3.0909 p)(1 - p))")

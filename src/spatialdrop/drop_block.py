@@ -40,6 +40,7 @@ from ._validation import (
     check_choice,
     check_float_input,
     check_generator,
+    check_inplace_target,
     check_min_rank,
     check_p,
     check_sizes,
@@ -187,6 +188,7 @@ def drop_block(
     check_representable(fn, geo, block_size)
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    check_inplace_target(fn, input, inplace)
     out = run(input, p, geo, seeding, scale, generator, key)
     if inplace:
         return input.copy_(out)

@@ -15,15 +15,19 @@ from ._validation import (
     check_choice,
     check_float_input,
     check_generator,
+    check_inplace_target,
     check_int,
     check_min_rank,
     check_p,
     check_scale_fits,
+    check_tensor,
 )
 from .keyed import MaskKey
 from .spatial_dropout import bernoulli_keep
 
 __all__ = ["DropPath", "drop_path", "drop_path_rates"]
+
+_LAYOUT = "(N, *) with the batch at dim 0"
 
 
 def _draw_keep(
@@ -111,7 +115,7 @@ def drop_path(
     fn = "drop_path"
     check_float_input(fn, input)
     p = check_p(fn, p)
-    check_min_rank(fn, input, 1, "(N, *) with the batch at dim 0")
+    check_min_rank(fn, input, 1, _LAYOUT)
     check_bool(fn, "training", training)
     check_bool(fn, "inplace", inplace)
     check_bool(fn, "scale", scale)
@@ -119,6 +123,7 @@ def drop_path(
     check_key_arg(fn, key, generator, input.shape[0])
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    check_inplace_target(fn, input, inplace)
     if p == 1.0:
         zero = input.new_zeros(())
         return input.mul_(zero) if inplace else input * zero
@@ -211,7 +216,10 @@ class DropPath(StructuredDropout):
 
     def dropout(self, input: Tensor) -> Tensor:
         """Apply :func:`~spatialdrop.functional.drop_path` with this module's settings."""
-        key = self.mask_key(input.shape[0], input.device) if input.dim() else None
+        name = type(self).__name__  # checked here so that a bad input names the layer
+        check_tensor(name, input)
+        check_min_rank(name, input, 1, _LAYOUT)
+        key = self.mask_key(input.shape[0], input.device)
         return drop_path(input, self.p, self.training, self.inplace, scale=self.scale, key=key)
 
     def extra_options(self) -> dict[str, Any]:

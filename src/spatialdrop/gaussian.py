@@ -15,6 +15,7 @@ from ._validation import (
     check_channel_dim,
     check_float_input,
     check_generator,
+    check_inplace_target,
     check_min_rank,
     check_p,
     check_scale_fits,
@@ -131,6 +132,7 @@ def gaussian_spatial_dropout(
     check_key_arg(fn, key, generator, input.shape[0])
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    check_inplace_target(fn, input, inplace)
     # torch's and the keyed normals both stay below 6 in magnitude (Box-Muller from 24-bit
     # uniforms, or clamped at 1e-7): refuse a p whose factor could leave the dtype's range
     check_scale_fits(fn, p, input.dtype, 1.0 + 6.0 * math.sqrt(p / (1.0 - p)), "1 + 6 sqrt(p/(1-p))")

@@ -16,6 +16,7 @@ from ._validation import (
     check_channel_dim,
     check_float_input,
     check_generator,
+    check_inplace_target,
     check_min_rank,
     check_p,
     check_scale_fits,
@@ -121,6 +122,7 @@ def spatial_dropout(
     check_key_arg(fn, key, generator, input.shape[0])
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    check_inplace_target(fn, input, inplace)
     if p == 1.0:
         zero = input.new_zeros(())
         return input.mul_(zero) if inplace else input * zero
