@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 import spatialdrop as sd
+import spatialdrop.spatial_dropout
 from optable import (
     OPS,
     Mode,
@@ -126,16 +127,18 @@ def test_compile_default_mode_has_no_graph_break_in_spatialdrop(op: OpInfo, mode
 
 @pytest.mark.parametrize(("op", "mode"), _params(OPS, fast={"spatial_dropout", "drop_block"}))
 @pytest.mark.parametrize("keyed", [False, True], ids=["seeded", "keyed"])
-def test_compile_fullgraph_inductor(op: OpInfo, mode: Mode, keyed: bool) -> None:
+def test_compile_fullgraph_inductor(
+    op: OpInfo, mode: Mode, keyed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Inductor with ``fallback_random`` keeps torch's RNG: same masks as eager where the op draws alike."""
     assert op.keyed or not keyed, "every op of the table has a keyed form; add a param filter otherwise"
     import torch._inductor.config as inductor_config
 
     with inductor_config.patch(fallback_random=True):
-        _compile_fullgraph_inductor(op, mode, keyed)
+        _compile_fullgraph_inductor(op, mode, keyed, monkeypatch)
 
 
-def _compile_fullgraph_inductor(op: OpInfo, mode: Mode, keyed: bool) -> None:
+def _compile_fullgraph_inductor(op: OpInfo, mode: Mode, keyed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     torch._dynamo.reset()
     x = _sample(op).make()
     key = make_key(7, x.shape[0]) if keyed else None
@@ -143,7 +146,12 @@ def _compile_fullgraph_inductor(op: OpInfo, mode: Mode, keyed: bool) -> None:
         m, ctx = op.build(mode=mode, key=key), None
     else:
         m, ctx = op.build(mode=mode, keyed_seed=7 if keyed else None), key
-    eager = op.run(m, x, seed=5, key=ctx)
+    with monkeypatch.context() as patch:
+        if not keyed:
+            # compiled, a channel keep mask is rand < 1 - p (p stays symbolic), not bernoulli_:
+            # so is eager's twin (see spatialdrop.spatial_dropout.bernoulli_keep)
+            patch.setattr(spatialdrop.spatial_dropout, "is_compiling", lambda: True)
+        eager = op.run(m, x, seed=5, key=ctx)
     compiled = torch.compile(m, fullgraph=True)
     got = op.run(compiled, x, seed=5, key=ctx)
     r_got = _check(op, mode, m, x, got, "compiled (fullgraph)")
