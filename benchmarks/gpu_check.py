@@ -322,7 +322,7 @@ def goals(rows: list[Row]) -> list[str]:
 
 
 def run_tests(device: torch.device) -> int:
-    """``pytest -m cuda tests/test_cuda.py`` in a fresh process (skips everything without CUDA)."""
+    """``pytest -m cuda tests/test_cuda.py`` in a fresh process (deselects everything without CUDA)."""
     cmd = [
         sys.executable,
         "-m",
@@ -337,7 +337,9 @@ def run_tests(device: torch.device) -> int:
     print("$", " ".join(cmd), flush=True)
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(ROOT / "src"))
-    return subprocess.call(cmd, cwd=ROOT, env=env)
+    rc = subprocess.call(cmd, cwd=ROOT, env=env)
+    # without a CUDA device the conftest deselects every cuda test: pytest's "no tests ran" (5)
+    return 0 if rc == 5 and device.type != "cuda" else rc
 
 
 def main(argv: list[str] | None = None) -> int:
