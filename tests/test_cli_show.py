@@ -111,3 +111,24 @@ def test_mask_panels_label_samples_and_channels(monkeypatch: pytest.MonkeyPatch,
     for ax in first_row:
         assert [t.get_text() for t in ax.get_xticklabels()] == [f"ch {j}" for j in range(1, 5)]
     assert "black = dropped" in fig._supxlabel.get_text()
+
+
+@pytest.mark.parametrize(("argv", "arg"), [(["--block-size", "100000000000"], "block_size")])
+def test_show_refuses_settings_dropblock_refuses_before_drawing(
+    argv: list[str],
+    arg: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # a block whose seed grid cannot be represented used to hang here; now: one line, exit 2
+    def never(**_: Any) -> int:
+        raise AssertionError("drawing started")
+
+    monkeypatch.setattr(show, "run_show", never)
+    out = tmp_path / "masks.png"
+    assert main(["show", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"drop_block: {arg} must be" in err
+    assert not out.exists()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from ._io import OutputError
+from ._io import OutputError, SettingsError
 from ._optional import MissingDependency
 from ._parser import PROG, build_parser
 
@@ -27,7 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit code: 0 on success, 1 when an optional dependency is missing, 2 for an output
-        path that cannot be written (one line on stderr, before any work), 130 after Ctrl-C. Bad
+        path that cannot be written or settings the layers refuse (one line on stderr, before any
+        work), 130 after Ctrl-C. Bad
         options exit through argparse with code 2 and a message naming the option.
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code: int = args.func(args, args_list)
-    except OutputError as err:
+    except (OutputError, SettingsError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except MissingDependency as err:

@@ -13,11 +13,15 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["OutputError", "check_file", "check_folder", "write_atomic", "write_text"]
+__all__ = ["OutputError", "SettingsError", "check_file", "check_folder", "write_atomic", "write_text"]
 
 
 class OutputError(ValueError):
     """An output path that a command cannot or must not write (exit code 2)."""
+
+
+class SettingsError(ValueError):
+    """Settings that the layers a command runs refuse, found before any work (exit code 2)."""
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -301,9 +301,10 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _show(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .show import run_show
+    from .show import check_settings, run_show
 
     check_file(args.out, force=args.force, what=f"{PROG} show --out")
+    check_settings(args.size, args.block_size, args.p)
     return run_show(
         out=args.out,
         size=args.size,

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 import spatialdrop
 from spatialdrop.functional import drop_block, spatial_dropout
 
-from ._io import write_atomic
+from ._io import SettingsError, write_atomic
 from ._optional import progress, require
 
 __all__ = ["mask_layers", "rate_layers", "rate_map", "run_show"]
@@ -36,6 +36,17 @@ CAPTION = {
     "rates": "Rates: colour = fraction of draws in which the position was dropped "
     "(one colour scale for every panel).",
 }
+
+
+def check_settings(size: int, block_size: int, p: float) -> None:
+    """Refuse, before any drawing, the settings that DropBlock refuses (one line, exit code 2).
+
+    DropBlock checks its arguments in eval mode too, so this draws nothing.
+    """
+    try:
+        drop_block(torch.ones(1, 1, size, size), p, block_size, training=False)
+    except (ValueError, TypeError) as err:
+        raise SettingsError(f"spatialdrop show: {err}") from None
 
 
 def mask_layers(p: float, block_size: int) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
