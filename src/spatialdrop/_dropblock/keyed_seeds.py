@@ -43,6 +43,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._compat import is_compiling
 from .._philox import MASK32, philox4x32, philox4x32_int
 from ..keyed import MaskKey, _layer_key, _step_word
 
@@ -96,7 +97,7 @@ def threshold_table(gamma: float, device: torch.device) -> Tensor:
 
     A host-to-device copy synchronises with the device: caching keeps it to the first call.
     """
-    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE):
+    if is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE):
         return SeedRule(gamma).table(device)  # a constant of the graph; never cache fake tensors
     return _table_cached(gamma, torch.device(device))
 
@@ -112,7 +113,7 @@ _derive_cached = functools.lru_cache(maxsize=4096)(_derive)
 def rule_key(key: MaskKey) -> tuple[int, int]:
     """The rule's Philox key ``(w0, w1)`` for a key's seed and layer."""
     k0, k1 = _layer_key(key.seed, key.layer)
-    if torch.compiler.is_compiling():
+    if is_compiling():
         return _derive(k0, k1)
     return _derive_cached(k0, k1)
 
@@ -176,7 +177,7 @@ def draw_keyed_seeds(numel: int, gamma: float, key: MaskKey, device: torch.devic
         if dense:
             return torch.zeros(numel, dtype=torch.bool, device=device)
         return torch.empty(0, dtype=torch.long, device=device)
-    k = (SeedRule(gamma) if torch.compiler.is_compiling() else seed_rule(gamma)).chunk
+    k = (SeedRule(gamma) if is_compiling() else seed_rule(gamma)).chunk
     table = threshold_table(gamma, device)
     w0, w1 = rule_key(key)
     sid = key.sample_ids.to(device=device, dtype=torch.int64)

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._compat import is_compiling
 from .._philox import MASK32
 from ..keyed import MaskKey
 from . import seeds as _seeds
@@ -39,10 +40,6 @@ __all__ = ["FORCE_STATIC_PATH", "drop_block_dense", "run"]
 FORCE_STATIC_PATH = False
 
 _SEED_HIGH = 1 << 62
-
-
-def _compiling() -> bool:
-    return bool(torch.compiler.is_compiling())
 
 
 def _op_args(
@@ -76,7 +73,7 @@ def drop_block_dense(
 
     The same seeds give the same output as the sparse path, bit for bit (same scale policy).
     """
-    gamma = seed_rate(p, geo.sizes, geo.blocks, seeding, cached=not _compiling())
+    gamma = seed_rate(p, geo.sizes, geo.blocks, seeding, cached=not is_compiling())
     with torch.no_grad():
         grid = _seeds.draw_grid(geo.places, gamma, generator, input.device, dense=True, key=key)
         keep = ~grow_blocks(grid.view((geo.maps, *geo.grid)), geo)
@@ -107,7 +104,7 @@ def _cuda_impl(
     """
     if not 1 <= len(geo.sizes) <= 3 or not triton_available(input):
         return None
-    gamma = seed_rate(p, geo.sizes, geo.blocks, seeding, cached=not _compiling())
+    gamma = seed_rate(p, geo.sizes, geo.blocks, seeding, cached=not is_compiling())
     return triton_drop_block(
         input,
         gamma=gamma,
@@ -143,7 +140,7 @@ def run(
         return drop_block_dense(input, p, geo, seeding, scale, generator, key)
     seed, words, step, ids = _op_args(generator, key)
     p_tensor = torch.ones((), dtype=torch.float64) * p  # not torch.full: that specialises p
-    compiling = _compiling()
+    compiling = is_compiling()
     if not geo.shared and (compiling or torch._C._functorch.peek_interpreter_stack() is None):
         # per channel: keep the write plan for backward when it is small (see .planned); under
         # torch.compile in a buffer of static size (no data-dependent shape: no graph break)
