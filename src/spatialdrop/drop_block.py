@@ -28,7 +28,6 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from ._dropblock import autograd as _autograd  # noqa: F401  (registers the ops' autograd and vmap)
 from ._dropblock.geometry import Geometry, check_representable
 from ._dropblock.ops import run
 from ._dropblock.scale import POLICIES

@@ -1,17 +1,23 @@
-"""Autograd (any order, torch.func) and vmap for DropBlock's sparse custom ops.
+"""The one autograd formula and vmap rule of each sparse DropBlock op, and their torch.func form.
 
 DropBlock is linear in its input for a given mask (the realized scale depends on the mask only),
-so the gradient is the same op applied to the incoming gradient with the same randomness
-arguments: backward re-creates the mask from the saved seed (or key) instead of saving it, and
-since backward is the op itself, every order of derivative works (double backward,
-``gradgradcheck``, gradient penalties). Saved for backward: the int64 seed tensor (8 bytes) and
-``p`` (a float64 scalar), or the key's step and sample ids instead of the seed.
+so the gradient of ``spatialdrop::drop_block`` is ``spatialdrop::drop_block_backward`` applied to
+the incoming gradient with the forward's plan and randomness arguments, and the backward op,
+being linear too, has itself as its gradient: every order of derivative works (double
+backward, ``gradgradcheck``, gradient penalties). Saved for backward: the plan (at most 1/32 of
+the input's bytes, or nothing), ``info`` and ``factor`` (a few numbers), the int64 seed tensor
+or the key's step and sample ids, and ``p`` (a float64 scalar).
 
-:class:`DropBlockFunction` (``forward`` + ``setup_context``, ``generate_vmap_rule``) is what the
-public op calls, so that ``torch.func.grad``/``vmap`` work; the custom ops also get the same
-formula through ``register_autograd`` and a vmap rule (one call per vmapped slice: a batched seed,
-from ``randomness="different"``, gives each slice its own mask; an unbatched one, from
-``randomness="same"`` or a key, the same mask).
+Each formula is written once (:func:`_setup_forward` / :func:`_setup_backward` and
+:func:`_replay`) and registered twice, because torch.func's transforms (``grad``, ``vmap``,
+``jacrev``) reject the autograd of a ``torch.library.custom_op`` (it has no ``setup_context``
+staticmethod): with :func:`torch.library.register_autograd` on the op (eager, ``torch.compile``,
+``opcheck``), and as :class:`ForwardFunction` / :class:`BackwardFunction`, the
+``autograd.Function`` form that torch.func runs (:func:`call_forward` and the formula pick it
+when a functorch transform is active). The vmap rule of each op runs it once per vmapped slice:
+a batched seed (``randomness="different"``) gives each slice its own mask, an unbatched one
+(``"same"``, or a key) the same mask; under vmap no plan is kept (plans of different lengths
+cannot be stacked).
 """
 
 from __future__ import annotations
@@ -21,76 +27,115 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .sparse import drop_block_maps, drop_block_shared
+from .._compat import is_compiling
+from .sparse import PLAN_NONE, drop_block_backward, drop_block_op
 
-__all__ = ["DropBlockFunction"]
+__all__ = ["BackwardFunction", "ForwardFunction", "call_backward", "call_forward", "functorch_active"]
 
-_NUM_ARGS = 10  # input, seed, p, block_size, channel_dim, seeding, scale, key_words, step, sample_ids
+_FORWARD_ARGS = 12  # input, seed, p, block_size, channel_dim, shared, seeding, scale, words, step, ids, plan
+_BACKWARD_ARGS = 14  # grad, heads, info, factor, seed, p, block_size, channel_dim, shared, seeding, ...
 
 
-class DropBlockFunction(torch.autograd.Function):
-    """``input * scale`` with the seeds' blocks zeroed; its backward is itself, on the gradient."""
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active (eager mode).
+
+    Under ``torch.compile`` the ops are called directly: dynamo traces torch.func itself.
+    """
+    return not is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _setup_forward(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    _, seed, p, blocks, channel_dim, shared, seeding, scale, words, step, ids, _ = inputs
+    _, heads, info, factor = output
+    ctx.save_for_backward(heads, info, factor, seed, p, step, ids)
+    ctx.options = (blocks, channel_dim, shared, seeding, scale, words)
+    ctx.mark_non_differentiable(heads, info, factor)
+
+
+def _setup_backward(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    _, heads, info, factor, seed, p, blocks, channel_dim, shared, seeding, scale, words, step, ids = inputs
+    ctx.save_for_backward(heads, info, factor, seed, p, step, ids)
+    ctx.options = (blocks, channel_dim, shared, seeding, scale, words)
+
+
+def _replay(ctx: Any, grad: Tensor) -> Tensor:
+    """The formula: the incoming gradient times the forward's mask and scale."""
+    heads, info, factor, seed, p, step, ids = ctx.saved_tensors
+    blocks, channel_dim, shared, seeding, scale, words = ctx.options
+    return call_backward(
+        grad, heads, info, factor, seed, p, blocks, channel_dim, shared, seeding, scale, words, step, ids
+    )
+
+
+def _forward_grads(ctx: Any, grad: Tensor, *_: Any) -> tuple[Optional[Tensor], ...]:
+    return (_replay(ctx, grad),) + (None,) * (_FORWARD_ARGS - 1)
+
+
+def _backward_grads(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+    return (_replay(ctx, grad),) + (None,) * (_BACKWARD_ARGS - 1)
+
+
+class ForwardFunction(torch.autograd.Function):
+    """``spatialdrop::drop_block`` with its formula, for torch.func transforms."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(
-        input: Tensor,
-        shared: bool,
-        seed: Optional[Tensor],
-        p: Tensor,
-        block_size: list[int],
-        channel_dim: int,
-        seeding: str,
-        scale: str,
-        key_words: Optional[list[int]],
-        step: Optional[Tensor],
-        sample_ids: Optional[Tensor],
-    ) -> Tensor:
-        op = drop_block_shared if shared else drop_block_maps
-        return op(input, seed, p, block_size, channel_dim, seeding, scale, key_words, step, sample_ids)
+    def forward(*args: Any) -> Any:
+        return drop_block_op(*args)
+
+    setup_context = staticmethod(_setup_forward)
+    backward = staticmethod(_forward_grads)
+
+
+class BackwardFunction(torch.autograd.Function):
+    """``spatialdrop::drop_block_backward`` with its formula, for torch.func transforms."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        _, shared, seed, p, blocks, channel_dim, seeding, scale, words, step, ids = inputs
-        ctx.save_for_backward(seed, p, step, ids)
-        ctx.options = (shared, blocks, channel_dim, seeding, scale, words)
+    def forward(*args: Any) -> Any:
+        return drop_block_backward(*args)
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        seed, p, step, ids = ctx.saved_tensors
-        shared, blocks, channel_dim, seeding, scale, words = ctx.options
-        g = DropBlockFunction.apply(
-            grad, shared, seed, p, blocks, channel_dim, seeding, scale, words, step, ids
-        )
-        return (g,) + (None,) * _NUM_ARGS
+    setup_context = staticmethod(_setup_backward)
+    backward = staticmethod(_backward_grads)
 
 
-def _register(op: Any) -> None:
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        _, seed, p, blocks, channel_dim, seeding, scale, words, step, ids = inputs
-        ctx.save_for_backward(seed, p, step, ids)
-        ctx.options = (blocks, channel_dim, seeding, scale, words)
+def call_forward(*args: Any) -> tuple[Tensor, ...]:
+    """Call ``spatialdrop::drop_block``, through :class:`ForwardFunction` under torch.func."""
+    if functorch_active():
+        return ForwardFunction.apply(*args[:-1], PLAN_NONE)  # type: ignore[no-any-return]
+    return drop_block_op(*args)  # type: ignore[no-any-return]
 
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        seed, p, step, ids = ctx.saved_tensors
-        blocks, channel_dim, seeding, scale, words = ctx.options
-        g = op(grad, seed, p, blocks, channel_dim, seeding, scale, words, step, ids)
-        return (g,) + (None,) * (_NUM_ARGS - 1)
 
-    def vmap_rule(info: Any, in_dims: tuple[Any, ...], *args: Any) -> tuple[Tensor, int]:
+def call_backward(*args: Any) -> Tensor:
+    """Call ``spatialdrop::drop_block_backward``, through :class:`BackwardFunction` under torch.func."""
+    if functorch_active():
+        return BackwardFunction.apply(*args)  # type: ignore[no-any-return]
+    return drop_block_backward(*args)  # type: ignore[no-any-return]
+
+
+def _vmap_rule(call: Any) -> Any:
+    def rule(info: Any, in_dims: tuple[Any, ...], *args: Any) -> Any:
         outs = []
         for i in range(info.batch_size):
             sliced = [
-                a.select(d, i) if isinstance(a, Tensor) and d is not None else a
-                for a, d in zip(args, in_dims)
+                a.select(d, i) if isinstance(a, Tensor) and d is not None else a for a, d in zip(args, in_dims)
             ]
-            outs.append(op(*sliced))
+            outs.append(call(*sliced))
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*outs)), (0,) * len(outs[0])
         return torch.stack(outs), 0
 
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
-    torch.library.register_vmap(op, vmap_rule)
+    return rule
 
 
-_register(drop_block_maps)
-_register(drop_block_shared)
+def _forward_no_plan(*args: Any) -> tuple[Tensor, ...]:
+    return drop_block_op(*args[:-1], PLAN_NONE)  # type: ignore[no-any-return]
+
+
+torch.library.register_autograd(drop_block_op, _forward_grads, setup_context=_setup_forward)
+torch.library.register_autograd(drop_block_backward, _backward_grads, setup_context=_setup_backward)
+# the rules run below the vmap level: the ops themselves, once per slice
+torch.library.register_vmap(drop_block_op, _vmap_rule(_forward_no_plan))
+torch.library.register_vmap(drop_block_backward, _vmap_rule(drop_block_backward))

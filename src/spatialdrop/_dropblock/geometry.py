@@ -20,6 +20,7 @@ __all__ = [
     "grow_blocks",
     "map_offsets",
     "paint_blocks",
+    "run_lengths",
 ]
 
 # Seed indices are found by a float64 running sum of geometric gaps, exact below 2**53; so is
@@ -132,7 +133,7 @@ def _outer_add(heads: Tensor, pos: Tensor) -> Tensor:
 Plan = list[tuple[int, Tensor]]
 
 
-def _run_lengths(run: int) -> list[int]:
+def run_lengths(run: int) -> list[int]:
     """The window lengths used for runs of at most ``run`` positions."""
     return [1 << i for i in range(run.bit_length()) if 1 << i < run] + [run]
 
@@ -188,7 +189,7 @@ def block_plan(seeds: Tensor, geo: Geometry, offsets: Tensor, strides: Sequence[
         width = table.index_select(0, hi - lo + 1)
         # the second window of a cut run ends at hi
         second = first + (hi - lo - width + 1).mul_(st)
-        groups = [(w, (width == w).nonzero().squeeze(1)) for w in _run_lengths(run)]
+        groups = [(w, (width == w).nonzero().squeeze(1)) for w in run_lengths(run)]
     plan: Plan = []
     for w, which in groups:
         if which is None:

@@ -15,9 +15,16 @@ from torch import Tensor
 
 from .._validation import float_dtype_of
 
-__all__ = ["POLICIES", "scale_factor", "scaled"]
+__all__ = ["POLICIES", "acc_dtype", "factor_shape", "scale_factor", "scaled"]
 
 POLICIES = ("expected", "realized", "none")
+
+acc_dtype = float_dtype_of  # float32, or float64 for float64 input: where scales are formed
+
+
+def factor_shape(policy: str, batch: int) -> tuple[int]:
+    """The shape of :func:`scale_factor`'s result as the ops return it: ``(1,)``, ``(N,)`` or ``(0,)``."""
+    return ({"expected": 1, "realized": batch, "none": 0}[policy],)
 
 
 def scale_factor(

@@ -1,15 +1,37 @@
-"""DropBlock's sparse path: the custom ops ``spatialdrop::drop_block_maps`` and ``drop_block_shared``.
+"""DropBlock's sparse path (CPU input): the custom ops ``spatialdrop::drop_block`` and its backward.
 
 Seeds are drawn sparsely (data-dependent sizes) and only the dropped positions are written, per
 seed rather than per position. The compiler sees one opaque op, so ``torch.compile`` runs exactly
 the eager code. Randomness comes in as an int64 ``seed`` tensor (drawn by the caller with
 ``torch.randint`` from its generator) that seeds a private generator inside the op, or as a key.
+
+``spatialdrop::drop_block`` returns ``(output, heads, info, factor)``:
+
+- ``heads`` (int32) is the per-channel *write plan*: the storage offsets in ``output`` where runs of
+  dropped positions start, grouped by run width. Re-creating a per-channel mask costs about as
+  much as the multiply, so the forward keeps its plan for backward when it takes at most 1/32 of
+  the input's bytes (a bit per element). ``plan`` says how: :data:`PLAN_NONE` (keep nothing:
+  shared masks, torch.func), :data:`PLAN_EXACT` (a plan of data-dependent length: eager) or
+  :data:`PLAN_STATIC` (a buffer of static length :func:`plan_capacity`, the plan in its first
+  entries: ``torch.compile``, where a data-dependent length would break the graph).
+- ``info`` (int64, CPU) holds the output's strides (``ndim`` entries: the layout the plan's
+  offsets address), then the number of runs of each width (:func:`plan_slots` entries); the
+  counts are all ``-1`` when no plan is kept.
+- ``factor`` is the scale of the kept elements: ``(1,)`` for ``"expected"``, ``(N,)`` for
+  ``"realized"``, ``(0,)`` for ``"none"`` (float32, float64 for float64 input).
+
+``spatialdrop::drop_block_backward`` multiplies a gradient by the forward's mask and scale. It
+allocates its result like the gradient (``empty_like``), and uses the kept plan only when that
+layout is the one the plan addresses (``info``'s strides); otherwise (no plan kept, or a
+gradient in another layout, as ``torch.compile`` may hand it) it re-creates the mask from the
+seed (or key) for its own layout. Every op allocates and addresses its outputs from their own
+sizes and strides, and the fake (meta) functions return exactly what the real ones return.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -18,61 +40,65 @@ from .._philox import MASK32
 from ..keyed import MaskKey
 from . import seeds as _seeds
 from .calibration import seed_rate
-from .geometry import Geometry, apply_plan, block_plan, map_offsets, paint_blocks
-from .scale import scale_factor, scaled
+from .geometry import Geometry, Plan, apply_plan, block_plan, map_offsets, paint_blocks, run_lengths
+from .scale import acc_dtype, factor_shape, scale_factor, scaled
 
-__all__ = ["drop_block_maps", "drop_block_shared"]
+__all__ = [
+    "PLAN_EXACT",
+    "PLAN_NONE",
+    "PLAN_STATIC",
+    "drop_block_backward",
+    "drop_block_op",
+    "plan_capacity",
+    "plan_slots",
+    "write_sparse",
+]
+
+PLAN_NONE, PLAN_EXACT, PLAN_STATIC = 0, 1, 2
 
 
-# --- the sparse path: custom ops --------------------------------------------------------------
+def plan_capacity(input: Tensor) -> int:
+    """The most int32 offsets a kept plan holds: 1/32 of the input's bytes (a bit per element)."""
+    return input.numel() * input.element_size() // 128
 
 
-def _op_key(key_words: Optional[list[int]], step: Optional[Tensor], sample_ids: Optional[Tensor]) -> MaskKey:
-    assert key_words is not None
-    assert step is not None
-    assert sample_ids is not None
+def plan_slots(block_size: list[int]) -> int:
+    """The number of run widths a plan can have, from the block alone.
+
+    Not from the map's size (a map narrower than the block has fewer widths), so that the
+    compiler does not specialise on it; unused slots hold 0.
+    """
+    return len(run_lengths(int(block_size[-1])))
+
+
+def op_key(key_words: list[int], step: Tensor, sample_ids: Tensor) -> MaskKey:
+    """The :class:`MaskKey` that the ops receive as four 32-bit words, a step and the ids."""
     seed = key_words[0] | (key_words[1] << 32)
     layer = key_words[2] | (key_words[3] << 32)
     return MaskKey(seed, int(step) & MASK32, layer, sample_ids)
 
 
-def _sparse(
+def write_sparse(
     input: Tensor,
-    seed: Optional[Tensor],
-    p_tensor: Tensor,
-    block_size: list[int],
-    channel_dim: int,
-    shared: bool,
+    out: Tensor,
+    geo: Geometry,
+    p: float,
     seeding: str,
     scale: str,
-    key_words: Optional[list[int]],
-    step: Optional[Tensor],
-    sample_ids: Optional[Tensor],
-    keep_plan: Optional[list[Any]] = None,
-    out: Optional[Tensor] = None,
-) -> Tensor:
-    """The body of both custom ops: ``input * scale`` with every seed's block zeroed.
+    seed: Optional[Tensor],
+    key: Optional[MaskKey],
+) -> tuple[Optional[Plan], Optional[Tensor]]:
+    """Write ``input * scale`` with every seed's block zeroed into ``out`` (dense, input's shape).
 
-    ``p`` comes as a float64 0-dim tensor, so that a ``p`` that changes every step (a schedule)
-    does not specialise a compiled graph. With ``keep_plan`` (eager per-channel calls), the write
-    plan and the factor are appended to it, for a backward that reuses them. ``out`` (dense, the
-    input's shape) receives the result; default: a new tensor like the input.
+    Returns the per-channel write plan (``None`` for shared masks) and the scale factor.
     """
-    p = float(p_tensor)
-    geo = Geometry(input.shape, channel_dim, block_size, shared, seeding)
     gamma = seed_rate(p, geo.sizes, geo.blocks, seeding)
-    if out is None:
-        out = torch.empty_like(input)
-    if out.numel() == 0:
-        return out
-    if key_words is None:
-        assert seed is not None
-        generator: torch.Generator | None = torch.Generator(device=input.device).manual_seed(int(seed))
-        key = None
-    else:
-        generator, key = None, _op_key(key_words, step, sample_ids)
+    generator = None
+    if key is None:
+        assert seed is not None, "write_sparse: an unkeyed draw needs a seed"
+        generator = torch.Generator(device=input.device).manual_seed(int(seed))
     seeds = _seeds.draw_grid(geo.places, gamma, generator, input.device, dense=False, key=key)
-    if not shared:
+    if not geo.shared:
         strides = [out.stride(d) for d in geo.spatial]
         plan = block_plan(seeds, geo, map_offsets(out, geo), strides)
         dropped = None
@@ -83,66 +109,135 @@ def _sparse(
         factor = scale_factor(scale, p, dropped, math.prod(input.shape[1:]), input)
         scaled(input, factor, out)
         apply_plan(out, 0, plan, strides[-1])
-        if keep_plan is not None:
-            keep_plan.extend((plan, factor, strides[-1]))
-        return out
+        return plan, factor
     keep = torch.ones((geo.maps, *geo.sizes), dtype=torch.bool, device=input.device)
     paint_blocks(keep, False, seeds, geo)
     dropped = None
     if scale == "realized":
         dropped = (~keep).sum(dim=tuple(range(1, keep.dim())), dtype=torch.int64)
     factor = scale_factor(scale, p, dropped, math.prod(geo.sizes), input)
-    mult = scaled(keep.to(scale_dtype(input)), factor)
-    torch.mul(input, mult.unsqueeze(channel_dim), out=out)
-    return out
+    mult = scaled(keep.to(acc_dtype(input)), factor)
+    torch.mul(input, mult.unsqueeze(geo.channel_dim), out=out)
+    return None, factor
 
 
-def scale_dtype(input: Tensor) -> torch.dtype:
-    """float32, or float64 for float64 input: where masks and scales are multiplied."""
-    return torch.float64 if input.dtype == torch.float64 else torch.float32
+def _key_of(key_words: Optional[list[int]], step: Optional[Tensor], ids: Optional[Tensor]) -> Optional[MaskKey]:
+    if key_words is None:
+        return None
+    assert step is not None and ids is not None, "a keyed call passes the step and the sample ids"
+    return op_key(key_words, step, ids)
 
 
-@torch.library.custom_op("spatialdrop::drop_block_maps", mutates_args=())
-def drop_block_maps(
+@torch.library.custom_op("spatialdrop::drop_block", mutates_args=())
+def drop_block_op(
     input: Tensor,
     seed: Optional[Tensor],
     p: Tensor,
     block_size: list[int],
     channel_dim: int,
+    shared: bool,
+    seeding: str,
+    scale: str,
+    key_words: Optional[list[int]],
+    step: Optional[Tensor],
+    sample_ids: Optional[Tensor],
+    plan: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """DropBlock of ``input``: ``(output, heads, info, factor)``, see the module docstring.
+
+    ``p`` is a float64 0-dim tensor, so that a ``p`` that changes every step (a schedule) does
+    not specialise a compiled graph; ``seed`` (unkeyed) or ``key_words``/``step``/``sample_ids``
+    (keyed) give the randomness.
+    """
+    out = torch.empty_like(input)
+    slots = plan_slots(block_size)
+    info = torch.full((input.dim() + slots,), -1, dtype=torch.int64)
+    info[: input.dim()] = torch.tensor(out.stride(), dtype=torch.int64)
+    heads = torch.empty(plan_capacity(input) if plan == PLAN_STATIC else 0, dtype=torch.int32)
+    factor = torch.zeros(factor_shape(scale, input.shape[0]), dtype=acc_dtype(input))
+    if out.numel() == 0:
+        return out, heads, info, factor
+    geo = Geometry(input.shape, channel_dim, block_size, shared, seeding)
+    key = _key_of(key_words, step, sample_ids)
+    kept, f = write_sparse(input, out, geo, float(p), seeding, scale, seed, key)
+    if f is not None:
+        factor.copy_(f.view(factor.shape))
+    if kept is None or plan == PLAN_NONE:
+        return out, heads, info, factor
+    total = sum(h.numel() for _, h in kept)
+    if out.numel() < 2**31 and total <= plan_capacity(input):
+        by_width = dict(kept)
+        empty = torch.empty(0, dtype=torch.int64)
+        parts = [by_width.get(w, empty) for w in run_lengths(min(geo.blocks[-1], geo.sizes[-1]))]
+        if plan == PLAN_STATIC:
+            torch.cat(parts, out=heads.narrow(0, 0, total))
+        else:
+            heads = torch.cat(parts).to(torch.int32)
+        info[input.dim() :] = 0
+        info[input.dim() : input.dim() + len(parts)] = torch.tensor([h.numel() for h in parts])
+    return out, heads, info, factor
+
+
+@drop_block_op.register_fake
+def _(
+    input: Tensor,
+    seed: Optional[Tensor],
+    p: Tensor,
+    block_size: list[int],
+    channel_dim: int,
+    shared: bool,
+    seeding: str,
+    scale: str,
+    key_words: Optional[list[int]],
+    step: Optional[Tensor],
+    sample_ids: Optional[Tensor],
+    plan: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if plan == PLAN_EXACT:
+        heads = input.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int32)
+    else:
+        heads = input.new_empty((plan_capacity(input) if plan == PLAN_STATIC else 0,), dtype=torch.int32)
+    info = input.new_empty((input.dim() + plan_slots(block_size),), dtype=torch.int64, device="cpu")
+    factor = input.new_empty(factor_shape(scale, input.shape[0]), dtype=acc_dtype(input))
+    return torch.empty_like(input), heads, info, factor
+
+
+@torch.library.custom_op("spatialdrop::drop_block_backward", mutates_args=())
+def drop_block_backward(
+    grad: Tensor,
+    heads: Tensor,
+    info: Tensor,
+    factor: Tensor,
+    seed: Optional[Tensor],
+    p: Tensor,
+    block_size: list[int],
+    channel_dim: int,
+    shared: bool,
     seeding: str,
     scale: str,
     key_words: Optional[list[int]],
     step: Optional[Tensor],
     sample_ids: Optional[Tensor],
 ) -> Tensor:
-    """DropBlock with one mask per (sample, channel), sparse: see :func:`_sparse`."""
-    return _sparse(
-        input, seed, p, block_size, channel_dim, False, seeding, scale, key_words, step, sample_ids
-    )
+    """``grad`` (or any tensor) times the forward's mask and scale, laid out like ``grad``."""
+    g = torch.empty_like(grad)
+    if g.numel() == 0:
+        return g
+    ndim = grad.dim()
+    values = info.tolist()
+    strides, counts = values[:ndim], values[ndim:]
+    geo = Geometry(grad.shape, channel_dim, block_size, shared, seeding)
+    if counts[0] >= 0 and tuple(strides) == g.stride():  # the kept plan addresses this layout
+        widths = run_lengths(min(geo.blocks[-1], geo.sizes[-1]))
+        counts = counts[: len(widths)]
+        scaled(grad, factor if factor.numel() else None, g)
+        parts = heads.narrow(0, 0, sum(counts)).split(counts)  # a static plan's buffer is longer
+        apply_plan(g, 0, list(zip(widths, parts)), strides[geo.spatial[-1]])
+        return g
+    write_sparse(grad, g, geo, float(p), seeding, scale, seed, _key_of(key_words, step, sample_ids))
+    return g
 
 
-@torch.library.custom_op("spatialdrop::drop_block_shared", mutates_args=())
-def drop_block_shared(
-    input: Tensor,
-    seed: Optional[Tensor],
-    p: Tensor,
-    block_size: list[int],
-    channel_dim: int,
-    seeding: str,
-    scale: str,
-    key_words: Optional[list[int]],
-    step: Optional[Tensor],
-    sample_ids: Optional[Tensor],
-) -> Tensor:
-    """DropBlock with one mask per sample shared by its channels, sparse: see :func:`_sparse`."""
-    return _sparse(input, seed, p, block_size, channel_dim, True, seeding, scale, key_words, step, sample_ids)
-
-
-@drop_block_maps.register_fake
-def _(input: Tensor, *args: object) -> Tensor:
-    return torch.empty_like(input)
-
-
-@drop_block_shared.register_fake
-def _(input: Tensor, *args: object) -> Tensor:
-    return torch.empty_like(input)
+@drop_block_backward.register_fake
+def _(grad: Tensor, *args: object) -> Tensor:
+    return torch.empty_like(grad)

@@ -55,9 +55,10 @@ if triton is not None:
         w = r.to(tl.int64) & 0xFFFFFFFF
         cnt = pos * 0
         for i in tl.static_range(LOG_K):
-            half: tl.constexpr = K >> (i + 1)
-            t = tl.load(table_ptr + cnt + (half - 1))
-            cnt = tl.where(t <= w, cnt + half, cnt)
+            # a binary search over the K thresholds: steps of K/2, K/4, ..., 1 (no constexpr is
+            # assigned in the loop: the compiler refuses a constexpr defined twice)
+            t = tl.load(table_ptr + cnt + ((K >> (i + 1)) - 1))
+            cnt = tl.where(t <= w, cnt + (K >> (i + 1)), cnt)
         t = tl.load(table_ptr + cnt)
         cnt = tl.where(t <= w, cnt + 1, cnt)
         pos = pos + cnt + 1

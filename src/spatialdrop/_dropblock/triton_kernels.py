@@ -16,17 +16,21 @@ and shared masks, both seedings, every float dtype and any dense memory layout:
    dropped positions (for ``scale="realized"``) over the ``(maps, *spatial)`` positions.
 
 Backward re-runs both kernels from the same key (a few words): nothing of per-element size is
-saved. The op is registered as ``torch.ops.spatialdrop.triton_drop_block`` with
-``torch.library.triton_op``, so ``torch.compile(fullgraph=True)`` sees one op.
+saved. The op is ``torch.ops.spatialdrop.drop_block_triton``, a ``torch.library.custom_op``
+that the compiler treats as opaque (one op under ``torch.compile(fullgraph=True)``): ``p`` comes
+in as a float64 CPU tensor, and the seed rate, the gap thresholds and the scale are computed from
+its value inside the op (on the host, with :mod:`.calibration`, :mod:`.keyed_seeds` and
+:mod:`.scale`, as the CPU path does; no device synchronisation), so a ``p`` that changes every
+step does not recompile a graph. The geometry is :class:`~.geometry.Geometry`'s.
 
-Triton is imported and the kernels are defined on first use, so that ``TRITON_INTERPRET=1``
-(Triton's CPU interpreter, for tests) may be set at any time before that.
+Triton is imported and the kernels are defined on first use (inside the op, never while dynamo
+traces), so that ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, for tests) may be set at any
+time before that.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import math
 import os
@@ -38,22 +42,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._validation import float_dtype_of
 from ..keyed import MaskKey
+from .calibration import seed_rate
+from .geometry import Geometry
 from .keyed_seeds import rule_key, seed_rule, threshold_table
+from .scale import acc_dtype, scale_factor
 
-__all__ = ["cpu_interpreter", "register_op", "seed_bits", "triton_available", "triton_drop_block"]
+__all__ = [
+    "APPLY_BLOCK",
+    "SEED_BLOCK",
+    "cpu_interpreter",
+    "kernels",
+    "seed_bits",
+    "triton_available",
+    "triton_drop_block",
+]
 
-_SCALE_MODES = {"none": 0, "expected": 1, "realized": 2}
 _BIAS = 1 << 32  # added to 32-bit key words so that Triton always types them int64
-_SEED_BLOCK = 128
-_APPLY_BLOCK = 1024
+SEED_BLOCK = 128  # lanes (chunks) per program of the seed kernel
+APPLY_BLOCK = 1024  # elements per program of the apply kernel
 
-
-@functools.cache
-def _triton_importable() -> bool:
-    """Whether ``triton`` is installed (found without importing it: the import takes seconds)."""
-    return importlib.util.find_spec("triton") is not None
+# Whether ``triton`` is installed, found once without importing it (the import takes seconds); a
+# plain constant, so that dynamo, tracing the dispatch, reads no cached function.
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
 
 def _interpreting() -> bool:
@@ -92,42 +103,37 @@ def triton_available(input: Tensor | None = None) -> bool:
     """
     if os.environ.get("SPATIALDROP_BACKEND", "").lower() == "torch":
         return False
-    if not _triton_importable():
+    if not _TRITON_IMPORTABLE:
         return False
     if input is None:
         return True
     return input.is_cuda or (_cpu_interpreter and _interpreting() and input.device.type == "cpu")
 
 
-@functools.cache
-def _kernels_for(interpret: bool) -> tuple[Any, Any]:
-    name = f"spatialdrop._dropblock._triton_jit_{'interpreted' if interpret else 'compiled'}"
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_jit.py"))
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load the Triton kernels from {__file__}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module.seed_kernel, module.apply_kernel
+_KERNELS: dict[bool, tuple[Any, Any]] = {}
 
 
-def _kernels() -> tuple[Any, Any]:
-    """The two kernels, defined on first use in the current mode (compiled or interpreted)."""
-    return _kernels_for(_interpreting())
+def kernels(interpret: bool | None = None) -> tuple[Any, Any]:
+    """``(seed_kernel, apply_kernel)``, defined on first use for the mode (compiled or interpreted).
 
-
-def _wrap(kernel: Any) -> Any:
-    from torch.library import wrap_triton
-
-    return wrap_triton(kernel)
+    ``interpret`` defaults to the current ``TRITON_INTERPRET``. Each mode executes
+    ``triton_jit.py`` afresh (``triton.jit`` fixes the mode when a kernel is defined).
+    """
+    mode = _interpreting() if interpret is None else interpret
+    if mode not in _KERNELS:
+        name = f"spatialdrop._dropblock._triton_jit_{'interpreted' if mode else 'compiled'}"
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_jit.py"))
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load the Triton kernels from {__file__}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        _KERNELS[mode] = (module.seed_kernel, module.apply_kernel)
+    return _KERNELS[mode]
 
 
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
-
-
-def _table(gamma: float, device: torch.device) -> Tensor:
-    return threshold_table(gamma, device)
 
 
 def _padded(sizes: Sequence[int], fill: int) -> list[int]:
@@ -147,209 +153,168 @@ def _seed_bits_impl(
     n: int,
     row: int,
     gamma: float,
-    device: torch.device,
     table: Tensor,
     seed: Tensor,
     sample_ids: Tensor,
     step: Tensor,
-    key0: int,
-    key1: int,
+    key_words: Sequence[int],
     keyed: bool,
+    device: torch.device,
 ) -> Tensor:
+    """The packed seed bits ``(n, ceil(row / 32))`` int32 of every sample's row (seed kernel)."""
     words = _cdiv(row, 32)
     bits = torch.zeros((n, words), dtype=torch.int32, device=device)
     if gamma <= 0.0 or row == 0 or n == 0:
         return bits
-    rule = seed_rule(gamma)
-    k = rule.chunk
+    k = seed_rule(gamma).chunk
     chunks = _cdiv(row, k)
-    seed_kernel, _ = _kernels()
-    grid = (_cdiv(n * chunks, _SEED_BLOCK),)
-    _wrap(seed_kernel)[grid](
-        bits,
-        table,
-        seed,
-        sample_ids,
-        step,
-        key0 + _BIAS,
-        key1 + _BIAS,
-        row,
-        words,
-        chunks,
-        n * chunks,
-        K=k,
-        LOG_K=k.bit_length() - 1,
-        KEYED=keyed,
-        BLOCK=_SEED_BLOCK,
-    )
+    seed_kernel, _ = kernels()
+    grid = (_cdiv(n * chunks, SEED_BLOCK),)
+    seed_kernel[grid](
+        bits, table, seed, sample_ids, step, key_words[0] + _BIAS, key_words[1] + _BIAS,
+        row, words, chunks, n * chunks, K=k, LOG_K=k.bit_length() - 1, KEYED=keyed, BLOCK=SEED_BLOCK,
+    )  # fmt: skip
     return bits
 
 
-def _drop_block_impl(
+def _apply(
+    x: Tensor,
+    out: Tensor,
+    bits: Tensor,
+    factors: Tensor,
+    counts: Tensor,
+    geo: Geometry,
+    *,
+    valid: bool,
+    count: bool,
+    scale: bool,
+) -> None:
+    """Launch the apply kernel over ``x`` (channels at dim 1): write ``out``, or count drops."""
+    _, apply_kernel = kernels()
+    n, c = geo.batch, geo.channels
+    size3, block3, grid3 = _padded(geo.sizes, 1), _padded(geo.blocks, 1), _padded(geo.grid, 1)
+    flags = {"B0": block3[0], "B1": block3[1], "B2": block3[2], "VALID": int(valid), "SHARED": geo.shared}
+    words = bits.shape[1]
+    if count:  # over the (maps, *spatial) positions, logically contiguous
+        per_sample = (1 if geo.shared else c) * math.prod(geo.sizes)
+        total = n * per_sample
+        strides = [per_sample, math.prod(geo.sizes)] + [math.prod(size3[i + 1 :]) for i in range(3)]
+        shape = [n, 1 if geo.shared else c]
+    else:
+        total = x.numel()
+        strides = [int(x.stride(0)), int(x.stride(1))] + _padded([int(s) for s in x.stride()[2:]], 1)
+        shape = [n, c]
+    apply_kernel[(_cdiv(total, APPLY_BLOCK),)](
+        x, out, bits, factors, counts, total, *strides, *shape, *size3, *grid3, words,
+        **flags, COUNT=count, SCALE=scale, BLOCK=APPLY_BLOCK,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("spatialdrop::drop_block_triton", mutates_args=())
+def drop_block_triton(
     input: Tensor,
     seed: Tensor,
     sample_ids: Tensor,
     step: Tensor,
-    table: Tensor,
-    key0: int,
-    key1: int,
+    p: Tensor,
+    key_words: list[int],
     keyed: bool,
-    gamma: float,
-    blocks: list[int],
-    valid: bool,
-    shared: bool,
+    block_size: list[int],
     channel_dim: int,
-    scale_mode: int,
-    factor: float,
+    shared: bool,
+    seeding: str,
+    scale: str,
 ) -> Tensor:
-    x = input.movedim(channel_dim, 1)
-    if not _is_dense(x):
-        x = x.contiguous()
-    n, c = int(x.shape[0]), int(x.shape[1])
-    sizes = [int(s) for s in x.shape[2:]]
-    grid = [s - b + 1 if valid else s + b - 1 for s, b in zip(sizes, blocks)]
-    maps = 1 if shared else c
-    row = maps * math.prod(grid)
-    out = torch.empty_like(x)
-    if x.numel() == 0:
-        return out.movedim(1, channel_dim)
-    bits = _seed_bits_impl(n, row, gamma, x.device, table, seed, sample_ids, step, key0, key1, keyed)
-    words = bits.shape[1]
-    _, apply_kernel = _kernels()
-    size3, block3, grid3 = _padded(sizes, 1), _padded(blocks, 1), _padded(grid, 1)
-    strides3 = _padded([int(s) for s in x.stride()[2:]], 1)
-    fdt = float_dtype_of(x)
-    factors = torch.empty(0, dtype=fdt, device=x.device)
-    if scale_mode == _SCALE_MODES["expected"]:
-        factors = torch.full((n,), factor, dtype=fdt, device=x.device)
-    elif scale_mode == _SCALE_MODES["realized"]:
-        counts = torch.zeros(n, dtype=torch.int32, device=x.device)
-        per_sample = maps * math.prod(sizes)
-        cs = [per_sample, math.prod(sizes)] + [math.prod(size3[i + 1 :]) for i in range(3)]
-        _wrap(apply_kernel)[(_cdiv(n * per_sample, _APPLY_BLOCK),)](
-            x, x, bits, factors, counts, n * per_sample, *cs, n, maps, *size3, *grid3, words,
-            B0=block3[0], B1=block3[1], B2=block3[2], VALID=int(valid), SHARED=shared, COUNT=True,
-            SCALE=False, BLOCK=_APPLY_BLOCK,
-        )  # fmt: skip
-        kept = (per_sample - counts).to(fdt)
-        factors = torch.where(kept > 0, per_sample / kept.clamp(min=1), torch.zeros_like(kept))
-    s_c = int(x.stride(1))
-    _wrap(apply_kernel)[(_cdiv(x.numel(), _APPLY_BLOCK),)](
-        x, out, bits, factors, bits, x.numel(), int(x.stride(0)), s_c, *strides3, n, c, *size3, *grid3, words,
-        B0=block3[0], B1=block3[1], B2=block3[2], VALID=int(valid), SHARED=shared, COUNT=False,
-        SCALE=scale_mode != _SCALE_MODES["none"], BLOCK=_APPLY_BLOCK,
-    )  # fmt: skip
-    return out.movedim(1, channel_dim)
+    """DropBlock of ``input`` by the two kernels; the output is laid out like ``empty_like(input)``.
 
-
-def _register() -> Any:
-    """Register ``spatialdrop::triton_drop_block`` (at import: not inside a traced call)."""
-    from torch.library import triton_op
-
-    @triton_op("spatialdrop::triton_drop_block", mutates_args=())
-    def triton_drop_block_op(
-        input: Tensor,
-        seed: Tensor,
-        sample_ids: Tensor,
-        step: Tensor,
-        table: Tensor,
-        key0: int,
-        key1: int,
-        keyed: bool,
-        gamma: float,
-        blocks: list[int],
-        valid: bool,
-        shared: bool,
-        channel_dim: int,
-        scale_mode: int,
-        factor: float,
-    ) -> Tensor:
-        return _drop_block_impl(
-            input, seed, sample_ids, step, table, key0, key1, keyed, gamma, blocks, valid, shared,
-            channel_dim, scale_mode, factor,
-        )  # fmt: skip
-
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.save_for_backward(*inputs[1:5])
-        ctx.args = inputs[5:]
-
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        seed, sample_ids, step, table = ctx.saved_tensors
-        g = triton_drop_block_op(grad, seed, sample_ids, step, table, *ctx.args)
-        return (g,) + (None,) * 14
-
-    triton_drop_block_op.register_autograd(backward, setup_context=setup_context)
-
-    @triton_drop_block_op.register_fake
-    def _(input: Tensor, *args: Any) -> Tensor:
-        # the output's layout is the (dense) input's, as the kernel writes it
-        channel_dim = args[11]
-        x = input.movedim(channel_dim, 1)
-        if not _is_dense(x):
-            x = x.contiguous()
-        return torch.empty_like(x).movedim(1, channel_dim)
-
-    return triton_drop_block_op
-
-
-_OP: Any = None
-
-
-def register_op() -> Any:
-    """Register ``spatialdrop::triton_drop_block`` once and return it.
-
-    Registering imports ``triton`` (seconds), so it happens at this module's import only where
-    CUDA is available, else on the first eager call; call it before a ``torch.compile`` whose
-    trace would otherwise be the first call (the tests do, for the interpreter).
+    ``seed`` holds two key words drawn on the device (unkeyed), or ``sample_ids``/``step`` and the
+    rule's key words ``key_words`` the key (keyed). ``p`` is a float64 CPU tensor.
     """
-    global _OP
-    if _OP is None:
-        _OP = _register()
-    return _OP
+    if not _is_dense(input):
+        input = input.clone(memory_format=torch.preserve_format)
+    out = torch.empty_like(input)
+    if input.numel() == 0:
+        return out
+    x, o = input.movedim(channel_dim, 1), out.movedim(channel_dim, 1)
+    geo = Geometry(x.shape, 1, block_size, shared, seeding)
+    pf = float(p)
+    gamma = seed_rate(pf, geo.sizes, geo.blocks, seeding)
+    n = geo.batch
+    table = threshold_table(gamma, x.device)
+    bits = _seed_bits_impl(n, geo.places // n, gamma, table, seed, sample_ids, step, key_words, keyed, x.device)
+    dropped = None
+    if scale == "realized":
+        counts = torch.zeros(n, dtype=torch.int32, device=x.device)
+        _apply(x, x, bits, bits, counts, geo, valid=seeding == "valid", count=True, scale=False)
+        dropped = counts
+    per_sample = math.prod(geo.map_shape[1:])
+    factor = scale_factor(scale, pf, dropped, per_sample, x)
+    factors = torch.empty(0, dtype=acc_dtype(x), device=x.device)
+    if factor is not None:
+        factors = factor.expand(n).contiguous()
+    _apply(x, o, bits, factors, bits, geo, valid=seeding == "valid", count=False, scale=factor is not None)
+    return out
 
 
-if _triton_importable() and torch.cuda.is_available():
-    register_op()
+@drop_block_triton.register_fake
+def _(input: Tensor, *args: Any) -> Tensor:
+    return torch.empty_like(input)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    ctx.save_for_backward(*inputs[1:5])
+    ctx.options = inputs[5:]
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    """The formula: the kernels again, on the gradient, from the same seed or key."""
+    seed, sample_ids, step, p = ctx.saved_tensors
+    g = drop_block_triton(grad, seed, sample_ids, step, p, *ctx.options)
+    return (g,) + (None,) * 11
+
+
+torch.library.register_autograd(drop_block_triton, _backward, setup_context=_setup_context)
 
 
 def _key_tensors(
     n: int, device: torch.device, generator: torch.Generator | None, key: MaskKey | None
-) -> tuple[Tensor, Tensor, Tensor, int, int]:
-    """``(seed, sample_ids, step, key0, key1)`` for the op: keyed words, or a device-drawn key."""
+) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """``(seed, sample_ids, step, key_words)`` for the op: keyed words, or a device-drawn key."""
+    empty = torch.empty(0, dtype=torch.int64, device=device)
     if key is not None:
-        k0, k1 = rule_key(key)
         sid = key.sample_ids.to(device=device, dtype=torch.int64)
         st = key.step
         if isinstance(st, Tensor):
             step = st.to(device=device, dtype=torch.int64).reshape(1)
         else:
             step = torch.full((1,), int(st), dtype=torch.int64, device=device)
-        return torch.empty(0, dtype=torch.int64, device=device), sid, step, k0, k1
-    seed = torch.randint(0, 1 << 32, (2,), dtype=torch.int64, device=device, generator=generator)
-    empty = torch.empty(0, dtype=torch.int64, device=device)
-    return seed, empty, empty, 0, 0
+        return empty, sid, step, list(rule_key(key))
+    if generator is None:
+        seed = torch.randint(0, 1 << 32, (2,), dtype=torch.int64, device=device)
+    else:
+        seed = torch.randint(0, 1 << 32, (2,), dtype=torch.int64, device=device, generator=generator)
+    return seed, empty, empty, [0, 0]
 
 
 def seed_bits(n: int, row: int, gamma: float, key: MaskKey, device: torch.device | str) -> Tensor:
-    """The keyed packed seed bits ``(n, ceil(row / 32))`` int32 of :func:`_seed_kernel` (for tests).
+    """The keyed packed seed bits ``(n, ceil(row / 32))`` int32 of the seed kernel (for tests).
 
     Bit ``t % 32`` of word ``t // 32`` of row ``i`` is place ``t`` of sample ``i``'s seed row.
     """
     dev = torch.device(device)
-    seed, sid, step, k0, k1 = _key_tensors(n, dev, None, key)
-    return _seed_bits_impl(n, row, gamma, dev, _table(gamma, dev), seed, sid, step, k0, k1, True)
+    seed, sid, step, words = _key_tensors(n, dev, None, key)
+    return _seed_bits_impl(n, row, gamma, threshold_table(gamma, dev), seed, sid, step, words, True, dev)
 
 
 def triton_drop_block(
     input: Tensor,
+    p: float | Tensor,
+    block_size: Sequence[int],
     *,
-    gamma: float,
-    blocks: Sequence[int],
-    seeding: str = "uniform",
-    shared: bool = False,
     channel_dim: int = 1,
+    shared: bool = False,
+    seeding: str = "uniform",
     scale: str = "expected",
-    p: float = 0.1,
     generator: torch.Generator | None = None,
     key: MaskKey | None = None,
 ) -> Tensor:
@@ -358,31 +323,26 @@ def triton_drop_block(
     Args:
         input: a float tensor ``(N, C, *spatial)`` (channel axis at ``channel_dim``), 1-3
             spatial dims, on CUDA (or on the CPU in Triton's interpreter mode).
-        gamma: the seed rate (from the uniform or valid calibration).
-        blocks: the block side per spatial dim.
-        seeding: ``"uniform"`` or ``"valid"``.
+        p: the drop probability (a float, or a float64 0-dim CPU tensor).
+        block_size: the block side per spatial dim.
+        channel_dim: the channel axis.
         shared: one mask per sample for all channels.
-        channel_dim: the channel axis (non-negative, not 0).
-        scale: ``"expected"`` (times ``1 / (1 - p)`` rounded as the torch path does),
-            ``"realized"`` (each sample's kept fraction) or ``"none"``.
-        p: the drop probability, for ``scale="expected"``.
-        generator: the torch generator for unkeyed masks (a 2-word Philox key is drawn from
+        seeding: ``"uniform"`` or ``"valid"``.
+        scale: ``"expected"``, ``"realized"`` or ``"none"`` (see :mod:`.scale`).
+        generator: the torch generator for unkeyed masks (two Philox key words are drawn from
             it on the device).
         key: a :class:`~spatialdrop.MaskKey` for keyed masks (bit-identical to the CPU path).
 
     Returns:
-        The output, with the input's shape, dtype and (dense) layout; differentiable.
+        The output, with the input's shape, dtype and layout; differentiable.
     """
-    cd = channel_dim % input.dim()
     if not 1 <= input.dim() - 2 <= 3:
         shape = tuple(input.shape)
         raise ValueError(f"triton_drop_block: input must have 1 to 3 spatial dims, got shape {shape}")
-    factor = 1.0
-    if scale == "expected":
-        factor = float(torch.tensor(1.0 / (1.0 - p), dtype=float_dtype_of(input)))
-    seed, sid, step, k0, k1 = _key_tensors(input.shape[0], input.device, generator, key)
-    out: Tensor = register_op()(
-        input, seed, sid, step, _table(float(gamma), input.device), k0, k1, key is not None, float(gamma),
-        [int(b) for b in blocks], seeding == "valid", bool(shared), cd, _SCALE_MODES[scale], factor,
-    )  # fmt: skip
-    return out
+    p_t = p if isinstance(p, Tensor) else torch.tensor(float(p), dtype=torch.float64)
+    seed, sid, step, words = _key_tensors(input.shape[0], input.device, generator, key)
+    blocks = [int(b) for b in block_size]
+    cd = channel_dim % input.dim()
+    return drop_block_triton(  # type: ignore[no-any-return]
+        input, seed, sid, step, p_t, words, key is not None, blocks, cd, bool(shared), seeding, scale
+    )
