@@ -48,7 +48,10 @@ def drop_block_dense(
         factor = scale_factor(scale, p, dropped, math.prod(geo.map_shape[1:]), input)
         # the keep mask laid out like the output, so that every elementwise op below keeps it
         keep = torch.empty_like(input, dtype=torch.bool)
-        keep.copy_(blocks.logical_not().movedim(1, geo.channel_dim))
+        kept = blocks.logical_not()
+        if geo.channel_dim != 1:  # no identity permute: inductor cannot order its symbolic strides
+            kept = kept.movedim(1, geo.channel_dim)
+        keep.copy_(kept)
     product = scaled(input, factor)
     out = torch.where(keep, product, torch.zeros((), dtype=product.dtype, device=product.device))
     return out.to(input.dtype)
