@@ -21,7 +21,7 @@ from .drop_block import DropBlock, DropBlock2d, DropBlock3d
 from .drop_path import DropPath
 from .spatial_dropout import SpatialDropout, SpatialDropout1d, SpatialDropout3d
 
-__all__ = ["PEERS", "Peer", "convert_dropout", "peer_dropout", "peer_rate"]
+__all__ = ["convert_dropout"]
 
 Types = Union[type, tuple[type, ...]]
 Exclude = Union[str, type, Iterable[Union[str, type]]]
@@ -274,21 +274,18 @@ def convert_dropout(
     and the eval-mode output stays the same, bit for bit. Each new layer takes the old one's
     training mode; a layer that appears under several names (shared) stays shared.
 
-    ================================== ================================== ======================
-    layer                              becomes                            meaning
-    ================================== ================================== ======================
-    timm ``DropPath``                  :class:`DropPath` (``scale`` =     the same (same bits
-                                       ``scale_by_keep``)                 for the same seed)
-    torchvision ``StochasticDepth``,   :class:`DropPath`                  the same (same bits)
-    ``mode="row"``
-    torchvision ``StochasticDepth``,   refused: one draw for the whole    (``ValueError``)
-    ``mode="batch"``                   batch, which no layer here makes
-    torch ``Dropout1d`` / ``Dropout3d`` :class:`SpatialDropout1d` / ``3d`` the same (same bits)
-    torch ``Dropout2d``                :class:`SpatialDropout` (any rank) the same (same bits)
-    torch ``FeatureAlphaDropout``      :class:`AlphaSpatialDropout`       the same (same bits)
-    timm ``DropBlock2d``               :class:`DropBlock2d`               changes: see below
-    torchvision ``DropBlock2d/3d``     :class:`DropBlock2d` / ``3d``      changes: see below
-    ================================== ================================== ======================
+    What becomes what:
+
+    - timm ``DropPath(drop_prob, scale_by_keep)`` -> :class:`DropPath` ``(p, scale)``, and
+      torchvision ``StochasticDepth(p, mode="row")`` -> :class:`DropPath` ``(p)``: the same
+      (the same bits for the same seed).
+    - torch ``Dropout1d``, ``Dropout2d``, ``Dropout3d``, ``FeatureAlphaDropout`` ->
+      :class:`SpatialDropout1d`, :class:`SpatialDropout` (any rank), :class:`SpatialDropout3d`,
+      :class:`AlphaSpatialDropout`: the same (the same bits).
+    - timm ``DropBlock2d`` and torchvision ``DropBlock2d/3d`` -> :class:`DropBlock2d` /
+      :class:`DropBlock3d`: the meaning changes, see below.
+    - torchvision ``StochasticDepth(mode="batch")``: refused (``ValueError``): it draws once for
+      the whole batch, which no spatialdrop layer does.
 
     ``Dropout2d`` becomes the rank-free :class:`SpatialDropout`, not :class:`SpatialDropout2d`:
     torch's ``Dropout2d`` reads every input as batched ``(N, C, *)`` (a 3-D input as
@@ -321,7 +318,7 @@ def convert_dropout(
 
     Args:
         model: the model to edit (or a single layer, whose replacement is returned).
-        include: the layer types to convert, a type or a tuple of them, each one of the table's
+        include: the layer types to convert, a type or a tuple of them, each one of the kinds above
             (e.g. ``timm.layers.DropPath`` or ``nn.Dropout2d``). Default: ``None``, every kind.
         exclude: layers to leave as they are: module names as in ``model.named_modules()`` (a
             name excludes everything inside it too) and module types (instances and everything
@@ -347,7 +344,7 @@ def convert_dropout(
         >>> import torch
         >>> from torch import nn
         >>> from spatialdrop import convert_dropout
-        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout2d(0.2), nn.Conv1d(8, 8, 1), nn.Dropout(0.1))
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout2d(0.2), nn.Conv2d(8, 8, 1), nn.Dropout(0.1))
         >>> convert_dropout(net, verbose=True)  # doctest: +NORMALIZE_WHITESPACE
         module  from                            to
         1       torch Dropout2d(p=0.2)          SpatialDropout(p=0.2)
@@ -355,7 +352,7 @@ def convert_dropout(
         Sequential(
           (0): Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1))
           (1): SpatialDropout(p=0.2, inplace=False)
-          (2): Conv1d(8, 8, kernel_size=(1,), stride=(1,))
+          (2): Conv2d(8, 8, kernel_size=(1, 1), stride=(1, 1))
           (3): Dropout(p=0.1, inplace=False)
         )
         >>> convert_dropout(net)  # doctest: +ELLIPSIS
