@@ -29,6 +29,7 @@ PUBLIC = [
     "SpatialDropout3d",
     "__version__",
     "add_dropout",
+    "convert_dropout",
     "drop_path_rates",
     "filter_dropout",
     "functional",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import functional
 from .alpha import AlphaSpatialDropout, AlphaSpatialDropout1d, AlphaSpatialDropout2d, AlphaSpatialDropout3d
+from .convert import convert_dropout
 from .drop_block import DropBlock, DropBlock1d, DropBlock2d, DropBlock3d
 from .drop_path import DropPath, drop_path_rates
 from .filter_dropout import FilterDropout, filter_dropout, remove_filter_dropout
@@ -48,6 +49,7 @@ __all__ = [
     "SpatialDropout3d",
     "__version__",
     "add_dropout",
+    "convert_dropout",
     "drop_path_rates",
     "filter_dropout",
     "functional",

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from ._validation import Shown, check_bool, check_int, fail, float_dtype_of
+from .convert import peer_dropout, peer_rate
 from .filter_dropout import FilterDropout
 from .keyed import context_draw, current_context
 from .spatial_dropout import SpatialDropout1d, SpatialDropout2d, SpatialDropout3d
@@ -158,7 +159,15 @@ def add_dropout(
 
 
 def _is_dropout(m: nn.Module, include: tuple[type, ...]) -> bool:
-    return isinstance(m, (_DropoutNd, *include))
+    return isinstance(m, (_DropoutNd, *include)) or peer_dropout(m) is not None
+
+
+def _rate(m: nn.Module) -> float | None:
+    """The drop rate of a dropout layer found by :func:`_is_dropout` (``None`` if it has none)."""
+    if isinstance(m, _DropoutNd):
+        return float(m.p)
+    peer = peer_dropout(m)
+    return None if peer is None else peer_rate(m, peer)
 
 
 @contextlib.contextmanager
@@ -166,15 +175,20 @@ def mc_dropout(model: nn.Module, *, include: Types = ()) -> Iterator[nn.Module]:
     """Context manager for MC dropout: only the dropout layers train, everything else is in eval.
 
     Inside the block every dropout layer is in training mode: spatialdrop's (all
-    :class:`StructuredDropout`, filter dropout included) and torch's (every ``_DropoutNd``:
-    ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``, ``FeatureAlphaDropout``), plus the
-    types in ``include``; every other module is in eval mode, so BatchNorm uses (and does not
-    update) its running statistics. On exit every module gets back the mode it had, also when
-    the block raises. Gradients are not turned off: combine with ``torch.no_grad()`` as needed.
+    :class:`StructuredDropout`, filter dropout included), torch's (every ``_DropoutNd``:
+    ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``, ``FeatureAlphaDropout``), timm's
+    ``DropPath`` and ``DropBlock2d`` and torchvision's ``StochasticDepth`` and
+    ``DropBlock2d/3d`` (and their subclasses; recognised by module path and class name, without
+    importing timm or torchvision), plus the types in ``include``. Every other module is in eval
+    mode, so BatchNorm uses (and does not update) its running statistics. On exit every module
+    gets back the mode it had, also when the block raises. Gradients are not turned off: combine
+    with ``torch.no_grad()`` as needed. No conversion is needed (see
+    :func:`~spatialdrop.convert_dropout` for what converting adds).
 
     Args:
         model: the model.
-        include: more module types to treat as dropout, e.g. timm's ``DropPath``. Default: none.
+        include: more module types to treat as dropout, e.g. a dropout layer of your own that
+            does not subclass ``_DropoutNd``. Default: none.
 
     Yields:
         ``model``.
@@ -230,6 +244,7 @@ def mc_predict(
     softmax: bool = False,
     batched: bool = False,
     class_dim: int = 1,
+    include: Types = (),
 ) -> MCPrediction:
     r"""Monte Carlo dropout prediction: run ``model`` ``samples`` times with dropout on.
 
@@ -251,8 +266,11 @@ def mc_predict(
             times along dim 0. Faster for small inputs, ``samples`` times the memory; each
             sample still gets its own masks for per-sample layers, but not with filter dropout,
             whose mask is shared by the batch, nor with keyed masks (the copies of a sample
-            share its id), so those are refused. Default: False.
+            share its id), nor with torchvision's ``StochasticDepth(mode="batch")`` (one draw
+            for the batch), so those are refused. Default: False.
         class_dim: the class axis of the output, for ``softmax=True``. Default: 1.
+        include: more module types to sample as dropout, as in :func:`mc_dropout` (which finds
+            spatialdrop's, torch's, timm's and torchvision's dropout layers itself). Default: none.
 
     Keyed masks (:func:`~spatialdrop.keyed_masks`): call it inside a
     :func:`~spatialdrop.mask_context`. A keyed mask depends only on (seed, step, layer, sample
@@ -291,12 +309,20 @@ def mc_predict(
     check_bool(fn, "softmax", softmax)
     check_bool(fn, "batched", batched)
     check_int(fn, "class_dim", class_dim)
+    extra = () if include == () else _types(fn, "include", include)
     keyed = any(getattr(m, "keyed_seed", None) is not None for m in model.modules())
     if batched:
         if x.dim() < 1:
             fail(fn, "x", "a tensor with a batch dim 0 when batched=True", Shown("a 0-D tensor"))
         if any(isinstance(m, FilterDropout) for m in model.modules()):
             fail(fn, "batched", "False for a model with filter dropout (one mask per batch)", batched)
+        if any(getattr(m, "mode", None) == "batch" and peer_dropout(m) is not None for m in model.modules()):
+            fail(
+                fn,
+                "batched",
+                "False for a model with StochasticDepth(mode='batch') (one draw per batch)",
+                batched,
+            )
         if keyed and current_context() is not None:
             fail(
                 fn,
@@ -304,7 +330,7 @@ def mc_predict(
                 "False for a model with keyed masks (the copies of a sample share its id and so its masks)",
                 batched,
             )
-    rates = [m.p for m in model.modules() if isinstance(m, _DropoutNd)]
+    rates = [_rate(m) for m in model.modules() if _is_dropout(m, extra)]
     if rates and all(r == 0 for r in rates):
         warnings.warn(
             f"{fn}: every dropout layer of the model has p = 0, so all {samples} passes are the same "
@@ -325,7 +351,7 @@ def mc_predict(
             y = y.softmax(dim=class_dim % one + lead)
         return y
 
-    with mc_dropout(model), torch.no_grad():
+    with mc_dropout(model, include=extra), torch.no_grad():
         if batched:
             n = x.shape[0]
             out = model(x.unsqueeze(0).expand(samples, *x.shape).reshape(samples * n, *x.shape[1:]))
