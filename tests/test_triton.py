@@ -7,7 +7,6 @@ Shapes are small: the interpreter runs the kernels in numpy.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -50,9 +49,7 @@ def _both(x: torch.Tensor, p: float, blocks: tuple[int, ...], key: MaskKey, **kw
     cd = int(kw.get("channel_dim", 1)) % x.dim()  # type: ignore[call-overload]
     shared = bool(kw.get("shared", False))
     scale = str(kw.get("scale", "expected"))
-    y = triton_drop_block(
-        x, p, blocks, seeding=seeding, shared=shared, channel_dim=cd, scale=scale, key=key
-    )
+    y = triton_drop_block(x, p, blocks, seeding=seeding, shared=shared, channel_dim=cd, scale=scale, key=key)
     ref = drop_block(
         x, p, blocks, channel_dim=cd, shared_channels=shared, seeding=seeding, scale=scale, key=key
     )
@@ -164,7 +161,8 @@ def test_unkeyed_rate_at_corners_edges_centre(shared: bool, seeding: str) -> Non
     n, c, side, p, b = 600, 4, 7, 0.2, 3
     gamma = _gamma(p, (b, b), (side, side), seeding)
     g = torch.Generator().manual_seed(0)
-    y = triton_drop_block(torch.ones(n, c, side, side), p, (b, b), seeding=seeding, shared=shared, generator=g)
+    x = torch.ones(n, c, side, side)
+    y = triton_drop_block(x, p, (b, b), seeding=seeding, shared=shared, generator=g)
     dropped = y == 0
     maps = dropped[:, 0] if shared else dropped.reshape(n * c, side, side)
     trials = maps.shape[0]
@@ -244,6 +242,7 @@ def test_one_op_under_dynamo_fullgraph(keyed: bool) -> None:
     # dynamo sees spatialdrop::triton_drop_block as one op; with the interpreter only the eager
     # backend can run it (tests/test_cuda.py compiles it with inductor on a GPU)
     key = MaskKey(5, 6, 7, torch.arange(2)) if keyed else None
+
     def f(x: torch.Tensor) -> torch.Tensor:
         return triton_drop_block(x, 0.1, (3, 3), key=key) * 2
 

@@ -104,15 +104,15 @@ class BackwardFunction(torch.autograd.Function):
 def call_forward(*args: Any) -> tuple[Tensor, ...]:
     """Call ``spatialdrop::drop_block``, through :class:`ForwardFunction` under torch.func."""
     if functorch_active():
-        return ForwardFunction.apply(*args[:-1], PLAN_NONE)  # type: ignore[no-any-return]
-    return drop_block_op(*args)  # type: ignore[no-any-return]
+        return ForwardFunction.apply(*args[:-1], PLAN_NONE)
+    return drop_block_op(*args)
 
 
 def call_backward(*args: Any) -> Tensor:
     """Call ``spatialdrop::drop_block_backward``, through :class:`BackwardFunction` under torch.func."""
     if functorch_active():
-        return BackwardFunction.apply(*args)  # type: ignore[no-any-return]
-    return drop_block_backward(*args)  # type: ignore[no-any-return]
+        return BackwardFunction.apply(*args)
+    return drop_block_backward(*args)
 
 
 def _vmap_rule(call: Any) -> Any:
@@ -120,7 +120,8 @@ def _vmap_rule(call: Any) -> Any:
         outs = []
         for i in range(info.batch_size):
             sliced = [
-                a.select(d, i) if isinstance(a, Tensor) and d is not None else a for a, d in zip(args, in_dims)
+                a.select(d, i) if isinstance(a, Tensor) and d is not None else a
+                for a, d in zip(args, in_dims)
             ]
             outs.append(call(*sliced))
         if isinstance(outs[0], tuple):
@@ -131,7 +132,7 @@ def _vmap_rule(call: Any) -> Any:
 
 
 def _forward_no_plan(*args: Any) -> tuple[Tensor, ...]:
-    return drop_block_op(*args[:-1], PLAN_NONE)  # type: ignore[no-any-return]
+    return drop_block_op(*args[:-1], PLAN_NONE)
 
 
 torch.library.register_autograd(drop_block_op, _forward_grads, setup_context=_setup_forward)

@@ -7,7 +7,18 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
-__all__ = ["seed_rate", "solve_valid_gamma", "uniform_gamma", "valid_gamma"]
+import torch
+from torch import Tensor
+
+__all__ = ["p_tensor", "seed_rate", "solve_valid_gamma", "uniform_gamma", "valid_gamma"]
+
+
+def p_tensor(p: float) -> Tensor:
+    """``p`` as a float64 0-dim CPU tensor: under ``torch.compile`` a new ``p`` does not recompile.
+
+    ``torch.ones(()) * p``, not ``torch.full``/``torch.tensor``, which would specialise on ``p``.
+    """
+    return torch.ones((), dtype=torch.float64) * p
 
 
 def uniform_gamma(p: float, blocks: Sequence[int]) -> float:

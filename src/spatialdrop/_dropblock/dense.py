@@ -5,11 +5,20 @@ kernel, meta tensors, ``torch.export``/ONNX export, and CPU input when the tests
 static path. It is composed of torch ops, so autograd differentiates it (it saves the bool keep
 mask: a byte per element) and the compiler sees through it. The same seeds give the same
 output as the sparse path, bit for bit (the same scale policy, :mod:`.scale`).
+
+Under ``torch.compile`` the seed rate and the keyed seed grid depend on ``p`` through host
+arithmetic (the calibration's bisection, the keyed rule's chunk length and integer thresholds),
+which would pin ``p`` in the graph and recompile it for every new ``p`` of a schedule. There the
+draw goes through two small opaque ops that take ``p`` as a float64 CPU tensor and do that
+arithmetic on the host, exactly as eager mode does: ``spatialdrop::seed_rate`` (unkeyed: the
+grid is ``rand < gamma``) and ``spatialdrop::keyed_seed_grid`` (the keyed rule's dense form).
+Exported programs hold no custom op: export takes the plain functions (its ``p`` is a constant).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -17,11 +26,69 @@ from torch import Tensor
 from .._compat import is_compiling
 from ..keyed import MaskKey
 from . import seeds as _seeds
-from .calibration import seed_rate
+from .calibration import p_tensor, seed_rate
 from .geometry import Geometry, grow_blocks
+from .keyed_seeds import draw_keyed_seeds
+from .sampling import rand
 from .scale import scale_factor, scaled
 
-__all__ = ["drop_block_dense"]
+__all__ = ["drop_block_dense", "keyed_seed_grid", "seed_rate_op"]
+
+
+@torch.library.custom_op("spatialdrop::seed_rate", mutates_args=())
+def seed_rate_op(p: Tensor, sizes: list[int], blocks: list[int], seeding: str) -> Tensor:
+    """The seed rate ``gamma`` of ``p`` (a float64 CPU tensor), as a float64 0-dim CPU tensor."""
+    return torch.tensor(seed_rate(float(p), tuple(sizes), tuple(blocks), seeding), dtype=torch.float64)
+
+
+@seed_rate_op.register_fake
+def _(p: Tensor, sizes: list[int], blocks: list[int], seeding: str) -> Tensor:
+    return p.new_empty((), dtype=torch.float64)
+
+
+@torch.library.custom_op("spatialdrop::keyed_seed_grid", mutates_args=())
+def keyed_seed_grid(
+    p: Tensor,
+    sizes: list[int],
+    blocks: list[int],
+    seeding: str,
+    numel: int,
+    key_words: list[int],
+    step: Tensor,
+    sample_ids: Tensor,
+) -> Tensor:
+    """The keyed dense seed grid (bool, ``numel`` places, on the ids' device) for ``p`` (a CPU tensor)."""
+    gamma = seed_rate(float(p), tuple(sizes), tuple(blocks), seeding)
+    key = MaskKey(key_words[0] | key_words[1] << 32, step, key_words[2] | key_words[3] << 32, sample_ids)
+    return draw_keyed_seeds(numel, gamma, key, sample_ids.device, dense=True)
+
+
+@keyed_seed_grid.register_fake
+def _(p: Tensor, sizes: list[int], blocks: list[int], seeding: str, numel: int, *args: object) -> Tensor:
+    sample_ids = args[-1]
+    assert isinstance(sample_ids, Tensor)
+    return torch.empty((numel,), dtype=torch.bool, device=sample_ids.device)
+
+
+def _seed_grid(
+    p: float,
+    geo: Geometry,
+    seeding: str,
+    generator: Optional[torch.Generator],
+    key: Optional[MaskKey],
+    device: torch.device,
+) -> Tensor:
+    """The dense bool seed grid of ``geo.places`` places (see the module docstring)."""
+    if not is_compiling() or torch.compiler.is_exporting():
+        gamma = seed_rate(p, geo.sizes, geo.blocks, seeding, cached=not is_compiling())
+        return _seeds.draw_grid(geo.places, gamma, generator, device, dense=True, key=key)
+    sizes, blocks = list(geo.sizes), list(geo.blocks)
+    if key is None:
+        return rand(geo.places, generator, device) < seed_rate_op(p_tensor(p), sizes, blocks, seeding)
+    words = [key.seed & 0xFFFFFFFF, key.seed >> 32, key.layer & 0xFFFFFFFF, key.layer >> 32]
+    step = key.step if isinstance(key.step, Tensor) else torch.tensor(key.step, dtype=torch.int64)
+    ids = key.sample_ids.to(device=device, dtype=torch.int64)
+    return keyed_seed_grid(p_tensor(p), sizes, blocks, seeding, geo.places, words, step, ids)
 
 
 def drop_block_dense(
@@ -38,9 +105,8 @@ def drop_block_dense(
     The output has the input's dtype and the layout ``torch.empty_like(input)`` gives (the
     memory format of a channels-last input, the strides of any dense one).
     """
-    gamma = seed_rate(p, geo.sizes, geo.blocks, seeding, cached=not is_compiling())
     with torch.no_grad():
-        grid = _seeds.draw_grid(geo.places, gamma, generator, input.device, dense=True, key=key)
+        grid = _seed_grid(p, geo, seeding, generator, key, input.device)
         blocks = grow_blocks(grid.view((geo.maps, *geo.grid)), geo).reshape(geo.map_shape)
         dropped = None
         if scale == "realized":  # counted over the map (channels once for a shared mask)

@@ -3,22 +3,23 @@
 Three paths, each tested bit for bit against the others in keyed mode (the same seeds give the
 same output, forward and backward: ``tests/test_drop_block_paths.py``):
 
-====================  ==============================  ================================  ===============================
-path                  runs for                        forward                           saved for backward
-====================  ==============================  ================================  ===============================
-sparse                CPU input: eager,               ``spatialdrop::drop_block``:      the write plan (int32 offsets,
-(:mod:`.sparse`)      ``torch.compile`` (opaque op,   seeds drawn sparsely, only the    at most 1/32 of the input's
-                      any shapes), torch.func         dropped positions written         bytes) or nothing; the seed or
-                      (:mod:`.autograd`)                                                the key; ``p``, the scale.
-                                                                                        Backward:
-                                                                                        ``drop_block_backward``
-dense                 ``torch.export``/ONNX, meta,    torch ops: a dense seed grid,     the bool keep mask (autograd
-(:mod:`.dense`)       devices without Triton, CPU     blocks grown by windowed ORs      of ``torch.where``)
-                      with ``FORCE_STATIC_PATH``
-Triton                CUDA input with triton (CPU     ``spatialdrop::drop_block_        the seed or key words;
-(:mod:`.triton_       in Triton's interpreter, for    triton``: a packed seed-bit       backward re-runs the kernels
-kernels`)             the tests)                      grid, then one fused write        on the gradient
-====================  ==============================  ================================  ===============================
+=======  ==============================  ==================================  ==========================
+path     runs for                        forward                             saved for backward
+=======  ==============================  ==================================  ==========================
+sparse   CPU input: eager,               ``spatialdrop::drop_block``:        the write plan (int32, at
+         ``torch.compile`` (one opaque   seeds drawn sparsely, only the      most 1/32 of the input's
+         op, any shapes), torch.func     dropped positions written           bytes) or nothing; the
+         (:mod:`.autograd`)              (:mod:`.sparse`)                    seed or key, ``p``, the
+                                                                             scale. Backward: the op
+                                                                             ``drop_block_backward``
+dense    ``torch.export``/ONNX, meta,    torch ops: a dense seed grid,       the bool keep mask
+         devices without Triton, CPU     blocks grown by windowed ORs        (autograd of
+         with ``FORCE_STATIC_PATH``      (:mod:`.dense`)                     ``torch.where``)
+Triton   CUDA input with triton (CPU     ``spatialdrop::drop_block_triton``  the seed or key words and
+         in Triton's interpreter, for    (:mod:`.triton_kernels`): a         ``p``; backward runs the
+         the tests)                      packed seed-bit grid, one fused     kernels on the gradient
+                                         write
+=======  ==============================  ==================================  ==========================
 
 The export check comes first, so exported programs never hold a custom op. Every path takes
 its ``Geometry`` from :mod:`.geometry`, its seed rate from :mod:`.calibration` and its scale
@@ -36,6 +37,7 @@ from .._compat import is_compiling
 from .._philox import MASK32
 from ..keyed import MaskKey
 from .autograd import call_forward, functorch_active
+from .calibration import p_tensor
 from .dense import drop_block_dense
 from .geometry import Geometry
 from .sparse import PLAN_EXACT, PLAN_NONE, PLAN_STATIC
@@ -62,14 +64,6 @@ def _op_args(
     words = [key.seed & MASK32, key.seed >> 32, key.layer & MASK32, key.layer >> 32]
     step = key.step if isinstance(key.step, Tensor) else torch.tensor(key.step, dtype=torch.int64)
     return None, words, step, key.sample_ids
-
-
-def p_tensor(p: float) -> Tensor:
-    """``p`` as a float64 0-dim tensor: under ``torch.compile`` a new ``p`` does not recompile.
-
-    ``torch.ones(()) * p``, not ``torch.full``/``torch.tensor``, which would specialise on ``p``.
-    """
-    return torch.ones((), dtype=torch.float64) * p
 
 
 def _static_path(input: Tensor) -> bool:
@@ -103,9 +97,10 @@ def run(
             )
         return drop_block_dense(input, p, geo, seeding, scale, generator, key)
     seed, words, step, ids = _op_args(generator, key)
+    plan = PLAN_EXACT  # eager: keep the plan, of data-dependent length
     if geo.shared or functorch_active():
         plan = PLAN_NONE
-    else:
-        plan = PLAN_STATIC if is_compiling() else PLAN_EXACT
+    elif is_compiling():
+        plan = PLAN_STATIC
     args = (input, seed, p_tensor(p), list(geo.blocks), geo.channel_dim, geo.shared, seeding, scale)
     return call_forward(*args, words, step, ids, plan)[0]

@@ -13,7 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._compat import is_compiling
 from .._validation import float_dtype_of
+from .calibration import p_tensor
 
 __all__ = ["POLICIES", "acc_dtype", "factor_shape", "scale_factor", "scaled"]
 
@@ -50,6 +52,8 @@ def scale_factor(
     if policy == "none":
         return None
     if policy == "expected":
+        if is_compiling():  # from p as a tensor: the same float64 quotient, without pinning p
+            return (1.0 / (1.0 - p_tensor(p))).to(dtype=acc, device=like.device).reshape(1)
         return torch.full((1,), 1.0 / (1.0 - p), dtype=acc, device=like.device)
     assert dropped is not None, "scale_factor: 'realized' needs the dropped counts"
     kept = (per_sample - dropped).to(acc)

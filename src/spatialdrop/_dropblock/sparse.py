@@ -121,10 +121,13 @@ def write_sparse(
     return None, factor
 
 
-def _key_of(key_words: Optional[list[int]], step: Optional[Tensor], ids: Optional[Tensor]) -> Optional[MaskKey]:
+def _key_of(
+    key_words: Optional[list[int]], step: Optional[Tensor], ids: Optional[Tensor]
+) -> Optional[MaskKey]:
     if key_words is None:
         return None
-    assert step is not None and ids is not None, "a keyed call passes the step and the sample ids"
+    assert step is not None, "a keyed call passes the step"
+    assert ids is not None, "a keyed call passes the sample ids"
     return op_key(key_words, step, ids)
 
 
@@ -153,7 +156,8 @@ def drop_block_op(
     slots = plan_slots(block_size)
     info = torch.full((input.dim() + slots,), -1, dtype=torch.int64)
     info[: input.dim()] = torch.tensor(out.stride(), dtype=torch.int64)
-    heads = torch.empty(plan_capacity(input) if plan == PLAN_STATIC else 0, dtype=torch.int32)
+    # a static plan's buffer: the plan in its first entries, zeros after (a deterministic output)
+    heads = torch.zeros(plan_capacity(input) if plan == PLAN_STATIC else 0, dtype=torch.int32)
     factor = torch.zeros(factor_shape(scale, input.shape[0]), dtype=acc_dtype(input))
     if out.numel() == 0:
         return out, heads, info, factor

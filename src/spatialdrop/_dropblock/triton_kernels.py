@@ -202,7 +202,7 @@ def _apply(
         shape = [n, 1 if geo.shared else c]
     else:
         total = x.numel()
-        strides = [int(x.stride(0)), int(x.stride(1))] + _padded([int(s) for s in x.stride()[2:]], 1)
+        strides = [int(x.stride(0)), int(x.stride(1)), *_padded([int(s) for s in x.stride()[2:]], 1)]
         shape = [n, c]
     apply_kernel[(_cdiv(total, APPLY_BLOCK),)](
         x, out, bits, factors, counts, total, *strides, *shape, *size3, *grid3, words,
@@ -241,7 +241,8 @@ def drop_block_triton(
     gamma = seed_rate(pf, geo.sizes, geo.blocks, seeding)
     n = geo.batch
     table = threshold_table(gamma, x.device)
-    bits = _seed_bits_impl(n, geo.places // n, gamma, table, seed, sample_ids, step, key_words, keyed, x.device)
+    row = geo.places // n
+    bits = _seed_bits_impl(n, row, gamma, table, seed, sample_ids, step, key_words, keyed, x.device)
     dropped = None
     if scale == "realized":
         counts = torch.zeros(n, dtype=torch.int32, device=x.device)
@@ -343,6 +344,6 @@ def triton_drop_block(
     seed, sid, step, words = _key_tensors(input.shape[0], input.device, generator, key)
     blocks = [int(b) for b in block_size]
     cd = channel_dim % input.dim()
-    return drop_block_triton(  # type: ignore[no-any-return]
+    return drop_block_triton(
         input, seed, sid, step, p_t, words, key is not None, blocks, cd, bool(shared), seeding, scale
     )

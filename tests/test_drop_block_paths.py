@@ -1,0 +1,272 @@
+"""DropBlock's paths held to one reference, bit for bit, and its custom ops under ``opcheck``.
+
+The reference is the eager sparse path (CPU). In keyed mode every other path must give the same
+output *and* the same gradient, bit for bit: torch.func (``vjp``), the dense static-shape path
+(what export, meta tensors and devices without Triton run), the fused Triton kernels (run by
+Triton's interpreter on the CPU), and the compiled forms of the sparse and dense paths; over
+the contract table's modes (per-channel and shared masks, both seedings, every scale policy),
+spatial ranks 1-3, every float dtype and the layouts a model hands a layer: contiguous,
+channels-last (memory format and ``channel_dim=-1``), non-contiguous and expanded. The output's
+layout is ``torch.empty_like(input)``'s on every path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import spatialdrop as sd
+from optable import OPS_BY_NAME, Mode, nonzero_input
+from spatialdrop._dropblock import ops
+from spatialdrop._dropblock.dense import keyed_seed_grid, seed_rate_op
+from spatialdrop._dropblock.sparse import (
+    PLAN_EXACT,
+    PLAN_NONE,
+    PLAN_STATIC,
+    drop_block_backward,
+    drop_block_op,
+)
+from spatialdrop.functional import drop_block
+
+OP = OPS_BY_NAME["drop_block"]
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+LAYOUTS = ["contiguous", "channels_last", "channel_dim=-1", "strided", "expanded"]
+
+
+def block_kwargs(mode: Mode, rank: int) -> dict[str, Any]:
+    kw = dict(mode.kwargs)
+    if kw["block_size"] == "RECT":
+        kw["block_size"] = (2, 3, 1)[:rank]
+    return kw
+
+
+def make_input(rank: int, layout: str, dtype: torch.dtype, n: int = 3, c: int = 4) -> tuple[Tensor, int]:
+    """A leaf input of ``layout`` (values nonzero, so zeros in the output are drops) and its channel dim."""
+    sizes = (7, 6, 5)[:rank]
+    if layout == "channel_dim=-1":
+        return nonzero_input((n, *sizes, c), dtype).requires_grad_(), -1
+    if layout == "channels_last":
+        fmt = {1: None, 2: torch.channels_last, 3: torch.channels_last_3d}[rank]
+        return nonzero_input((n, c, *sizes), dtype, memory_format=fmt).requires_grad_(), 1
+    if layout == "strided":  # every other position of a wider map: not dense
+        wide = nonzero_input((n, c, *sizes[:-1], 2 * sizes[-1]), dtype)
+        return wide[..., ::2].detach().requires_grad_(), 1
+    if layout == "expanded":  # one map broadcast over the channels (stride 0)
+        one = nonzero_input((n, 1, *sizes), dtype)
+        return one.expand(n, c, *sizes).detach().requires_grad_(), 1
+    return nonzero_input((n, c, *sizes), dtype).requires_grad_(), 1
+
+
+def key_for(x: Tensor) -> sd.MaskKey:
+    return sd.MaskKey(11, 4, 7, torch.arange(x.shape[0]) * 3 + 1)
+
+
+@contextlib.contextmanager
+def path(name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Route ``drop_block`` on CPU input through the named path."""
+    if name in ("sparse", "func", "compiled-sparse"):
+        monkeypatch.setattr(ops, "FORCE_STATIC_PATH", False)
+        yield
+        return
+    monkeypatch.setattr(ops, "FORCE_STATIC_PATH", True)
+    if name in ("dense", "compiled-dense"):
+        monkeypatch.setenv("SPATIALDROP_BACKEND", "torch")
+        yield
+        return
+    from spatialdrop._dropblock.triton_kernels import cpu_interpreter
+
+    monkeypatch.delenv("SPATIALDROP_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with cpu_interpreter():
+        yield
+
+
+def forward_backward(name: str, f: Callable[[Tensor], Tensor], x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(f(x), d<f(x), w>/dx)`` by the named path's means (eager, torch.func or compiled)."""
+    if name == "func":
+        y, vjp = torch.func.vjp(f, x)
+        return y, vjp(w)[0]
+    if name.startswith("compiled"):
+        torch._dynamo.reset()
+        f = torch.compile(f, fullgraph=True)
+    y = f(x)
+    (g,) = torch.autograd.grad(y, x, w)
+    return y.detach(), g
+
+
+def check_paths(
+    monkeypatch: pytest.MonkeyPatch, paths: list[str], mode: Mode, rank: int, layout: str, dtype: torch.dtype
+) -> None:
+    x, cd = make_input(rank, layout, dtype)
+    kw = block_kwargs(mode, rank)
+    key = key_for(x)
+
+    def f(t: Tensor) -> Tensor:
+        return drop_block(t, 0.3, channel_dim=cd, key=key, **kw)
+
+    w = nonzero_input(x.shape, dtype, seed=1)
+    with path("sparse", monkeypatch):
+        ref_y, ref_g = forward_backward("sparse", f, x, w)
+    dropped = ref_y == 0
+    assert dropped.any()
+    assert not dropped.all()
+    assert ref_y.stride() == torch.empty_like(x).stride()
+    for name in paths:
+        with path(name, monkeypatch):
+            y, g = forward_backward(name, f, x, w)
+        assert torch.equal(y, ref_y), (name, "output")
+        assert torch.equal(g, ref_g), (name, "gradient")
+        assert y.stride() == ref_y.stride(), (name, "layout", y.stride(), ref_y.stride())
+
+
+EAGER_PATHS = ["func", "dense"] + (["triton"] if HAVE_TRITON else [])
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# channels-last memory formats exist for 2-D and 3-D maps only (rank 1 is the contiguous case)
+CASES = [(r, lay) for r in (1, 2, 3) for lay in LAYOUTS if not (r == 1 and lay == "channels_last")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("rank", "layout"), CASES, ids=[f"{r}d-{lay}" for r, lay in CASES])
+@pytest.mark.parametrize("mode", OP.modes, ids=OP.mode_ids())
+def test_eager_paths_equal_the_reference(
+    monkeypatch: pytest.MonkeyPatch, mode: Mode, rank: int, layout: str, dtype: torch.dtype
+) -> None:
+    # the Triton kernel's dtype handling (float16, float64) is covered in tests/test_triton.py
+    paths = EAGER_PATHS if dtype in (torch.float32, torch.bfloat16) else ["func", "dense"]
+    check_paths(monkeypatch, paths, mode, rank, layout, dtype)
+
+
+COMPILED = ["compiled-sparse", "compiled-dense"]
+
+
+@pytest.mark.parametrize(("rank", "layout"), [(2, "contiguous"), (2, "channels_last"), (3, "channel_dim=-1")])
+@pytest.mark.parametrize("mode", OP.modes, ids=OP.mode_ids())
+def test_compiled_paths_equal_the_reference(
+    monkeypatch: pytest.MonkeyPatch, mode: Mode, rank: int, layout: str
+) -> None:
+    check_paths(monkeypatch, COMPILED, mode, rank, layout, torch.float32)
+
+
+FULL = [(m, r, lay, torch.float32) for m in OP.modes for r, lay in CASES] + [
+    (m, 2, "contiguous", dt) for m in OP.modes for dt in DTYPES[1:]
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mode", "rank", "layout", "dtype"), FULL, ids=[f"{m.name}-{r}d-{lay}-{dt}" for m, r, lay, dt in FULL]
+)
+def test_compiled_paths_equal_the_reference_full(
+    monkeypatch: pytest.MonkeyPatch, mode: Mode, rank: int, layout: str, dtype: torch.dtype
+) -> None:
+    check_paths(monkeypatch, COMPILED, mode, rank, layout, dtype)
+
+
+# --- every custom op under torch.library.opcheck (as torchvision's OPTESTS check its ops) ----------
+
+
+def op_samples(every: int) -> list[tuple[str, tuple[Any, ...]]]:
+    """Arguments of ``spatialdrop::drop_block`` from the contract table: each mode x its samples.
+
+    The plan mode and keyed/unkeyed rotate over the samples; ``every`` keeps every n-th sample
+    of a mode (1: all of them).
+    """
+    out = []
+    samples = [s for s in OP.samples() if not s.unbatched]
+    plans = [PLAN_EXACT, PLAN_STATIC, PLAN_NONE]
+    for i, mode in enumerate(OP.modes):
+        for j, sample in enumerate(samples):
+            if (i + j) % every:
+                continue
+            x = sample.make().requires_grad_()
+            rank = x.dim() - 2
+            kw = block_kwargs(mode, rank)
+            b = kw["block_size"]
+            blocks = list(b) if isinstance(b, tuple) else [b] * rank
+            cd = sample.channel_dim % x.dim()
+            p = torch.tensor(0.3, dtype=torch.float64)
+            shared, seeding, scale = (
+                kw.get("shared_channels", False),
+                kw.get("seeding", "uniform"),
+                kw.get("scale", "expected"),
+            )
+            if (i + j) % 2:
+                rand: tuple[Any, ...] = (
+                    None,
+                    p,
+                    blocks,
+                    cd,
+                    shared,
+                    seeding,
+                    scale,
+                    [1, 2, 3, 4],
+                    torch.tensor(5),
+                    torch.arange(x.shape[0]),
+                )
+            else:
+                rand = (torch.tensor(12345), p, blocks, cd, shared, seeding, scale, None, None, None)
+            out.append((f"{mode.name}-{sample.id}", (x, *rand, plans[(i + j) % 3])))
+    return out
+
+
+def _opcheck(op: Any, args: tuple[Any, ...]) -> None:
+    result = torch.library.opcheck(op, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def _backward_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    x, seed, p, blocks, cd, shared, seeding, scale, words, step, ids, _ = args
+    _, heads, info, factor = drop_block_op(x.detach(), *args[1:])
+    grad = nonzero_input(x.shape, x.dtype, seed=2).requires_grad_()
+    return (grad, heads, info, factor, seed, p, blocks, cd, shared, seeding, scale, words, step, ids)
+
+
+FEW = op_samples(every=4)
+ALL = op_samples(every=1)
+
+
+@pytest.mark.parametrize(("name", "args"), FEW, ids=[n for n, _ in FEW])
+def test_opcheck_forward_and_backward_ops(name: str, args: tuple[Any, ...]) -> None:
+    _opcheck(drop_block_op, args)
+    _opcheck(drop_block_backward, _backward_args(args))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "args"), ALL, ids=[n for n, _ in ALL])
+def test_opcheck_forward_and_backward_ops_every_sample(name: str, args: tuple[Any, ...]) -> None:
+    _opcheck(drop_block_op, args)
+    _opcheck(drop_block_backward, _backward_args(args))
+
+
+@pytest.mark.parametrize("seeding", ["uniform", "valid"])
+def test_opcheck_seed_rate_and_keyed_grid_ops(seeding: str) -> None:
+    p = torch.tensor(0.25, dtype=torch.float64)
+    _opcheck(seed_rate_op, (p, [6, 7], [3, 2], seeding))
+    places = 3 * (8 * 8 if seeding == "uniform" else 4 * 6)
+    _opcheck(
+        keyed_seed_grid, (p, [6, 7], [3, 2], seeding, places, [1, 2, 3, 4], torch.tensor(9), torch.arange(3))
+    )
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install spatialdrop[triton])")
+@pytest.mark.parametrize(("name", "args"), FEW[::2], ids=[n for n, _ in FEW[::2]])
+def test_opcheck_triton_op(monkeypatch: pytest.MonkeyPatch, name: str, args: tuple[Any, ...]) -> None:
+    from spatialdrop._dropblock.triton_kernels import _key_tensors, cpu_interpreter, drop_block_triton
+
+    x, _, p, blocks, cd, shared, seeding, scale, words, step, ids, _ = args
+    if x.dim() - 2 > 3:
+        x = x.flatten(-2)  # the kernels take 1-3 spatial dims
+        blocks = blocks[:-1]
+    key = None if words is None else sd.MaskKey(1 | 2 << 32, step, 3 | 4 << 32, ids)
+    s, sid, st, kw = _key_tensors(x.shape[0], x.device, torch.Generator().manual_seed(3), key)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with cpu_interpreter():
+        _opcheck(
+            drop_block_triton, (x, s, sid, st, p, kw, key is not None, blocks, cd, shared, seeding, scale)
+        )
