@@ -26,9 +26,7 @@ from torch import Tensor, nn
 
 import spatialdrop as sd
 from spatialdrop import functional as F
-
-# SELU's negative saturation value -lambda * alpha (Klambauer et al. 2017).
-SELU_NEG_SATURATION = -1.0507009873554804934193349852946 * 1.6732632423543772848170429916717
+from spatialdrop.alpha import SELU_NEG_SATURATION  # -lambda * alpha (Klambauer et al. 2017): < 0
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 

@@ -25,7 +25,7 @@ Z = stats.norm.isf(ALPHA / 2)  # two-sided normal bound at the suite's false-ala
 
 def affine(p: float) -> tuple[float, float, float]:
     """Klambauer et al.'s a, b and the dropped value, from the paper's formulas (alpha' < 0)."""
-    alpha_prime = -SELU_NEG_SATURATION
+    alpha_prime = SELU_NEG_SATURATION
     q = 1 - p
     a = (q + alpha_prime**2 * q * (1 - q)) ** -0.5
     b = -a * (1 - q) * alpha_prime
@@ -127,7 +127,7 @@ def test_values_are_the_papers_affine_map(p: float) -> None:
     dropped = (y == y[..., :1, :1]).reshape(64, 20, -1).all(-1)  # a dropped channel is constant
     assert torch.allclose(y[dropped], torch.tensor(dropped_value, dtype=torch.float64), rtol=1e-14, atol=0)
     assert torch.allclose(y[~dropped], a * x[~dropped] + b, rtol=1e-14, atol=1e-14)
-    assert dropped_value == pytest.approx(-SELU_NEG_SATURATION * a * (1 - p), rel=1e-14)
+    assert dropped_value == pytest.approx(SELU_NEG_SATURATION * a * (1 - p), rel=1e-14)
 
 
 @pytest.mark.parametrize("cls", [AlphaSpatialDropout, *MODULES.values()])

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import spatialdrop as sd
 import spatialdrop.spatial_dropout
@@ -328,6 +329,10 @@ def test_inplace(op: OpInfo, mode: Mode) -> None:
     (y * w).sum().backward()
     out = check_output(op, mode, op.p, x, y)
     check_gradient(leaf.grad, w, out, what=f"{op.name} inplace")
+    # an expanded input (elements sharing memory) cannot be written in place: refused by name
+    expanded = x[:1].expand(x.shape)
+    with pytest.raises(ValueError, match=r": inplace must be False for an input whose elements share memory"):
+        op.run(op.build(mode=mode, inplace=True), expanded, seed=3)
 
 
 @pytest.mark.parametrize(
@@ -503,6 +508,44 @@ def test_keyed_module_needs_a_context_and_is_reproducible_in_one(op: OpInfo, mod
             assert torch.equal(m(x[2:]), a[2:])
     m.eval()
     assert torch.equal(m(x), _plain(op, m, x))  # eval needs no context
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize(("op", "mode"), op_mode_params([op for op in OPS if op.is_module and op.keyed]))
+def test_keyed_checkpoint_recompute_equal_or_refused(op: OpInfo, mode: Mode, reentrant: bool) -> None:
+    """Activation checkpointing: a keyed layer recomputed in backward under its forward's context
+    gives the plain gradient; under another step's context it refuses (no silent wrong gradient)."""
+    x = _keyed_sample(op).make().requires_grad_()
+    m = op.build(mode=mode)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sd.keyed_masks(m, 7)
+    if op.kind == "filter" and any("FilterDropout" in str(w.message) for w in caught):
+        return  # keyed_masks skipped the layer: it stays unkeyed (see the test above)
+    ids = torch.arange(x.shape[0])
+
+    def grad_of(y: Tensor, w: Tensor) -> Tensor:
+        x.grad = None
+        y.backward(w)  # reentrant checkpointing does not support autograd.grad
+        assert x.grad is not None
+        return x.grad
+
+    with sd.mask_context(step=3, sample_ids=ids):
+        plain = m(x)
+        w = torch.randn_like(plain)
+        expected = grad_of(plain, w)
+    with sd.mask_context(step=3, sample_ids=ids):
+        y = checkpoint(m, x, use_reentrant=reentrant, preserve_rng_state=False)
+        got = grad_of(y, w)
+    assert torch.equal(y, plain)
+    assert torch.equal(got, expected), f"{op.name}: the recomputed mask differs"
+    with sd.mask_context(step=3, sample_ids=ids):
+        y = checkpoint(m, x, use_reentrant=reentrant, preserve_rng_state=False)
+    with (
+        sd.mask_context(step=4, sample_ids=ids),
+        pytest.raises(RuntimeError, match="recomputed during backward"),
+    ):
+        grad_of(y, w)
 
 
 # --- compile ----------------------------------------------------------------------------------

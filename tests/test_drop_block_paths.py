@@ -270,3 +270,68 @@ def test_opcheck_triton_op(monkeypatch: pytest.MonkeyPatch, name: str, args: tup
         _opcheck(
             drop_block_triton, (x, s, sid, st, p, kw, key is not None, blocks, cd, shared, seeding, scale)
         )
+
+
+# --- torch.compile: a p that changes every step (DropSchedule) does not recompile ----------------
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+@pytest.mark.parametrize("keyed", [False, True])
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [
+        ("dense", {}),
+        ("dense", {"seeding": "valid", "shared_channels": True}),
+        ("triton", {}),
+        ("triton", {"seeding": "valid", "scale": "realized"}),
+    ],
+)
+def test_p_changing_every_step_compiles_at_most_twice(
+    monkeypatch: pytest.MonkeyPatch, name: str, kw: dict[str, Any], keyed: bool, fullgraph: bool
+) -> None:
+    # the first p is a constant of the first graph; the second p makes it a symbol: two graphs
+    from torch._dynamo.utils import counters
+
+    if name == "triton" and not HAVE_TRITON:
+        pytest.skip("triton is not installed (pip install spatialdrop[triton])")
+    layer = sd.DropBlock2d(0.05, 3, **kw)
+    if keyed:
+        sd.keyed_masks(layer, seed=1)
+    x = torch.ones(32, 4, 10, 10)
+    rates = []
+    with path(name, monkeypatch):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(layer, fullgraph=fullgraph)
+        for step in range(6):
+            layer.p = 0.05 + 0.06 * step
+            with (
+                sd.mask_context(step=torch.tensor(step), sample_ids=torch.arange(32))
+                if keyed
+                else contextlib.nullcontext()
+            ):
+                y = compiled(x)
+            rates.append(float((y == 0).float().mean()))
+            if keyed:  # the same bits as eager mode
+                with sd.mask_context(step=torch.tensor(step), sample_ids=torch.arange(32)):
+                    assert torch.equal(y, layer(x))
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert rates[0] < 0.15
+    assert 0.25 < rates[-1] < 0.45  # p = 0.35 at the last step
+
+
+# --- memory format on every path, meta tensors included ------------------------------------------
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize(("rank", "layout"), CASES, ids=[f"{r}d-{lay}" for r, lay in CASES])
+def test_meta_and_fake_outputs_have_the_layout_of_empty_like(rank: int, layout: str, shared: bool) -> None:
+    x, cd = make_input(rank, layout, torch.float32)
+    for t in (x.detach().to("meta").requires_grad_(), x):
+        y = drop_block(t, 0.2, 2, channel_dim=cd, shared_channels=shared)
+        assert y.stride() == torch.empty_like(t).stride(), (t.device, y.stride())
+        y.sum().backward()
+        assert t.grad is not None
+        assert t.grad.shape == t.shape
+    # a following .view works on every path (it failed for NHWC on the dense path)
+    assert drop_block(x.detach().to("meta"), 0.2, 2, channel_dim=cd).reshape(-1).shape == (x.numel(),)

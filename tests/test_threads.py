@@ -37,7 +37,7 @@ def check_bernoulli(y: torch.Tensor, x: torch.Tensor, dims: tuple[int, ...], p: 
 
 
 def check_alpha(y: torch.Tensor, x: torch.Tensor, p: float) -> None:
-    alpha = SELU_NEG_SATURATION
+    alpha = -SELU_NEG_SATURATION
     a = 1.0 / ((alpha * alpha * p + 1.0) * (1.0 - p)) ** 0.5
     b = a * alpha * p
     kept = torch.isclose(y, a * x + b, rtol=1e-5, atol=1e-6).flatten(2).all(-1)

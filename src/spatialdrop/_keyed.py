@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import collections
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,6 +56,38 @@ def keyed_keep(key: MaskKey, p: float, shape: Sequence[int], like: Tensor) -> Te
     return keep.to(like.dtype).view(tuple(shape))
 
 
+# The mask contexts (their serial numbers) that each keyed layer ran its recent forwards under, per
+# thread: a layer recomputed during backward (activation checkpointing) must find its context here.
+_FORWARDS = threading.local()
+_REMEMBERED = 64
+
+
+def _check_recompute(fn: str, seed: int, layer: int, ctx: Any) -> None:
+    """Refuse a keyed layer's checkpoint recompute under a context other than its forward's.
+
+    ``torch.utils.checkpoint`` re-runs a region's forward during backward to recreate what it
+    did not save; a keyed layer re-draws its masks from the *current* context then, so a
+    backward run under another step's context (or none) would silently get a wrong gradient.
+    A forward outside backward remembers its context (a reentrant checkpoint runs it under
+    ``no_grad``); a forward inside backward (the recompute) must run under a remembered one.
+    """
+    remembered = getattr(_FORWARDS, "serials", None)
+    if remembered is None:
+        remembered = _FORWARDS.serials = {}
+    serials = remembered.setdefault((seed, layer), collections.deque(maxlen=_REMEMBERED))
+    if torch._C._current_graph_task_id() == -1:  # a forward: remember its context
+        if ctx is not None and (not serials or serials[-1] != ctx.serial):
+            serials.append(ctx.serial)
+        return
+    if ctx is None or ctx.serial not in serials:
+        raise RuntimeError(
+            f"{fn}: this keyed layer is being recomputed during backward (activation "
+            "checkpointing) outside the mask_context its forward ran in, so it would draw other "
+            "masks and give a wrong gradient: call loss.backward() inside the same "
+            "`with spatialdrop.mask_context(...):` block as the forward"
+        )
+
+
 def context_key(fn: str, seed: int, layer: int, batch_size: int | None, device: torch.device) -> MaskKey:
     """The :class:`MaskKey` of a keyed layer for the current :func:`~spatialdrop.mask_context`.
 
@@ -74,6 +108,8 @@ def context_key(fn: str, seed: int, layer: int, batch_size: int | None, device: 
         ValueError: if the context's ``sample_ids`` do not match the batch size.
     """
     ctx = current_context()
+    if not is_compiling():
+        _check_recompute(fn, seed, layer, ctx)
     if ctx is None:
         raise RuntimeError(
             f"{fn}: this layer draws keyed masks (set by spatialdrop.keyed_masks) and needs the "

@@ -178,7 +178,10 @@ def check_generator(fn: str, generator: object) -> None:
 
 
 def check_inplace_target(fn: str, input: Tensor, inplace: bool) -> None:
-    """Refuse ``inplace=True`` on an input that autograd forbids writing in place.
+    """Refuse ``inplace=True`` on an input that cannot or may not be written in place.
+
+    An input whose elements share memory (an expanded view) cannot be written element by
+    element (torch raises its overlapping-memory ``RuntimeError``).
 
     With grad mode on, torch raises a ``RuntimeError`` deep inside the op for an in-place write
     into a leaf that requires grad, or into a view of one (an unbatched input given a batch axis
@@ -187,7 +190,18 @@ def check_inplace_target(fn: str, input: Tensor, inplace: bool) -> None:
     under ``torch.compile`` and ``torch.fx``. Call it where the op is about to write ``input``,
     after the eval-mode shortcut (which writes nothing and is fine on any input).
     """
-    if not inplace or not torch.is_grad_enabled() or not input.requires_grad:
+    if not inplace:
+        return
+    if _overlaps(input):
+        fail(
+            fn,
+            "inplace",
+            "False for an input whose elements share memory (an expanded or otherwise "
+            "self-overlapping view: one write would change several elements); pass a "
+            "non-overlapping tensor (e.g. input.contiguous()) or use inplace=False",
+            Shown(f"True with a tensor of shape {tuple(input.shape)} and strides {tuple(input.stride())}"),
+        )
+    if not torch.is_grad_enabled() or not input.requires_grad:
         return
     if input.is_leaf:
         what = "a leaf tensor that requires grad"
@@ -204,6 +218,19 @@ def check_inplace_target(fn: str, input: Tensor, inplace: bool) -> None:
         "or use inplace=False",
         Shown(f"True with {what}"),
     )
+
+
+def _overlaps(t: Tensor) -> bool:
+    """Whether some elements of ``t`` share memory (torch refuses to write such a tensor in place).
+
+    Under the compiler only the common case, a stride 0 over a dim of size > 1 (``expand``), is
+    checked (the general check reads no data but does not trace).
+    """
+    if any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
+        return True
+    from ._compat import is_compiling
+
+    return not is_compiling() and torch._debug_has_internal_overlap(t) == 1
 
 
 def check_min_rank(fn: str, input: Tensor, min_ndim: int, layout: str) -> None:

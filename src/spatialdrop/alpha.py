@@ -34,8 +34,8 @@ __all__ = [
 
 _LAYOUT = "(N, C, *spatial), or (N, *spatial, C) with channel_dim=-1"
 
-#: ``-α'`` of the paper: SELU's ``scale * alpha``, the value SELU tends to for large negative input.
-SELU_NEG_SATURATION = 1.7580993408473766
+#: The value SELU tends to for large negative input, ``-scale * alpha`` (the paper's ``α'``, < 0).
+SELU_NEG_SATURATION = -1.7580993408473766
 
 
 def _draw_keep(
@@ -133,7 +133,7 @@ def alpha_spatial_dropout(
     if not training or p == 0.0 or input.numel() == 0:
         return input
     check_inplace_target(fn, input, inplace)
-    alpha = SELU_NEG_SATURATION
+    alpha = -SELU_NEG_SATURATION  # ATen's alpha in _dropout_impl: 1.7581
     a = 1.0 / math.sqrt((alpha * alpha * p + 1.0) * (1.0 - p))
     check_scale_fits(fn, p, input.dtype, alpha * a, "a |alpha'| = 1.7581 / sqrt((1 + 3.0909 p)(1 - p))")
     keep = _draw_keep(input, dim, p, generator, key)
