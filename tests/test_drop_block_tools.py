@@ -328,3 +328,67 @@ def test_compile_p_changing_every_step_does_not_recompile_per_step(shared: bool)
     assert counters["stats"]["unique_graphs"] <= 2  # the first p, then p as a symbol
     assert rates[0] < 0.15
     assert 0.3 < rates[-1] < 0.5
+
+
+# --- issue 20.6: torch.fx traces the functional form; inplace writes without a full-size temporary ---
+
+
+def test_fx_symbolic_trace_of_the_functional_form() -> None:
+    class Net(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return drop_block(x, 0.3, 3, shared_channels=True) * 2.0
+
+    gm = torch.fx.symbolic_trace(Net())
+    assert next(n.target for n in gm.graph.nodes if n.op == "call_function") is drop_block
+    x = torch.ones(16, 3, 9, 9)
+    torch.manual_seed(5)
+    y = gm(x)
+    torch.manual_seed(5)
+    assert torch.equal(y, drop_block(x, 0.3, 3, shared_channels=True) * 2.0)
+    assert 0.2 < float((y == 0).float().mean()) < 0.4
+
+
+class LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """The bytes of the largest new storage any op makes (outputs that alias no input's storage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves
+        seen = {t.untyped_storage().data_ptr() for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_inplace_writes_the_input_without_a_full_size_temporary(
+    shared: bool, fmt: torch.memory_format
+) -> None:
+    x = torch.randn(8, 32, 28, 28).contiguous(memory_format=fmt)
+    leaf = x.clone().requires_grad_()
+    a = leaf * 1.0  # a non-leaf activation, as after a conv
+    torch.manual_seed(2)
+    expected = drop_block(a.detach().clone(), 0.1, 7, shared_channels=shared)
+    before = a.data_ptr()
+    torch.manual_seed(2)
+    with LargestAllocation() as probe:
+        y = drop_block(a, 0.1, 7, inplace=True, shared_channels=shared)
+    assert y is a
+    assert a.data_ptr() == before
+    assert torch.equal(y, expected)
+    input_bytes = x.numel() * x.element_size()
+    # the write plan (at most 1/32 of the input's bytes), the seeds; for a shared mask one map per sample
+    assert probe.largest <= input_bytes // 16, (probe.largest, input_bytes)
+    with LargestAllocation() as probe_out:
+        drop_block(a.detach().clone(), 0.1, 7, shared_channels=shared)
+    assert probe_out.largest >= input_bytes  # the probe sees the out-of-place output
+    w = torch.randn_like(x)
+    (y * w).sum().backward()
+    assert leaf.grad is not None
+    assert torch.equal(leaf.grad, torch.where(expected == 0, 0.0, w * torch.tensor(1 / 0.9)))

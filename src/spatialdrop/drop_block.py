@@ -27,6 +27,7 @@ from typing import Any, Union
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from ._dropblock.geometry import Geometry, check_representable
 from ._dropblock.ops import run
@@ -162,6 +163,22 @@ def drop_block(
         >>> drop_block(torch.randn(2, 4, 8, 8, 8), p=0.1, block_size=(3, 3, 2)).shape  # 3-D
         torch.Size([2, 4, 8, 8, 8])
     """
+    if has_torch_function_unary(input):  # torch.fx proxies, tensor subclasses: as torch's dropout
+        return handle_torch_function(
+            drop_block,
+            (input,),
+            input,
+            p,
+            block_size,
+            training,
+            inplace,
+            channel_dim=channel_dim,
+            shared_channels=shared_channels,
+            seeding=seeding,
+            scale=scale,
+            generator=generator,
+            key=key,
+        )
     fn = "drop_block"
     check_float_input(fn, input)
     p = check_p(fn, p, allow_one=False)
@@ -188,10 +205,7 @@ def drop_block(
     if not training or p == 0.0 or input.numel() == 0:
         return input
     check_inplace_target(fn, input, inplace)
-    out = run(input, p, geo, seeding, scale, generator, key)
-    if inplace:
-        return input.copy_(out)
-    return out
+    return run(input, p, geo, seeding, scale, generator, key, inplace)
 
 
 # --- modules -------------------------------------------------------------------------------

@@ -28,9 +28,17 @@ import torch
 from torch import Tensor
 
 from .._compat import is_compiling
-from .sparse import PLAN_NONE, drop_block_backward, drop_block_op
+from .geometry import Geometry
+from .sparse import PLAN_NONE, drop_block_backward, drop_block_op, op_key, package_plan, write_sparse
 
-__all__ = ["BackwardFunction", "ForwardFunction", "call_backward", "call_forward", "functorch_active"]
+__all__ = [
+    "BackwardFunction",
+    "ForwardFunction",
+    "InplaceFunction",
+    "call_backward",
+    "call_forward",
+    "functorch_active",
+]
 
 _FORWARD_ARGS = 12  # input, seed, p, block_size, channel_dim, shared, seeding, scale, words, step, ids, plan
 _BACKWARD_ARGS = 14  # grad, heads, info, factor, seed, p, block_size, channel_dim, shared, seeding, ...
@@ -99,6 +107,29 @@ class BackwardFunction(torch.autograd.Function):
 
     setup_context = staticmethod(_setup_backward)
     backward = staticmethod(_backward_grads)
+
+
+class InplaceFunction(torch.autograd.Function):
+    """``spatialdrop::drop_block`` written into its (dense) input: no full-size temporary.
+
+    Eager mode only (the compiler and torch.func take the functional op and copy). The same
+    arguments as the op; the same formula for backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> Tensor:
+        input, seed, p, blocks, channel_dim, shared, seeding, scale, words, step, ids, plan = args
+        geo = Geometry(input.shape, channel_dim, blocks, shared, seeding)
+        key = None if words is None else op_key(words, step, ids)
+        kept, factor = write_sparse(input, input, geo, float(p), seeding, scale, seed, key)
+        output = (input, *package_plan(kept, factor, input, geo, scale, plan))
+        ctx.mark_dirty(input)
+        _setup_forward(ctx, args, output)
+        return input
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        return _forward_grads(ctx, grad)
 
 
 def call_forward(*args: Any) -> tuple[Tensor, ...]:

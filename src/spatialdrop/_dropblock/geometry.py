@@ -18,6 +18,7 @@ __all__ = [
     "block_plan",
     "check_representable",
     "grow_blocks",
+    "is_dense",
     "map_offsets",
     "paint_blocks",
     "run_lengths",
@@ -102,6 +103,19 @@ def check_representable(fn: str, geo: Geometry, block_size: object) -> None:
             f"maps) has at most 2**53 places; it would have {total}",
             block_size,
         )
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill its storage span exactly once, in any order of dims.
+
+    Write plans address storage offsets, so they apply to such a tensor only.
+    """
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _positions(j: Tensor, shift: int, size: int, b: int, stride: int) -> Tensor:

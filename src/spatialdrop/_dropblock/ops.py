@@ -36,10 +36,10 @@ from torch import Tensor
 from .._compat import is_compiling
 from .._philox import MASK32
 from ..keyed import MaskKey
-from .autograd import call_forward, functorch_active
+from .autograd import InplaceFunction, call_forward, functorch_active
 from .calibration import p_tensor
 from .dense import drop_block_dense
-from .geometry import Geometry
+from .geometry import Geometry, is_dense
 from .sparse import PLAN_EXACT, PLAN_NONE, PLAN_STATIC
 from .triton_kernels import triton_available, triton_drop_block
 
@@ -78,13 +78,19 @@ def run(
     scale: str,
     generator: torch.Generator | None,
     key: MaskKey | None,
+    inplace: bool = False,
 ) -> Tensor:
-    """DropBlock of a checked, non-empty input in training mode, by the right path."""
+    """DropBlock of a checked, non-empty input in training mode, by the right path.
+
+    With ``inplace`` the result is written into ``input``: directly by the eager sparse path
+    (:class:`~.autograd.InplaceFunction`: no full-size temporary) when ``input`` is dense, else
+    computed out of place and copied in.
+    """
     if torch.compiler.is_exporting():  # no custom op in an exported program (ONNX cannot lower it)
-        return drop_block_dense(input, p, geo, seeding, scale, generator, key)
+        return _copied(input, drop_block_dense(input, p, geo, seeding, scale, generator, key), inplace)
     if _static_path(input):
         if 1 <= len(geo.sizes) <= 3 and triton_available(input) and not functorch_active():
-            return triton_drop_block(
+            out = triton_drop_block(
                 input,
                 p_tensor(p),
                 geo.blocks,
@@ -95,7 +101,8 @@ def run(
                 generator=generator,
                 key=key,
             )
-        return drop_block_dense(input, p, geo, seeding, scale, generator, key)
+            return _copied(input, out, inplace)
+        return _copied(input, drop_block_dense(input, p, geo, seeding, scale, generator, key), inplace)
     seed, words, step, ids = _op_args(generator, key)
     plan = PLAN_EXACT  # eager: keep the plan, of data-dependent length
     if geo.shared or functorch_active():
@@ -103,4 +110,11 @@ def run(
     elif is_compiling():
         plan = PLAN_STATIC
     args = (input, seed, p_tensor(p), list(geo.blocks), geo.channel_dim, geo.shared, seeding, scale)
-    return call_forward(*args, words, step, ids, plan)[0]
+    if inplace and plan != PLAN_STATIC and not functorch_active() and is_dense(input):
+        written: Tensor = InplaceFunction.apply(*args, words, step, ids, plan)
+        return written
+    return _copied(input, call_forward(*args, words, step, ids, plan)[0], inplace)
+
+
+def _copied(input: Tensor, out: Tensor, inplace: bool) -> Tensor:
+    return input.copy_(out) if inplace else out

@@ -153,23 +153,34 @@ def drop_block_op(
     (keyed) give the randomness.
     """
     out = torch.empty_like(input)
-    slots = plan_slots(block_size)
-    info = torch.full((input.dim() + slots,), -1, dtype=torch.int64)
-    info[: input.dim()] = torch.tensor(out.stride(), dtype=torch.int64)
-    # a static plan's buffer: the plan in its first entries, zeros after (a deterministic output)
-    heads = torch.zeros(plan_capacity(input) if plan == PLAN_STATIC else 0, dtype=torch.int32)
-    factor = torch.zeros(factor_shape(scale, input.shape[0]), dtype=acc_dtype(input))
-    if out.numel() == 0:
-        return out, heads, info, factor
     geo = Geometry(input.shape, channel_dim, block_size, shared, seeding)
+    if out.numel() == 0:
+        return (out, *package_plan(None, None, out, geo, scale, plan))
     key = _key_of(key_words, step, sample_ids)
-    kept, f = write_sparse(input, out, geo, float(p), seeding, scale, seed, key)
-    if f is not None:
-        factor.copy_(f.view(factor.shape))
+    kept, factor = write_sparse(input, out, geo, float(p), seeding, scale, seed, key)
+    return (out, *package_plan(kept, factor, out, geo, scale, plan))
+
+
+def package_plan(
+    kept: Optional[Plan], factor: Optional[Tensor], out: Tensor, geo: Geometry, scale: str, plan: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(heads, info, factor)`` as ``spatialdrop::drop_block`` returns them, for a written ``out``.
+
+    ``kept`` is the plan :func:`write_sparse` returned (``None`` for shared masks or an empty
+    input); it is kept as ``plan`` says when it takes at most :func:`plan_capacity` offsets.
+    """
+    slots = plan_slots(list(geo.blocks))
+    info = torch.full((out.dim() + slots,), -1, dtype=torch.int64)
+    info[: out.dim()] = torch.tensor(out.stride(), dtype=torch.int64)
+    # a static plan's buffer: the plan in its first entries, zeros after (a deterministic output)
+    heads = torch.zeros(plan_capacity(out) if plan == PLAN_STATIC else 0, dtype=torch.int32)
+    factors = torch.zeros(factor_shape(scale, out.shape[0]), dtype=acc_dtype(out))
+    if factor is not None:
+        factors.copy_(factor.view(factors.shape))
     if kept is None or plan == PLAN_NONE:
-        return out, heads, info, factor
+        return heads, info, factors
     total = sum(h.numel() for _, h in kept)
-    if out.numel() < 2**31 and total <= plan_capacity(input):
+    if out.numel() < 2**31 and total <= plan_capacity(out):
         by_width = dict(kept)
         empty = torch.empty(0, dtype=torch.int64)
         parts = [by_width.get(w, empty) for w in run_lengths(min(geo.blocks[-1], geo.sizes[-1]))]
@@ -177,9 +188,9 @@ def drop_block_op(
             torch.cat(parts, out=heads.narrow(0, 0, total))
         else:
             heads = torch.cat(parts).to(torch.int32)
-        info[input.dim() :] = 0
-        info[input.dim() : input.dim() + len(parts)] = torch.tensor([h.numel() for h in parts])
-    return out, heads, info, factor
+        info[out.dim() :] = 0
+        info[out.dim() : out.dim() + len(parts)] = torch.tensor([h.numel() for h in parts])
+    return heads, info, factors
 
 
 @drop_block_op.register_fake

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..keyed import MaskKey
 from .calibration import seed_rate
-from .geometry import Geometry
+from .geometry import Geometry, is_dense
 from .keyed_seeds import rule_key, seed_rule, threshold_table
 from .scale import acc_dtype, scale_factor
 
@@ -140,15 +140,6 @@ def _padded(sizes: Sequence[int], fill: int) -> list[int]:
     return [fill] * (3 - len(sizes)) + list(sizes)
 
 
-def _is_dense(t: Tensor) -> bool:
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _seed_bits_impl(
     n: int,
     row: int,
@@ -230,7 +221,7 @@ def drop_block_triton(
     ``seed`` holds two key words drawn on the device (unkeyed), or ``sample_ids``/``step`` and the
     rule's key words ``key_words`` the key (keyed). ``p`` is a float64 CPU tensor.
     """
-    if not _is_dense(input):
+    if not is_dense(input):
         input = input.clone(memory_format=torch.preserve_format)
     out = torch.empty_like(input)
     if input.numel() == 0:
