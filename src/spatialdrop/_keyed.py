@@ -56,35 +56,43 @@ def keyed_keep(key: MaskKey, p: float, shape: Sequence[int], like: Tensor) -> Te
     return keep.to(like.dtype).view(tuple(shape))
 
 
-# The mask contexts (their serial numbers) that each keyed layer ran its recent forwards under, per
-# thread: a layer recomputed during backward (activation checkpointing) must find its context here.
+# The keys (step, sample ids, Monte Carlo draw) that each keyed layer drew its recent forwards
+# with, per thread: a layer recomputed during backward (activation checkpointing) must find the
+# key of its context among them.
 _FORWARDS = threading.local()
 _REMEMBERED = 64
 
 
+def _same_key(a: Any, b: Any) -> bool:
+    step_a = a.step if a.step is not None else int(a.step_tensor)
+    step_b = b.step if b.step is not None else int(b.step_tensor)
+    return bool(step_a == step_b and a.draw == b.draw and torch.equal(a.sample_ids, b.sample_ids))
+
+
 def _check_recompute(fn: str, seed: int, layer: int, ctx: Any) -> None:
-    """Refuse a keyed layer's checkpoint recompute under a context other than its forward's.
+    """Refuse a keyed layer's checkpoint recompute under another key than its forward's.
 
     ``torch.utils.checkpoint`` re-runs a region's forward during backward to recreate what it
     did not save; a keyed layer re-draws its masks from the *current* context then, so a
     backward run under another step's context (or none) would silently get a wrong gradient.
     A forward outside backward remembers its context (a reentrant checkpoint runs it under
-    ``no_grad``); a forward inside backward (the recompute) must run under a remembered one.
+    ``no_grad``); a forward inside backward (the recompute) must run under a context with the
+    same step and sample ids as a remembered one.
     """
-    remembered = getattr(_FORWARDS, "serials", None)
+    remembered = getattr(_FORWARDS, "contexts", None)
     if remembered is None:
-        remembered = _FORWARDS.serials = {}
-    serials = remembered.setdefault((seed, layer), collections.deque(maxlen=_REMEMBERED))
+        remembered = _FORWARDS.contexts = {}
+    contexts = remembered.setdefault((seed, layer), collections.deque(maxlen=_REMEMBERED))
     if torch._C._current_graph_task_id() == -1:  # a forward: remember its context
-        if ctx is not None and (not serials or serials[-1] != ctx.serial):
-            serials.append(ctx.serial)
+        if ctx is not None and (not contexts or contexts[-1] is not ctx):
+            contexts.append(ctx)
         return
-    if ctx is None or ctx.serial not in serials:
+    if ctx is None or not any(_same_key(ctx, old) for old in reversed(contexts)):
         raise RuntimeError(
             f"{fn}: this keyed layer is being recomputed during backward (activation "
-            "checkpointing) outside the mask_context its forward ran in, so it would draw other "
-            "masks and give a wrong gradient: call loss.backward() inside the same "
-            "`with spatialdrop.mask_context(...):` block as the forward"
+            "checkpointing) under another mask_context (step and sample ids) than its forward, "
+            "so it would draw other masks and give a wrong gradient: call loss.backward() inside "
+            "`with spatialdrop.mask_context(...)` with the forward's step and sample ids"
         )
 
 

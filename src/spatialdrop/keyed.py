@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import itertools
 import numbers
 import threading
 import warnings
@@ -103,10 +102,6 @@ class _Context(NamedTuple):
     step_tensor: Tensor  # the same as a 0-dim int64 tensor, used under torch.compile
     sample_ids: Tensor
     draw: int = 0  # the Monte Carlo draw (see spatialdrop.mc_predict); 0 outside it
-    serial: int = 0  # which `with mask_context(...)` block made it (unique per entry)
-
-
-_SERIALS = itertools.count(1)
 
 
 def current_context() -> _Context | None:
@@ -352,10 +347,9 @@ def mask_context(*, step: int | Tensor, sample_ids: Tensor) -> Iterator[None]:
     _check_step(fn, step)
     _check_sample_ids(fn, sample_ids)
     if isinstance(step, Tensor):
-        ctx = _Context(None, step.to(torch.int64), sample_ids.to(torch.int64), serial=next(_SERIALS))
+        ctx = _Context(None, step.to(torch.int64), sample_ids.to(torch.int64))
     else:
-        step_tensor = torch.tensor(int(step), dtype=torch.int64)
-        ctx = _Context(int(step), step_tensor, sample_ids.to(torch.int64), serial=next(_SERIALS))
+        ctx = _Context(int(step), torch.tensor(int(step), dtype=torch.int64), sample_ids.to(torch.int64))
     previous = getattr(_LOCAL, "context", None)
     _LOCAL.context = ctx
     try:
