@@ -251,11 +251,14 @@ def timm_resnet() -> nn.Module:
 
 
 RESNET = [(4, 3, 64, 64)] * 3
+# resnet18 without any dropout, eager vs compiled: losses 2e-7, 3e-7, 7e-4 apart at steps 1-3
+# (inductor sums in another order; training amplifies it): the tolerance of the real networks
+RESNET_RTOL = 2e-3
 
 
 @pytest.mark.models
 def test_torchvision_resnet18_default_compile() -> None:
-    eager_vs_compiled(torchvision_resnet18, batches(RESNET))
+    eager_vs_compiled(torchvision_resnet18, batches(RESNET), rtol=RESNET_RTOL)
 
 
 @pytest.mark.models
@@ -271,13 +274,15 @@ def test_torchvision_resnet18_dynamic_issue_reproducer() -> None:
 @pytest.mark.models
 @pytest.mark.slow
 def test_torchvision_resnet18_multiscale() -> None:
-    eager_vs_compiled(torchvision_resnet18, batches([(4, 3, 64, 64), (4, 3, 96, 80), (4, 3, 80, 112)]))
+    eager_vs_compiled(
+        torchvision_resnet18, batches([(4, 3, 64, 64), (4, 3, 96, 80), (4, 3, 80, 112)]), rtol=RESNET_RTOL
+    )
 
 
 @pytest.mark.models
 @pytest.mark.slow
 def test_torchvision_resnet18_channels_last() -> None:
-    eager_vs_compiled(torchvision_resnet18, batches(RESNET), channels_last=True)
+    eager_vs_compiled(torchvision_resnet18, batches(RESNET), channels_last=True, rtol=RESNET_RTOL)
 
 
 @pytest.mark.models
@@ -311,4 +316,6 @@ def test_second_model_compiled_in_the_same_process() -> None:
     data = batches([(4, 3, 96, 96)] * 2)
     eager = train(model, data)
     compiled = train(twin, data, compile_kwargs={})
-    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(compiled), torch.tensor(eager), rtol=RESNET_RTOL, atol=RESNET_RTOL
+    )

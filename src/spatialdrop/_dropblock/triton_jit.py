@@ -160,20 +160,23 @@ if triton is not None:
             c = (o // s_c) % size_c
             base = n * words_per_row * 32 + c * (grid_0 * grid_1 * grid_2)
         dropped = tl.full([BLOCK], 0, tl.int32)
-        for e0 in tl.static_range(B0):
+        # the seed places of an element's window along the last dim, [lo, hi], read as 64-bit
+        # windows of bits, 32 places at a time
+        lo = tl.maximum(x - (B2 - 1) * VALID, 0)
+        hi = tl.minimum(x + (B2 - 1) * (1 - VALID), grid_2 - 1)
+        for e0 in range(B0):  # loops, not unrolled: registers and code do not grow with the block
             g0 = z + e0 - (B0 - 1) * VALID
             ok0 = (g0 >= 0) & (g0 < grid_0)
-            for e1 in tl.static_range(B1):
+            for e1 in range(B1):
                 g1 = y + e1 - (B1 - 1) * VALID
-                ok1 = ok0 & (g1 >= 0) & (g1 < grid_1)
-                if B2 <= 32:
-                    # the run of seed places along the last dim, read as one 64-bit window of bits
-                    lo = tl.maximum(x - (B2 - 1) * VALID, 0)
-                    hi = tl.minimum(x + (B2 - 1) * (1 - VALID), grid_2 - 1)
-                    ok = m & ok1
-                    t = base + (g0 * grid_1 + g1) * grid_2 + lo
+                ok1 = m & ok0 & (g1 >= 0) & (g1 < grid_1)
+                row = base + (g0 * grid_1 + g1) * grid_2
+                for w in tl.static_range((B2 + 31) // 32):
+                    start = lo + 32 * w
+                    width = tl.maximum(tl.minimum(hi - start + 1, 32), 0)
+                    ok = ok1 & (width > 0)
+                    t = row + start
                     sh = t & 31
-                    width = hi - lo + 1
                     wa = tl.load(bits_ptr + (t >> 5), mask=ok, other=0)
                     wb = tl.load(bits_ptr + (t >> 5) + 1, mask=ok & (sh + width > 32), other=0)
                     pair = wa.to(tl.uint32, bitcast=True).to(tl.uint64) | (
@@ -182,13 +185,6 @@ if triton is not None:
                     ones = (tl.full([BLOCK], 1, tl.uint64) << width.to(tl.uint64)) - 1
                     hit = (pair >> sh.to(tl.uint64)) & ones
                     dropped = dropped | (hit != 0).to(tl.int32)
-                else:
-                    for e2 in tl.static_range(B2):
-                        g2 = x + e2 - (B2 - 1) * VALID
-                        ok = m & ok1 & (g2 >= 0) & (g2 < grid_2)
-                        t = base + (g0 * grid_1 + g1) * grid_2 + g2
-                        word = tl.load(bits_ptr + (t >> 5), mask=ok, other=0)
-                        dropped = dropped | ((word >> (t & 31).to(tl.int32)) & 1)
         if COUNT:
             tl.atomic_add(counts_ptr + n, dropped, mask=m & (dropped != 0))
         else:

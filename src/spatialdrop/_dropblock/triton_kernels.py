@@ -60,7 +60,7 @@ __all__ = [
 
 _BIAS = 1 << 32  # added to 32-bit key words so that Triton always types them int64
 SEED_BLOCK = 128  # lanes (chunks) per program of the seed kernel
-APPLY_BLOCK = 1024  # elements per program of the apply kernel
+APPLY_BLOCK = 512  # elements per program of the apply kernel (4 per thread: no register spills)
 
 # Whether ``triton`` is installed, found once without importing it (the import takes seconds); a
 # plain constant, so that dynamo, tracing the dispatch, reads no cached function.
