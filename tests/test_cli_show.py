@@ -218,7 +218,7 @@ def test_no_title_is_cut_or_overlaps_and_a_refusal_stays_in_its_panel(
     # the rate row: a panel whose layer refuses the settings says why, wrapped, inside its frame
     rates = [ax for ax in panels_ if ax.get_label() == "rates"]
     refusals = [t for ax in rates for t in ax.texts if "refuses these settings" in t.get_text()]
-    for text in refusals:  # ours, and a peer's (timm refuses even blocks)
+    for text in refusals:  # ours, and a peer's (torchvision refuses even blocks)
         assert "drop_block:" not in text.get_text()
         frame = text.axes.get_window_extent(renderer)
         box = text.get_window_extent(renderer)
