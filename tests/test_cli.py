@@ -301,6 +301,14 @@ def test_abbreviated_or_misspelt_options_are_refused_with_a_hint(
     assert err.strip().splitlines()[-1].startswith(f"spatialdrop {argv[0]}: error: unrecognized arguments")
 
 
+def test_options_before_the_command_get_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--p", "0.2", "show", "--size", "8"])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "spatialdrop: error: options go after the command: spatialdrop show --p 0.2 --size 8"
+
+
 @pytest.mark.parametrize("command", ["demo", "bench", "show"])
 def test_dash_dash_p_is_the_long_form_of_p(
     command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -19,6 +19,8 @@ from ._io import OutputError, SettingsError
 from ._optional import MissingDependency
 from ._parser import PROG, build_parser, unrecognized
 
+COMMANDS = ("demo", "bench", "show")
+
 __all__ = ["build_parser", "main"]
 
 
@@ -33,6 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    commands = [a for a in args_list if a in COMMANDS]
+    if args_list and args_list[0] not in (*COMMANDS, "-h", "--help", "--version") and commands:
+        # "spatialdrop --p 0.2 show" would read as "invalid choice: '0.2'"
+        at = args_list.index(commands[0])
+        rest = args_list[:at] + args_list[at + 1 :]
+        parser.error(f"options go after the command: {PROG} {commands[0]} {' '.join(rest)}")
     args, extras = parser.parse_known_args(args_list)
     if args.command is None:
         if extras:

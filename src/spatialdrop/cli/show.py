@@ -1,6 +1,6 @@
 """``spatialdrop show``: draw the masks of the layers, and the per-position drop rate of DropBlock.
 
-Two kinds of panels, in one PNG:
+Two kinds of panels, in one image (PNG, PDF, SVG or JPEG, from the suffix of ``--out``):
 
 - ``masks``: one sample mask of each layer on a ``size × size`` map (4 samples × 4 channels per
   layer, dropped elements dark), and a 3-D DropBlock mask shown as slices of a volume;
