@@ -15,4 +15,4 @@ python3 -m venv .venv
 .venv/bin/python -m pytest "$@"
 python3 -m venv .venv-models
 .venv-models/bin/pip install -q torch==2.14.1 torchvision==0.29.1 -e ".[test,models]"
-.venv-models/bin/python -m pytest -m models -p no:doctest tests "$@"
+.venv-models/bin/python -m pytest -m models -p no:doctest -o addopts="-ra" tests "$@"

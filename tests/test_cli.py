@@ -51,7 +51,7 @@ def test_no_command_prints_usage_and_fails(capsys: pytest.CaptureFixture[str]) -
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["demo", "-p", "1.5"], "argument -p: must be a probability in [0, 1), got '1.5'"),
+        (["demo", "-p", "1.5"], "argument -p/--p: must be a probability in [0, 1), got '1.5'"),
         (["demo", "--seeds", "0"], "argument --seeds: must be an int >= 1, got '0'"),
         (["demo", "--epochs", "ten"], "argument --epochs: must be an int >= 1, got 'ten'"),
         (["demo", "--data", "cifar"], "argument --data: invalid choice: 'cifar'"),
@@ -157,7 +157,8 @@ def test_force_overwrites_an_existing_file(
     runs: list[Path] = []
     monkeypatch.setattr(bench, "run_bench", lambda **kw: runs.append(kw["out"]) or 0)
     monkeypatch.setattr(show, "run_show", lambda **kw: runs.append(kw["out"]) or 0)
-    path = _bad_paths(tmp_path)["an existing file"]
+    path = tmp_path / ("existing.txt" if command == "bench" else "existing.png")
+    path.write_text("keep me")
     assert main([command, "--out", str(path)]) == 2
     assert "exists; pass --force to overwrite it" in capsys.readouterr().err
     assert main([command, "--out", str(path), "--force"]) == 0
@@ -271,3 +272,214 @@ def test_the_library_has_no_application_modules_left_beside_it() -> None:
         (package / name).exists() for name in ("_bench.py", "_demo.py", "_show.py", "_optional.py")
     )
     assert (package / "__main__.py").read_text().count("\n") < 15
+
+
+# --- options are never abbreviated; -p has a long form --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["show", "--pa", "masks"], "--pa: did you mean --panels?"),
+        (["show", "--bl", "3"], "--bl: did you mean --block-size?"),
+        (["demo", "--ep", "3"], "--ep: did you mean --epochs?"),
+        (["bench", "--quik"], "--quik: did you mean --quick?"),
+        (["bench", "--block-size", "3"], "unrecognized arguments: --block-size 3"),
+    ],
+)
+def test_abbreviated_or_misspelt_options_are_refused_with_a_hint(
+    argv: list[str], hint: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for module, name in ((demo, "run_demo"), (bench, "run_bench"), (show, "run_show")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("ran with an unknown option"))
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: spatialdrop {argv[0]} ")  # the command's own usage
+    assert hint in err
+    assert err.strip().splitlines()[-1].startswith(f"spatialdrop {argv[0]}: error: unrecognized arguments")
+
+
+def test_options_before_the_command_get_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--p", "0.2", "show", "--size", "8"])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "spatialdrop: error: options go after the command: spatialdrop show --p 0.2 --size 8"
+
+
+@pytest.mark.parametrize("command", ["demo", "bench", "show"])
+def test_dash_dash_p_is_the_long_form_of_p(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[float] = []
+    monkeypatch.setattr(demo, "run_demo", lambda settings, *a, **k: seen.append(settings.p) or 0)
+    monkeypatch.setattr(bench, "run_bench", lambda **k: seen.append(k["p"]) or 0)
+    monkeypatch.setattr(show, "run_show", lambda **k: seen.append(k["p"]) or 0)
+    out = tmp_path / ("d" if command == "demo" else "o.png")
+    assert main([command, "--p", "0.25", "--out", str(out)]) == 0
+    assert main([command, "-p", "0.3", "--out", str(out)]) == 0
+    assert seen == [0.25, 0.3]  # not --panels, not an error
+
+
+@pytest.mark.parametrize("command", ["demo", "bench", "show"])
+def test_a_huge_seed_is_refused_in_one_line(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--seed", "99999999999999999999999"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last == (
+        f"spatialdrop {command}: error: argument --seed: must be an int in "
+        "[0, 2**63 - 1 = 9223372036854775807], got '99999999999999999999999'"
+    )
+
+
+def test_the_largest_seed_is_accepted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seeds: list[int] = []
+    monkeypatch.setattr(show, "run_show", lambda **k: seeds.append(k["seed"]) or 0)
+    assert main(["show", "--seed", str(2**63 - 1), "--out", str(tmp_path / "m.png")]) == 0
+    assert seeds == [2**63 - 1]
+
+
+@pytest.mark.parametrize("command", [None, "demo", "bench", "show"])
+def test_help_fits_an_80_column_terminal(
+    command: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main([command, "--help"] if command else ["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) > 5
+    assert max(len(line) for line in lines) <= 80, [line for line in lines if len(line) > 80]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs a /proc file system")
+@pytest.mark.parametrize(
+    ("command", "out", "message"),
+    [
+        ("show", "/proc/x/y.png", "cannot create the folder /proc/x: cannot write in /proc"),
+        ("show", "/proc/x/a/b.png", "cannot create the folder /proc/x/a: cannot write in /proc"),
+        ("show", "/proc/x.png", "spatialdrop show --out: cannot write in /proc ("),
+        ("demo", "/proc/x/y", "cannot create the folder /proc/x/y: cannot write in /proc"),
+    ],
+)
+def test_an_unwritable_output_names_the_folder_asked_for(
+    command: str, out: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, "--out", out]) == 2
+    assert message in capsys.readouterr().err
+
+
+# --- optional dependencies: missing or broken ------------------------------------------------------
+
+
+class _BrokenPeers:
+    """Import hook: the named top-level packages are installed but raise while importing."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> Any:
+        import importlib.machinery
+
+        if name.split(".")[0] in self.names:
+            return importlib.machinery.ModuleSpec(name, self)
+        return None
+
+    def create_module(self, spec: Any) -> None:
+        return None
+
+    def exec_module(self, module: Any) -> None:
+        raise RuntimeError("operator torchvision::nms does not exist\n(and a second line)")
+
+
+@pytest.fixture
+def broken_peers(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """torchvision and timm installed but broken (a torchvision built for another torch)."""
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("torchvision", "timm"):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenPeers("torchvision", "timm"), *sys.meta_path])
+    _optional._import_peer.cache_clear()
+    yield
+    _optional._import_peer.cache_clear()
+
+
+def test_a_broken_peer_is_unavailable_with_its_reason(broken_peers: None) -> None:
+    reason = "unavailable: RuntimeError: operator torchvision::nms does not exist"
+    assert _optional.peer("timm", "timm.layers.drop_block_2d") == f"timm {reason}"
+    assert _optional.peer("torchvision", "torchvision.ops.drop_block2d") == f"torchvision {reason}"
+    assert _optional.peer("spatialdrop_no_such_peer", "spatialdrop_no_such_peer.f") == (
+        "spatialdrop_no_such_peer not installed"
+    )
+    # a peer that imports but lacks the function is unavailable, with the reason
+    assert _optional.peer("json", "json.no_such_function").startswith("json unavailable: AttributeError: ")
+
+
+def test_show_and_bench_with_broken_peers_say_why_and_finish(
+    broken_peers: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    layers = show.rate_layers(0.1, 3)
+    notes = [layer for _, layer in layers if isinstance(layer, str)]
+    assert notes == [
+        "torchvision unavailable: RuntimeError: operator torchvision::nms does not exist",
+        "timm unavailable: RuntimeError: operator torchvision::nms does not exist",
+    ]
+    out = tmp_path / "r.png"
+    argv = ["show", "--size", "8", "--block-size", "3", "--draws", "50", "--panels", "rates", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    from spatialdrop.cli import bench_cases
+
+    impls = bench_cases.family_cases(True, 0.1)[0].impls
+    assert [i.note for i in impls if i.fn is None] == [
+        "timm unavailable: RuntimeError: operator torchvision::nms does not exist",
+        "torchvision unavailable: RuntimeError: operator torchvision::nms does not exist",
+    ]
+    monkeypatch.setattr(bench, "cases_for", lambda *a: bench_cases.family_cases(True, 0.1)[:1])
+    argv = ["bench", "--quick", "--repeats", "1", "--no-progress", "--no-compile"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert "timm unavailable: RuntimeError: operator torchvision::nms does not exist; its rows show —" in (
+        " ".join(captured.out.split())
+    )
+    assert "not installed, so their rows show" not in captured.out
+
+
+def test_a_broken_required_dependency_exits_1_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = _optional.importlib.import_module
+
+    def broken_matplotlib(name: str, *args: object) -> object:
+        if name.split(".")[0] == "matplotlib":
+            raise RuntimeError("matplotlib was built for another numpy")
+        return real(name, *args)
+
+    monkeypatch.setattr(_optional.importlib, "import_module", broken_matplotlib)
+    assert main(["show", "--no-progress", "--out", str(tmp_path / "m.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert (
+        "needs matplotlib, which is unavailable (RuntimeError: matplotlib was built for another numpy)" in err
+    )
+
+
+def test_no_progress_needs_no_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = _optional.importlib.import_module
+
+    def no_tqdm(name: str, *args: object) -> object:
+        if name.split(".")[0] == "tqdm":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *args)
+
+    monkeypatch.setattr(_optional.importlib, "import_module", no_tqdm)
+    with _optional.progress("bench", total=3, desc="d", enabled=False) as bar:
+        bar.set_postfix_str("case")
+        bar.update(1)
+        bar.reset()
+    with pytest.raises(_optional.MissingDependency, match="needs tqdm, which is not installed"):
+        _optional.progress("bench", total=3, desc="d", enabled=True)

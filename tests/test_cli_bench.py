@@ -24,8 +24,15 @@ def test_bench_json_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main([*BENCH, "--suite", "spatial", "--format", "json", "--out", str(out)]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {out} in ")
     report = json.loads(out.read_text())
-    assert set(report) == {"command", "environment", "rows", "goals"}
-    assert report["goals"] == []  # --quick shapes are not the full-size shapes the goals name
+    assert set(report) == {"command", "partial", "smoke_run", "environment", "rows", "goals"}
+    assert report["partial"] is False
+    # --quick is a smoke run on small shapes; its goals are still checked, and it says so
+    assert report["smoke_run"] is True
+    assert {g["what"].split(":")[0] for g in report["goals"]} == {
+        f"spatial dropout, {c.name} {'x'.join(map(str, c.shape))}"
+        for c in bench_cases.spatial_cases(True, 0.1)
+        if c.name != "2-D maps, many channels"
+    }
     assert report["environment"]["torch_threads"] == 1
     assert report["environment"]["torch"] == torch.__version__
     rows = report["rows"]
@@ -280,28 +287,69 @@ def test_an_implementation_that_fails_gets_a_note_and_the_others_are_measured() 
     assert rows[2].note == "failed: RuntimeError: compiler says no"
 
 
-def test_bench_ctrl_c_writes_the_rows_measured_so_far(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
     real = bench.measure
     calls = []
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == call:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bench, "measure", interrupted)
+
+
+def test_bench_ctrl_c_writes_the_rows_measured_so_far_beside_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _interrupt_at(monkeypatch, 2)
     out = tmp_path / "bench.json"
     assert main([*BENCH, "--suite", "spatial", "--format", "json", "--out", str(out)]) == 130
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines() == [captured.err.strip()]
     assert captured.err.startswith("spatialdrop bench: interrupted after ")
-    assert f"wrote the 3 rows measured so far to {out}" in captured.err
-    report = json.loads(out.read_text())
+    partial = tmp_path / "bench.partial.json"
+    assert f"wrote the 3 rows measured so far to {partial}" in captured.err
+    assert not out.exists()
+    report = json.loads(partial.read_text())
     assert {r["case"] for r in report["rows"]} == {"2-D maps"}
-    assert report["command"].endswith("[interrupted: partial results]")
+    assert report["partial"] is True
+    assert report["interrupted"].endswith("1 of 4 cases measured")
+    assert report["command"] == " ".join(
+        ["spatialdrop", *BENCH, "--suite", "spatial", "--format", "json", "--out", str(out)]
+    )
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "markdown", "table"])
+def test_bench_ctrl_c_never_replaces_a_complete_result(
+    fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / f"full.{fmt}"
+    argv = [*BENCH, "--suite", "spatial", "--format", fmt, "--out", str(out)]
+    assert main(argv) == 0
+    complete = out.read_bytes()
+    capsys.readouterr()
+    _interrupt_at(monkeypatch, 3)
+    assert main([*argv, "--force"]) == 130
+    err = capsys.readouterr().err
+    assert out.read_bytes() == complete  # the complete result stays
+    partial = tmp_path / f"full.partial.{fmt}"
+    assert f"to {partial} ({out} left as it was)" in err
+    text = partial.read_text()
+    if fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert {r["partial"] for r in rows} == {"True"}
+        assert {r["partial"] for r in csv.DictReader(io.StringIO(complete.decode()))} == {"False"}
+        assert {r["case"] for r in rows} == {"2-D maps", "2-D maps, many channels"}
+    elif fmt == "json":
+        assert json.loads(text)["partial"] is True
+        assert json.loads(complete)["partial"] is False
+    else:
+        first = text.splitlines()[0]
+        assert "PARTIAL RESULTS (interrupted after " in first
+        assert "2 of 4 cases measured" in first
+        assert "PARTIAL" not in complete.decode()
 
 
 def test_bench_ctrl_c_before_any_row_writes_nothing(

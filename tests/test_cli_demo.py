@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,13 @@ def test_demo_is_deterministic_given_the_seed(tmp_path: Path) -> None:
         assert a["variants"][name]["curves"] == b["variants"][name]["curves"]
 
 
-def test_demo_volumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_volumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import matplotlib.pyplot as plt
+
+    figures: list[object] = []
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
     argv = ["demo", "--data", "volumes", *TINY_DEMO, "--epochs", "1", "--seeds", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -76,6 +83,13 @@ def test_demo_volumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["settings"]["data"] == "volumes"
     assert_png(tmp_path / "figure.png")
+    # the figure says what it is: synthetic data, and a smoke run
+    (fig,) = figures
+    title = fig._suptitle.get_text()  # type: ignore[attr-defined]
+    assert title.startswith("spatialdrop demo --data volumes --quick: ")
+    assert "synthetic data" in title.splitlines()[1]
+    assert "smoke run" in title.splitlines()[1]
+    assert title.splitlines()[1] in out
 
 
 def test_volumes_are_balanced_deterministic_and_distinct() -> None:
@@ -199,3 +213,58 @@ def test_figure_labels_match_the_legend_and_show_all_data(
         assert [t.get_text() for t in ax.get_xticklabels()] == legend_labels
     texts = [t.get_text() for t in fig.texts] + [fig._supxlabel.get_text()]
     assert any("large dot = mean over seeds" in t and "small dots" in t for t in texts)
+
+
+def test_accuracy_axis_spreads_the_values_near_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    curves = [{"epoch": [1, 10, 20], "test_accuracy": [0.1, 0.95, 0.96], "train_loss": [2.0, 0.3, 0.1]}]
+    metrics = {m: {"mean": 0.5, "std": 0.0, "per_seed": [0.5]} for m in demo_train.METRICS}
+    summary = {"none": {"layer": "no dropout", "curves": curves, "metrics": metrics}}
+    demo_plot.plot(summary, tmp_path / "f.png", "title")
+    (fig,) = figures
+    acc = fig.axes[1]
+    assert acc.get_yscale() == "logit"
+    low, high = acc.get_ylim()
+    assert low <= 0.1
+    assert high >= 0.96
+    # 0.95 -> 0.96 takes over 3 % of the axis height (on a linear 0.1-0.96 axis: about 1 %)
+    to_axes = acc.transAxes.inverted().transform
+    y95, y96 = (to_axes(acc.transData.transform((10, v)))[1] for v in (0.95, 0.96))
+    assert y96 - y95 > 0.03
+
+
+def test_progress_clock_starts_with_the_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+
+    class Bar:
+        n = 0
+
+        def __init__(self, *args: object, total: int, **kwargs: object) -> None:
+            self.total = total
+
+        def __enter__(self) -> Bar:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def update(self, n: int = 1) -> None:
+            self.n += n
+            events.append("epoch")
+
+        def reset(self) -> None:
+            events.append("reset")
+
+    real_load = demo_train.load_data
+    monkeypatch.setattr(demo_train, "progress", Bar)
+    monkeypatch.setattr(demo_train, "load_data", lambda *a: events.append("load") or real_load(*a))
+    settings = demo_train.make_settings("digits", True, epochs=2, seeds=1, mc_samples=2, jobs=1)
+    demo_train.run_all(replace(settings, variants=("none", "dropout")), show_progress=True)
+    # the data loading (and, in worker processes, their start-up) is not counted as an epoch's time
+    assert events == ["load", "reset", "epoch", "epoch", "load", "epoch", "epoch"]

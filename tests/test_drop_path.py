@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch.nn.modules.dropout import _DropoutNd
@@ -153,7 +155,7 @@ def test_rates_follow_the_paper_and_linspace(depth: int, p_max: float) -> None:
     survival = [1 - ell / depth * p_max for ell in range(1, depth + 1)]
     assert paper == pytest.approx([1 - s for s in survival], abs=1e-15)
     assert paper[-1] == p_max
-    assert all(b >= a for a, b in zip(paper, paper[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(paper))
     lin = drop_path_rates(depth, p_max, rule="linspace")
     assert torch.allclose(
         torch.tensor(lin, dtype=torch.float64), torch.linspace(0, p_max, depth, dtype=torch.float64)

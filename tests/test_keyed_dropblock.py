@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -82,7 +83,7 @@ def test_thresholds_and_chunk_length() -> None:
     for gamma in GAMMAS:
         t = seed_rule(gamma).thresholds
         assert len(t) == seed_rule(gamma).chunk
-        assert all(a <= b for a, b in zip(t, t[1:]))
+        assert all(a <= b for a, b in itertools.pairwise(t))
         assert 0 <= t[0] <= t[-1] <= 2**32
         assert abs(t[0] - gamma * 2**32) <= 0.5  # T[1] is the rate itself
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -70,7 +71,7 @@ def test_ramp_values(curve: str, start: float, target: float) -> None:
     assert sched.step(0) == start
     # monotone between the ends
     values = [sched.p_at(t) for t in range(total + 1)]
-    diffs = [b - a for a, b in zip(values, values[1:])]
+    diffs = [b - a for a, b in itertools.pairwise(values)]
     assert all(d >= 0 for d in diffs) if target >= start else all(d <= 0 for d in diffs)
 
 

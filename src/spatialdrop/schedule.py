@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
-from typing import Any, Callable, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Union
 
 from torch import nn
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
-from typing import Callable, NamedTuple, Optional, Union
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn

@@ -17,7 +17,9 @@ from collections.abc import Sequence
 
 from ._io import OutputError, SettingsError
 from ._optional import MissingDependency
-from ._parser import PROG, build_parser
+from ._parser import PROG, build_parser, unrecognized
+
+COMMANDS = ("demo", "bench", "show")
 
 __all__ = ["build_parser", "main"]
 
@@ -33,10 +35,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(args_list)
+    commands = [a for a in args_list if a in COMMANDS]
+    if args_list and args_list[0] not in (*COMMANDS, "-h", "--help", "--version") and commands:
+        # "spatialdrop --p 0.2 show" would read as "invalid choice: '0.2'"
+        at = args_list.index(commands[0])
+        rest = args_list[:at] + args_list[at + 1 :]
+        parser.error(f"options go after the command: {PROG} {commands[0]} {' '.join(rest)}")
+    args, extras = parser.parse_known_args(args_list)
     if args.command is None:
+        if extras:
+            unrecognized(parser, extras)
         parser.print_help(sys.stderr)
         return 2
+    if extras:  # named by the command's own parser: its usage, and a hint for a misspelt option
+        unrecognized(args.command_parser, extras)
     try:
         code: int = args.func(args, args_list)
     except (OutputError, SettingsError) as err:

@@ -31,21 +31,29 @@ def _nearest_existing(path: Path) -> Path:
     return Path.cwd()  # pragma: no cover - the root always exists
 
 
-def _probe(folder: Path, what: str) -> None:
-    """Create and remove a temporary file in ``folder``: the only reliable 'can I write here'."""
+def _probe(folder: Path, what: str, wanted: Path | None = None) -> None:
+    """Create and remove a temporary file in ``folder``: the only reliable 'can I write here'.
+
+    ``wanted`` is the missing folder below ``folder`` that the command would create: the message
+    names it, as the folder the user asked for.
+    """
     try:
         fd, name = tempfile.mkstemp(prefix=".spatialdrop-probe-", dir=folder)
     except OSError as err:
-        raise OutputError(f"{what}: cannot write in {folder} ({err.strerror or err})") from None
+        reason = f"cannot write in {folder} ({err.strerror or err})"
+        if wanted is not None and wanted != folder:
+            raise OutputError(f"{what}: cannot create the folder {wanted}: {reason}") from None
+        raise OutputError(f"{what}: {reason}") from None
     os.close(fd)
     os.unlink(name)
 
 
-def _check_parent(path: Path, what: str) -> None:
-    existing = _nearest_existing(path.parent)
+def _check_creatable(folder: Path, what: str) -> None:
+    """Check that ``folder`` (missing, or an existing folder) can be created and written in."""
+    existing = _nearest_existing(folder)
     if not existing.is_dir():
         raise OutputError(f"{what}: {existing} is not a folder")
-    _probe(existing, what)
+    _probe(existing, what, wanted=folder)
 
 
 def check_file(path: Path, *, force: bool, what: str) -> Path:
@@ -68,7 +76,7 @@ def check_file(path: Path, *, force: bool, what: str) -> Path:
         raise OutputError(f"{what}: {path} exists; pass --force to overwrite it")
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"{what}: {path} is not writable")
-    _check_parent(path, what)
+    _check_creatable(path.parent, what)
     return path
 
 
@@ -92,7 +100,7 @@ def check_folder(path: Path, files: Iterable[str], *, force: bool, what: str) ->
             raise OutputError(f"{what}: {path} already holds {', '.join(taken)}; pass --force to overwrite")
         _probe(path, what)
     else:
-        _check_parent(path, what)
+        _check_creatable(path, what)
     return path
 
 

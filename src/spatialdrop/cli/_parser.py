@@ -7,18 +7,22 @@ state the defaults that the code uses (they are built from the same constants).
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from spatialdrop import __version__
 
 from ._io import check_file, check_folder
 
-__all__ = ["PROG", "build_parser"]
+__all__ = ["MAX_SEED", "PROG", "build_parser", "unrecognized"]
 
 PROG = "spatialdrop"
+# torch's generators take seeds up to 2**64 - 1; the demo adds 1000 per run to the base seed
+MAX_SEED = 2**63 - 1
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -33,6 +37,21 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
     parse.__name__ = f"int >= {minimum}"
     return parse
+
+
+def _seed(text: str) -> int:
+    allowed = f"an int in [0, 2**63 - 1 = {MAX_SEED}]"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        shown = text if len(text) <= 30 else text[:27] + "..."
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {shown!r}")
+    return value
+
+
+_seed.__name__ = "seed"
 
 
 def _probability(text: str) -> float:
@@ -59,8 +78,15 @@ def _default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the paragraphs of a description (wrapped by :func:`_describe`) and adds defaults."""
+class _Formatter(argparse.HelpFormatter):
+    """Wraps each paragraph of a description to the terminal's width, and adds the defaults."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = text.split("\n\n")
+        return "\n\n".join(
+            textwrap.fill(" ".join(p.split()), width, initial_indent=indent, subsequent_indent=indent)
+            for p in paragraphs
+        )
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -75,7 +101,32 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _describe(*paragraphs: str) -> str:
-    return "\n\n".join(textwrap.fill(" ".join(p.split()), width=88) for p in paragraphs)
+    """Paragraphs of a description; :class:`_Formatter` wraps them to the terminal's width."""
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+def unrecognized(parser: argparse.ArgumentParser, extras: Sequence[str]) -> NoReturn:
+    """Exit 2 naming the ``extras`` that ``parser`` does not know, with a hint for each option.
+
+    Options are never abbreviated (``allow_abbrev=False``): ``--bl`` is not ``--block-size``. The
+    hint names the options that ``--bl`` would have abbreviated, or the closest spellings.
+    """
+    known = sorted({o for a in parser._actions for o in a.option_strings if o.startswith("--")})
+    hints = []
+    for extra in extras:
+        name = extra.split("=", 1)[0]
+        if not name.startswith("-") or name in ("-", "--"):
+            continue
+        longer = [o for o in known if o.startswith(name) and o != name] if name.startswith("--") else []
+        bare = {o.lstrip("-"): o for o in known}
+        similar = difflib.get_close_matches(name.lstrip("-"), list(bare), n=2, cutoff=0.7)
+        close = longer or [bare[o] for o in similar]
+        if close:
+            hints.append(f"{name}: did you mean {' or '.join(close)}?")
+    text = f"unrecognized arguments: {' '.join(extras)}"
+    if hints:
+        text += " (options are not abbreviated; " + "; ".join(hints) + ")"
+    parser.error(text)
 
 
 def _per_data(field: str) -> str:
@@ -108,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
+        allow_abbrev=False,
+        formatter_class=_Formatter,
         description="Structured dropout for PyTorch: see it work (demo), time it (bench), look at it (show).",
         epilog='The commands need the optional dependencies: pip install "spatialdrop[demo]"',
     )
@@ -116,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
+        allow_abbrev=False,
         help="train a small CNN with each regulariser and compare them",
         formatter_class=_Formatter,
         description=_describe(
@@ -138,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _force(demo, "results.json and figure.png in --out")
     demo.add_argument("--quick", action="store_true", help="fewer seeds and epochs: a smoke run")
-    demo.add_argument("--seed", type=_int_at_least(0), default=0, help="base seed (data split and runs)")
+    demo.add_argument("--seed", type=_seed, default=0, help="base seed (data split and runs)")
     demo.add_argument(
         "--seeds", type=_int_at_least(1), default=None, help=f"runs per regulariser ({_per_data('seeds')})"
     )
@@ -146,7 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs", type=_int_at_least(1), default=None, help=f"epochs per run ({_per_data('epochs')})"
     )
     demo.add_argument(
-        "-p", type=_probability, default=None, help=f"drop probability of every layer ({_per_data('p')})"
+        "-p",
+        "--p",
+        type=_probability,
+        default=None,
+        help=f"drop probability of every layer ({_per_data('p')})",
     )
     demo.add_argument(
         "--block-size",
@@ -165,10 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--threads", type=_int_at_least(1), default=1, help="torch threads per process")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_demo, command_parser=demo)
 
     bench = sub.add_parser(
         "bench",
+        allow_abbrev=False,
         help="time our layers against torch, torchvision and timm",
         formatter_class=_Formatter,
         description=_describe(
@@ -176,14 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
             "after warm-up) as ratios to a bare x * 2.0 measured in the same run, our layers under "
             "torch.compile(fullgraph=True) as a ratio to eager, bytes saved for backward, and the "
             "realised drop rate (mean, corner, centre) of ours and, when installed, torch's, "
-            "torchvision's and timm's layers. Rows of peers that are not installed are listed with "
-            "a note; the speed and memory goals are checked at the end, each named by what it "
-            "measures. The table fits in 100 columns; --format markdown, json or csv hold every "
-            "column.",
+            "torchvision's and timm's layers. Rows of peers that are not installed (or fail to "
+            "import) are listed with a note; the speed and memory goals are checked at the end, "
+            "each named by what it "
+            "measures (with --quick too, on its small shapes: a smoke run). The table fits in 100 "
+            "columns; --format markdown, json or csv hold every column.",
             "One thread by default: on a machine shared with other work, every parallel region of "
             "a multi-threaded run can wait for a scheduler tick, which punishes code made of many "
             "small ops far more than the work itself. Use --threads N on an idle machine. "
-            "Ctrl-C writes the rows measured so far and exits with 130.",
+            "Ctrl-C writes the rows measured so far, marked partial, to NAME.partial.SUFFIX beside "
+            "--out NAME.SUFFIX (a complete --out is never replaced by a partial one; stdout without "
+            "--out) and exits with 130.",
         ),
     )
     bench.add_argument(
@@ -199,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--out", type=Path, default=None, help="write to this file instead of stdout")
     _force(bench, "--out")
-    bench.add_argument("--quick", action="store_true", help="small shapes and few repeats")
+    bench.add_argument("--quick", action="store_true", help="small shapes and few repeats: a smoke run")
     bench.add_argument(
         "--repeats",
         type=_int_at_least(1),
@@ -210,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--threads", type=_int_at_least(1), default=1, help="torch intra-op threads during the run"
     )
-    bench.add_argument("-p", type=_probability, default=0.1, help="drop probability")
-    bench.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed")
+    bench.add_argument("-p", "--p", type=_probability, default=0.1, help="drop probability")
+    bench.add_argument("--seed", type=_seed, default=0, help="random seed")
     bench.add_argument(
         "--no-compile",
         action="store_true",
@@ -225,24 +287,31 @@ def build_parser() -> argparse.ArgumentParser:
         "uses the allocator as users get it. The choice is reported with the results",
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
-    bench.set_defaults(func=_bench)
+    bench.set_defaults(func=_bench, command_parser=bench)
 
     show = sub.add_parser(
         "show",
-        help="draw sample masks and per-position drop rates to a PNG",
+        allow_abbrev=False,
+        help="draw sample masks and per-position drop rates to an image",
         formatter_class=_Formatter,
         description=_describe(
             "Draw one sample mask of each layer on a --size map (dropped = dark), the per-position "
             "drop rate over many draws of our DropBlock and of torchvision's and timm's when "
-            "installed (the calibration picture), and a 3-D DropBlock mask as slices. The PNG is "
-            "written to exactly the --out path."
+            "installed (the calibration picture), and a 3-D DropBlock mask as slices. The image is "
+            "written to exactly the --out path, in the format its suffix names: .png, .pdf, .svg, "
+            ".jpg or .jpeg (PNG without a suffix)."
         ),
     )
-    show.add_argument("--out", type=Path, default=Path("spatialdrop-masks.png"), help="the PNG to write")
+    show.add_argument(
+        "--out",
+        type=Path,
+        default=Path("spatialdrop-masks.png"),
+        help="the image to write (.png, .pdf, .svg, .jpg)",
+    )
     _force(show, "--out")
     show.add_argument("--size", type=_int_at_least(1), default=28, help="side of the square map")
     show.add_argument("--block-size", type=_int_at_least(1), default=7, help="DropBlock block size")
-    show.add_argument("-p", type=_probability, default=0.1, help="drop probability")
+    show.add_argument("-p", "--p", type=_probability, default=0.1, help="drop probability")
     show.add_argument(
         "--draws", type=_int_at_least(1), default=20000, help="maps drawn per drop-rate heat map"
     )
@@ -252,9 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="masks: sample masks and 3-D slices; rates: the per-position drop-rate heat maps",
     )
-    show.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed")
+    show.add_argument("--seed", type=_seed, default=0, help="random seed")
     show.add_argument("--no-progress", action="store_true", help="no progress bar")
-    show.set_defaults(func=_show)
+    show.set_defaults(func=_show, command_parser=show)
     return parser
 
 
@@ -301,9 +370,10 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _show(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .show import check_settings, run_show
+    from .show import check_settings, image_format, run_show
 
     check_file(args.out, force=args.force, what=f"{PROG} show --out")
+    image_format(args.out)  # the suffix names a format we write, or one line and exit 2
     check_settings(args.size, args.block_size, args.p)
     return run_show(
         out=args.out,

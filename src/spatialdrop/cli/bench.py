@@ -33,7 +33,7 @@ from .bench_cases import cases_for
 from .bench_measure import Row, measure, steady_malloc
 from .bench_report import environment, format_rows, goals
 
-__all__ = ["DEFAULT_REPEATS", "TUNED_MALLOC", "run_bench"]
+__all__ = ["DEFAULT_REPEATS", "TUNED_MALLOC", "partial_path", "run_bench"]
 
 CMD = "bench"
 DEFAULT_REPEATS = {False: 15, True: 5}  # by --quick
@@ -48,6 +48,14 @@ def _emit(text: str, out: Path | None) -> None:
         sys.stdout.flush()
     else:
         write_text(out, text)
+
+
+def partial_path(out: Path) -> Path:
+    """Where an interrupted run writes its rows: ``bench.csv`` -> ``bench.partial.csv``.
+
+    A complete result at ``out`` is never replaced by a partial one.
+    """
+    return out.with_name(f"{out.stem}.partial{out.suffix}")
 
 
 def run_bench(
@@ -68,7 +76,10 @@ def run_bench(
     """Run the suite, print or write the rows in ``fmt``; return the exit code.
 
     ``out`` must have been checked by the caller (:func:`.check_file`). On Ctrl-C the rows
-    measured so far are written (nothing when there are none) and the exit code is 130.
+    measured so far are written, marked partial in every format, to :func:`partial_path` of
+    ``out`` (``out`` itself is left as it was) or to stdout (nothing when there are none), and the
+    exit code is 130. With ``quick`` (a smoke run on small shapes) the goals are still checked,
+    and the report says that they are stated for the full-size shapes.
     """
     started = time.perf_counter()
     threads_before = torch.get_num_threads()
@@ -80,6 +91,8 @@ def run_bench(
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rows: list[Row] = []
+    cases = []
+    done = 0
     interrupted = False
     try:
         cases = cases_for(suite, quick, p, compile_ours)
@@ -88,6 +101,7 @@ def run_bench(
             for case in cases:
                 bar.set_postfix_str(case.name)
                 rows += measure(case, repeats, warmup, tick=lambda: bar.update(1))
+                done += 1
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -96,14 +110,16 @@ def run_bench(
             steady_malloc(False)
     elapsed = time.perf_counter() - started
     if interrupted:
+        where = ""
         if rows:
-            command += "  [interrupted: partial results]"
-            _emit(format_rows(rows, fmt, env, command), out)
-        where = f"; wrote the {len(rows)} rows measured so far to {out or 'stdout'}" if rows else ""
+            partial = f"interrupted after {elapsed:.0f} s, {done} of {len(cases)} cases measured"
+            target = partial_path(out) if out is not None else None
+            _emit(format_rows(rows, fmt, env, command, smoke=quick, partial=partial), target)
+            kept = f" ({out} left as it was)" if out is not None and out.exists() else ""
+            where = f"; wrote the {len(rows)} rows measured so far to {target or 'stdout'}{kept}"
         print(f"spatialdrop bench: interrupted after {elapsed:.0f} s{where}", file=sys.stderr)
         return 130
-    # the goals name full-size shapes: --quick runs smaller ones
-    _emit(format_rows(rows, fmt, env, command, [] if quick else goals(rows)), out)
-    done = f"wrote {out} in {elapsed:.0f} s" if out is not None else f"bench done in {elapsed:.0f} s"
-    print(done, file=sys.stdout if out is not None else sys.stderr)
+    _emit(format_rows(rows, fmt, env, command, goals(rows), smoke=quick), out)
+    done_text = f"wrote {out} in {elapsed:.0f} s" if out is not None else f"bench done in {elapsed:.0f} s"
+    print(done_text, file=sys.stdout if out is not None else sys.stderr)
     return 0

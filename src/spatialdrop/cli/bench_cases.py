@@ -23,6 +23,8 @@ from spatialdrop.functional import (
     spatial_dropout,
 )
 
+from ._optional import peer
+
 __all__ = [
     "CALIBRATION",
     "REFERENCE",
@@ -78,8 +80,9 @@ class Case:
     make_input: Callable[[tuple[int, ...]], Tensor] = field(default=lambda shape: torch.randn(shape))
 
 
-def _missing(library: str, call: str, err: Exception) -> Impl:
-    return Impl(library, call, None, note=f"{library} not installed ({type(err).__name__})")
+def _missing(library: str, call: str, reason: str) -> Impl:
+    """A peer's row without numbers: ``reason`` is "<library> not installed" or "... unavailable: ..."."""
+    return Impl(library, call, None, note=reason)
 
 
 def reference() -> Impl:
@@ -139,42 +142,28 @@ def spatial_cases(quick: bool, p: float, compile_ours: bool = False) -> list[Cas
     ]
 
 
-def _timm_drop_block() -> Callable[..., Tensor]:
-    try:
-        from timm.layers import drop_block_2d
-    except ImportError:  # older timm
-        from timm.models.layers import drop_block_2d
-    fn: Callable[..., Tensor] = drop_block_2d
-    return fn
-
-
 def _torchvision(rank: int, p: float, block: int) -> Impl:
     call = f"torchvision.ops.drop_block{rank}d(x, p, {block})"
-    try:
-        import torchvision.ops as ops
-    except ImportError as err:
-        return _missing("torchvision", call, err)
-    fn = {2: ops.drop_block2d, 3: ops.drop_block3d}[rank]
+    fn = peer("torchvision", f"torchvision.ops.drop_block{rank}d")
+    if isinstance(fn, str):
+        return _missing("torchvision", call, fn)
     return Impl("torchvision", call, lambda x: fn(x, p, block))
 
 
 def _timm(p: float, block: int, couple: bool) -> Impl:
     call = f"timm drop_block_2d(x, p, {block}, couple_channels={couple})"
-    try:
-        fn = _timm_drop_block()
-    except ImportError as err:
-        return _missing("timm", call, err)
+    fn = peer("timm", "timm.layers.drop_block_2d", "timm.models.layers.drop_block_2d")
+    if isinstance(fn, str):
+        return _missing("timm", call, fn)
     return Impl("timm", call, lambda x: fn(x, p, block, couple_channels=couple), shared_channels=couple)
 
 
 def _package(rank: int, p: float, block: int) -> Impl:
     call = f"dropblock.DropBlock{rank}D(p, {block})"
-    try:
-        import dropblock
-    except ImportError as err:
-        return _missing("dropblock", call, err)
-    layer = {2: dropblock.DropBlock2D, 3: dropblock.DropBlock3D}[rank](p, block)
-    return Impl("dropblock", call, layer, shared_channels=True)
+    cls = peer("dropblock", f"dropblock.DropBlock{rank}D")
+    if isinstance(cls, str):
+        return _missing("dropblock", call, cls)
+    return Impl("dropblock", call, cls(p, block), shared_channels=True)
 
 
 def _ours_block(p: float, block: int, shared: bool = False, seeding: str = "uniform") -> Impl:
@@ -232,22 +221,20 @@ def family_cases(quick: bool, p: float) -> list[Case]:
 
     maps = (8, 64, 28, 28) if quick else (32, 64, 56, 56)
     path = [Impl("spatialdrop", "drop_path(x, p)", lambda x: drop_path(x, p), shared_channels=True)]
-    try:
-        from timm.layers import drop_path as timm_drop_path
-
-        timm_call = "timm drop_path(x, p, True)"
+    timm_call = "timm drop_path(x, p, True)"
+    timm_drop_path = peer("timm", "timm.layers.drop_path", "timm.models.layers.drop_path")
+    if isinstance(timm_drop_path, str):
+        path.append(_missing("timm", timm_call, timm_drop_path))
+    else:
         path.append(Impl("timm", timm_call, lambda x: timm_drop_path(x, p, True), shared_channels=True))
-    except ImportError as err:
-        path.append(_missing("timm", "timm drop_path(x, p, True)", err))
     tv_call = 'torchvision.ops.stochastic_depth(x, p, "row")'
-    try:
-        from torchvision.ops import stochastic_depth
-
+    stochastic_depth = peer("torchvision", "torchvision.ops.stochastic_depth")
+    if isinstance(stochastic_depth, str):
+        path.append(_missing("torchvision", tv_call, stochastic_depth))
+    else:
         path.append(
             Impl("torchvision", tv_call, lambda x: stochastic_depth(x, p, "row"), shared_channels=True)
         )
-    except ImportError as err:
-        path.append(_missing("torchvision", tv_call, err))
     gaussian = Impl(
         "spatialdrop", "gaussian_spatial_dropout(x, p)", lambda x: gaussian_spatial_dropout(x, p), drops=False
     )

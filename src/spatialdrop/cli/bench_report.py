@@ -252,6 +252,11 @@ def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _peer_missing(row: Row) -> bool:
+    """Whether ``row`` is a peer's that could not be imported (its note says why, once per peer)."""
+    return row.note.startswith((f"{row.library} not installed", f"{row.library} unavailable: "))
+
+
 def _plain(rows: list[Row], columns: list[tuple[str, str]], title: Callable[[Row], str]) -> list[str]:
     """Groups of rows under a heading, each line at most WIDTH characters, notes below the group."""
     keys = [k for k, _ in columns]
@@ -272,7 +277,7 @@ def _plain(rows: list[Row], columns: list[tuple[str, str]], title: Callable[[Row
                 c.ljust(w) if k in TEXT_KEYS else c.rjust(w) for k, c, w in zip(keys, cells, widths)
             )
             out.append(line.rstrip())
-            if r.note and not r.note.startswith(f"{r.library} not installed"):
+            if r.note and not _peer_missing(r):
                 notes.append(f"note: {r.call}: {r.note}")
             elif len(r.call) > widths[0]:
                 notes.append(f"call in full: {r.call}")
@@ -282,13 +287,34 @@ def _plain(rows: list[Row], columns: list[tuple[str, str]], title: Callable[[Row
     return out
 
 
+SMOKE = (
+    "a --quick smoke run: small shapes and few repeats; the goals are set for the full-size shapes, "
+    "so these verdicts only show that the checks run"
+)
+
+
 def format_rows(
-    rows: list[Row], fmt: str, env: dict[str, Any], command: str, checked: Sequence[Goal] = ()
+    rows: list[Row],
+    fmt: str,
+    env: dict[str, Any],
+    command: str,
+    checked: Sequence[Goal] = (),
+    *,
+    smoke: bool = False,
+    partial: str = "",
 ) -> str:
-    """The rows as ``table``, ``markdown``, ``json`` or ``csv`` text, with the ``checked`` goals."""
+    """The rows as ``table``, ``markdown``, ``json`` or ``csv`` text, with the ``checked`` goals.
+
+    ``smoke`` marks a ``--quick`` run; ``partial`` (why the run stopped, e.g. "interrupted after
+    6 s, 2 of 4 cases measured") marks the rows of an interrupted one, in every format: a first
+    line in ``table`` and ``markdown``, ``"partial"`` in ``json``, a ``partial`` column in ``csv``.
+    """
     if fmt == "json":
         report = {
             "command": command,
+            "partial": bool(partial),
+            **({"interrupted": partial} if partial else {}),
+            "smoke_run": smoke,
             "environment": env,
             "rows": [asdict(r) for r in rows],
             "goals": [{**asdict(g), "met": g.met} for g in checked],
@@ -296,11 +322,13 @@ def format_rows(
         return json.dumps(report, indent=1) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=[f.name for f in Row.__dataclass_fields__.values()])
+        fields = [f.name for f in Row.__dataclass_fields__.values()]
+        writer = csv.DictWriter(buf, fieldnames=[*fields, "partial"])
         writer.writeheader()
         for r in rows:
-            writer.writerow(asdict(r))
+            writer.writerow({**asdict(r), "partial": bool(partial)})
         return buf.getvalue()
+    banner = f"PARTIAL RESULTS ({partial}): not every case was measured" if partial else ""
     machine = (
         f"{env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, load average "
         f"before {env['load_average_before']}, malloc {env['malloc']}; torch {env['torch']}, "
@@ -315,7 +343,10 @@ def format_rows(
     speed = [r for r in rows if r.kind == "speed"]
     calibration = [r for r in rows if r.kind == "calibration"]
     if fmt == "markdown":
-        lines = [f"Command: `{command}`  ", f"Machine: {machine}  ", f"{about}.", ""]
+        lines = [f"**{banner}.**", ""] if banner else []
+        lines += [f"Command: `{command}`  ", f"Machine: {machine}  ", f"{about}.", ""]
+        if smoke:
+            lines += [f"This is {SMOKE}.", ""]
         if speed:
             lines += [*_markdown(speed, FULL_COLUMNS), ""]
         if calibration:
@@ -327,13 +358,19 @@ def format_rows(
                 "",
             ]
         if checked:
-            lines += ["Goals, checked on the medians above:", ""]
+            lines += [f"Goals, checked on the medians above{' (' + SMOKE + ')' if smoke else ''}:", ""]
             lines += [f"- {g}" for g in checked] + [""]
         return "\n".join(lines)
-    out = [*_wrap(f"command: {command}"), *_wrap(f"machine: {machine}"), *_wrap(LEGEND)]
-    missing = sorted({r.library for r in rows if r.note.startswith(f"{r.library} not installed")})
+    out = [*_wrap(banner)] if banner else []
+    out += [*_wrap(f"command: {command}"), *_wrap(f"machine: {machine}"), *_wrap(LEGEND)]
+    if smoke:
+        out += _wrap(f"This is {SMOKE}.")
+    missing = sorted({r.library for r in rows if r.note == f"{r.library} not installed"})
     if missing:
         out += _wrap(f"not installed, so their rows show —: {', '.join(missing)}")
+    broken = sorted({r.note for r in rows if r.note.startswith(f"{r.library} unavailable: ")})
+    for note in broken:
+        out += _wrap(f"{note}; its rows show —")
     out.append("")
     if speed:
         out += _plain(speed, TABLE_COLUMNS, lambda r: f"[{r.suite}] {r.case}; input {r.shape}, p {r.p}")
@@ -344,7 +381,7 @@ def format_rows(
             lambda r: f"[calibration] {r.case}; {r.shape.split('x')[0]} maps; drop rate mean, corner, centre",
         )
     if checked:
-        out.append("goals, checked on the medians above:")
+        out += _wrap(f"goals, checked on the medians above{' (' + SMOKE + ')' if smoke else ''}:")
         for g in checked:
             out += _wrap(str(g), "  ")
         out.append("")

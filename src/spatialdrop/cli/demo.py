@@ -33,6 +33,8 @@ __all__ = ["OUTPUT_FILES", "format_table", "run_demo", "summarise", "table_rows"
 
 CMD = "demo"
 OUTPUT_FILES = ("results.json", "figure.png")
+SYNTHETIC = "synthetic data: procedurally generated volumes, not a real data set"
+SMOKE = "a --quick smoke run: too few epochs and seeds for the regularisers to pay off"
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -137,10 +139,14 @@ def run_demo(settings: DemoSettings, out: Path, *, show_progress: bool = True, c
     header, rows = table_rows(summary)
     dims = data.spatial_dims
     title = (
-        f"spatialdrop demo --data {settings.data}: {len(data.y_train)} training examples, "
-        f"{settings.epochs} epochs, p = {settings.p}, DropBlock block {settings.block_size}, "
-        f"{settings.seeds} seeds"
+        f"spatialdrop demo --data {settings.data}{' --quick' if settings.quick else ''}: "
+        f"{len(data.y_train)} training examples, {settings.epochs} epochs, p = {settings.p}, "
+        f"DropBlock block {settings.block_size}, {settings.seeds} seeds"
     )
+    kind = [SYNTHETIC] if settings.data == "volumes" else []
+    kind += [SMOKE] if settings.quick else []
+    if kind:
+        title += "\n" + "; ".join(kind)
     results = {
         "command": command,
         "settings": asdict(settings),

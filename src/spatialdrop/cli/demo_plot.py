@@ -12,9 +12,10 @@ from ._io import write_atomic
 from ._optional import require
 from .demo_train import LOWER_IS_BETTER, METRICS
 
-__all__ = ["CAPTION", "COLORS", "plot"]
+__all__ = ["ACCURACY_TICKS", "CAPTION", "COLORS", "plot"]
 
 COLORS = {"none": "#555555", "dropout": "#1f77b4", "spatial": "#2ca02c", "dropblock": "#d62728"}
+ACCURACY_TICKS = (0.01, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 CAPTION = (
     "Top: mean over seeds (line) ± 1 std (band). Bottom: large dot = mean over seeds, bar = ± 1 std, "
     "small dots = the individual seeds; ↑ higher is better, ↓ lower is better. MC AUROC: how well the "
@@ -25,8 +26,9 @@ CAPTION = (
 def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     """Draw the learning curves (top) and the per-metric comparison (bottom) into the PNG ``path``.
 
-    The same layer names label the legend and the bottom panels' ticks; the accuracy axis spans all
-    the data; the legend sits above the panels, outside the data.
+    The same layer names label the legend and the bottom panels' ticks; the accuracy axis (a logit
+    scale) spans all the data; the legend sits above the panels, outside the data. ``title`` may
+    hold two lines (the second says what kind of run or data it is).
     """
     matplotlib = require("matplotlib", "matplotlib", "demo")
     matplotlib.use("Agg")
@@ -51,7 +53,13 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
                 std = ys.std(dim=0)
                 low, high = (mean - std).tolist(), (mean + std).tolist()
                 ax.fill_between(epochs, low, high, color=color, alpha=0.15, lw=0)
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy during training")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy during training, logit scale")
+    # a logit axis spreads the last epochs' accuracies near 1 (on a linear 0.1-1.0 axis they
+    # differ by a pixel or two) and still shows the first epochs' (all the data is on the axis)
+    ax_acc.set_yscale("logit", nonpositive="clip")
+    ax_acc.yaxis.set_major_locator(ticker.FixedLocator(ACCURACY_TICKS))
+    ax_acc.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax_acc.yaxis.set_minor_locator(ticker.NullLocator())
     ax_loss.set(xlabel="epoch", title="training loss (dropout active), log scale")
     ax_loss.set_ylabel("training loss", labelpad=10)
     ax_loss.set_yscale("log")

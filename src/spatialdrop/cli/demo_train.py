@@ -208,9 +208,17 @@ def _accuracy(logits: Tensor, y: Tensor) -> float:
 
 
 def train_run(
-    settings: DemoSettings, variant: str, run: int, tick: Callable[[], None] | None = None
+    settings: DemoSettings,
+    variant: str,
+    run: int,
+    tick: Callable[[], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate one model; ``run`` indexes the seed. ``tick`` is called once per epoch."""
+    """Train and evaluate one model; ``run`` indexes the seed.
+
+    ``on_start`` is called when the data and the model are ready, just before the first epoch, and
+    ``tick`` once per epoch.
+    """
     torch.set_num_threads(settings.threads)
     started, started_cpu = time.perf_counter(), time.process_time()
     data = load_data(settings.data, settings.seed, settings.train_size, settings.noise_std)
@@ -233,6 +241,8 @@ def train_run(
     order_gen = torch.Generator().manual_seed(seed)
     curves: dict[str, list[float]] = {"epoch": [], "train_loss": [], "test_accuracy": [], "test_nll": []}
     step = 0
+    if on_start is not None:
+        on_start()
     for epoch in range(1, settings.epochs + 1):
         model.train()
         perm = torch.randperm(n, generator=order_gen)
@@ -309,11 +319,16 @@ def _init_worker(queue: Any) -> None:
 
 def _worker(args: tuple[DemoSettings, str, int]) -> dict[str, Any]:
     settings, variant, run = args
-    return train_run(settings, variant, run, tick=lambda: _QUEUE.put(1))
+    return train_run(settings, variant, run, tick=lambda: _QUEUE.put(1), on_start=lambda: _QUEUE.put(0))
 
 
 def run_all(settings: DemoSettings, show_progress: bool) -> list[dict[str, Any]]:
-    """Every (variant, seed) training of ``settings``, in ``settings.jobs`` processes."""
+    """Every (variant, seed) training of ``settings``, in ``settings.jobs`` processes.
+
+    The progress bar counts epochs. Its clock starts when the first training starts, not when the
+    command does: otherwise the seconds spent starting the processes and loading the data would
+    count as the first epoch's, and the first estimate of the time left would be hours.
+    """
     tasks = [(v, r) for r in range(settings.seeds) for v in settings.variants]
     bar = progress(
         CMD,
@@ -322,9 +337,20 @@ def run_all(settings: DemoSettings, show_progress: bool) -> list[dict[str, Any]]
         enabled=show_progress,
         unit="epoch",
     )
+
+    def report(epochs: int) -> None:
+        # 0: a training is about to start its first epoch
+        if epochs == 0 and bar.n == 0:
+            bar.reset()
+        elif epochs:
+            bar.update(epochs)
+
     with bar:
         if settings.jobs <= 1:
-            return [train_run(settings, v, r, tick=lambda: bar.update(1)) for v, r in tasks]
+            return [
+                train_run(settings, v, r, tick=lambda: report(1), on_start=lambda: report(0))
+                for v, r in tasks
+            ]
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
@@ -334,6 +360,6 @@ def run_all(settings: DemoSettings, show_progress: bool) -> list[dict[str, Any]]
             pending = pool.map_async(_worker, [(settings, v, r) for v, r in tasks])
             while not pending.ready() or not queue.empty():
                 while not queue.empty():
-                    bar.update(queue.get())
+                    report(queue.get())
                 pending.wait(0.2)
             return pending.get()
