@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
+from ._dtensor import check_sharding, draw_sharded, is_dtensor
 from ._keyed import check_key_arg, keyed_keep
 from ._module import StructuredDropout
 from ._validation import (
@@ -130,19 +131,39 @@ def alpha_spatial_dropout(
     check_bool(fn, "inplace", inplace)
     check_generator(fn, generator)
     check_key_arg(fn, key, generator, input.shape[0])
+    check_sharding(fn, input)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     check_inplace_target(fn, input, inplace)
     alpha = SELU_NEG_SATURATION
     a = 1.0 / math.sqrt((alpha * alpha * p + 1.0) * (1.0 - p))
     check_scale_fits(fn, p, input.dtype, alpha * a, "a |alpha'| = 1.7581 / sqrt((1 + 3.0909 p)(1 - p))")
-    keep = _draw_keep(input, dim, p, generator, key)
-    with torch.no_grad():
-        # The operations of ATen's _dropout_impl<feature, alpha>, in the same order and dtype.
-        b = keep.add(-1.0).mul_(alpha * a).add_(alpha * a * p)
-        keep.mul_(a)
+    keep: Tensor
+    b: Tensor
+    if is_dtensor(input):  # each rank draws its part of one mask (see spatialdrop._dtensor)
+        keep, b = draw_sharded(
+            fn,
+            input,
+            key,
+            generator,
+            dim,
+            lambda k, shape, first: _affine(keyed_keep(k, p, shape, input, first=first), p, a),
+        )
+    else:
+        with torch.no_grad():
+            keep, b = _affine(_draw_keep(input, dim, p, generator, key), p, a)
     out = input.mul_(keep) if inplace else input * keep
     return out.add_(b)
+
+
+def _affine(keep: Tensor, p: float, a: float) -> tuple[Tensor, Tensor]:
+    """``(factor, offset)`` from a keep mask (overwritten): the output is ``input * factor + offset``.
+
+    The operations of ATen's ``_dropout_impl<feature, alpha>``, in the same order and dtype.
+    """
+    alpha = SELU_NEG_SATURATION
+    b = keep.add(-1.0).mul_(alpha * a).add_(alpha * a * p)
+    return keep.mul_(a), b
 
 
 class AlphaSpatialDropout(StructuredDropout):

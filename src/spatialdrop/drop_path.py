@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
+from ._dtensor import check_sharding, draw_sharded, is_dtensor
 from ._keyed import check_key_arg, keyed_keep
 from ._module import StructuredDropout
 from ._validation import (
@@ -39,6 +40,13 @@ def _draw_keep(
     with ``bernoulli_`` then ``div_``, the calls of timm's ``drop_path`` and torchvision's
     ``stochastic_depth(mode="row")``, so the same seed gives the same bits.
     """
+    if is_dtensor(input):  # each rank draws the factors of its own samples (see spatialdrop._dtensor)
+
+        def draw(k: MaskKey, shape: list[int], first: int) -> tuple[Tensor]:
+            noise = keyed_keep(k, p, shape, input)
+            return (noise.div_(1.0 - p) if scale else noise,)
+
+        return draw_sharded("drop_path", input, key, generator, None, draw)[0]
     shape = (input.shape[0],) + (1,) * (input.dim() - 1)
     with torch.no_grad():
         if key is not None:
@@ -121,6 +129,7 @@ def drop_path(
     check_bool(fn, "scale", scale)
     check_generator(fn, generator)
     check_key_arg(fn, key, generator, input.shape[0])
+    check_sharding(fn, input)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     check_inplace_target(fn, input, inplace)

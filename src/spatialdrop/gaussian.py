@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
+from ._dtensor import check_sharding, draw_sharded, is_dtensor
 from ._keyed import check_key_arg
 from ._module import StructuredDropout
 from ._validation import (
@@ -22,7 +23,7 @@ from ._validation import (
     float_dtype_of,
     squeeze_if,
 )
-from .keyed import MaskKey, keyed_normal
+from .keyed import MaskKey, keyed_normal, normal_rows
 from .spatial_dropout import channel_noise_shape
 
 __all__ = [
@@ -45,6 +46,14 @@ def _draw_noise(
     shaped to broadcast against ``input``; drawn and computed in float32 (float64 for float64
     input), then rounded once to the input's dtype.
     """
+    factor = math.sqrt(p / (1.0 - p))
+    if is_dtensor(input):  # each rank draws its part of one draw (see spatialdrop._dtensor)
+
+        def draw(k: MaskKey, shape: list[int], first: int) -> tuple[Tensor]:
+            eps = normal_rows(k, shape[channel_dim], input.device, first).to(float_dtype_of(input))
+            return (eps.view(shape).mul_(factor).add_(1.0).to(input.dtype),)
+
+        return draw_sharded("gaussian_spatial_dropout", input, key, generator, channel_dim, draw)[0]
     shape = channel_noise_shape(input, channel_dim)
     with torch.no_grad():
         if key is not None:
@@ -56,7 +65,7 @@ def _draw_noise(
                 eps = torch.randn(shape, dtype=dtype, device=input.device)
             else:
                 eps = torch.randn(shape, generator=generator, dtype=dtype, device=input.device)
-        return eps.mul_(math.sqrt(p / (1.0 - p))).add_(1.0).to(input.dtype)
+        return eps.mul_(factor).add_(1.0).to(input.dtype)
 
 
 def gaussian_spatial_dropout(
@@ -130,6 +139,7 @@ def gaussian_spatial_dropout(
     check_bool(fn, "inplace", inplace)
     check_generator(fn, generator)
     check_key_arg(fn, key, generator, input.shape[0])
+    check_sharding(fn, input)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     check_inplace_target(fn, input, inplace)

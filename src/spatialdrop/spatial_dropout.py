@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from ._compat import is_compiling
+from ._dtensor import check_sharding, draw_sharded, is_dtensor
 from ._keyed import check_key_arg, keyed_keep
 from ._module import StructuredDropout
 from ._validation import (
@@ -120,6 +121,7 @@ def spatial_dropout(
     check_bool(fn, "inplace", inplace)
     check_generator(fn, generator)
     check_key_arg(fn, key, generator, input.shape[0])
+    check_sharding(fn, input)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     check_inplace_target(fn, input, inplace)
@@ -127,6 +129,16 @@ def spatial_dropout(
         zero = input.new_zeros(())
         return input.mul_(zero) if inplace else input * zero
     check_scale_fits(fn, p, input.dtype, 1.0 / (1.0 - p), "1/(1-p)")
+    if is_dtensor(input):  # each rank draws its part of one mask (see spatialdrop._dtensor)
+        (factor,) = draw_sharded(
+            fn,
+            input,
+            key,
+            generator,
+            dim,
+            lambda k, shape, first: (keyed_keep(k, p, shape, input, first=first).div_(1.0 - p),),
+        )
+        return input.mul_(factor) if inplace else input * factor
     shape = channel_noise_shape(input, dim)
     with torch.no_grad():
         if key is not None:
