@@ -188,6 +188,29 @@ def _stats(mesh: Any, world: int) -> dict[str, Any]:
     return out
 
 
+def _checkpointed(mesh: Any) -> dict[str, Any]:
+    """Unkeyed layers under activation checkpointing (``preserve_rng_state=True``, the default).
+
+    The recompute in backward must draw the forward's mask: the agreed bits come from the torch
+    generator that checkpointing restores, and the broadcast runs again on every rank.
+    """
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.utils.checkpoint import checkpoint
+
+    out: dict[str, Any] = {}
+    x = nonzero_input((6, 4, 3, 3), seed=5)
+    w = nonzero_input((6, 4, 3, 3), seed=6)
+    layers = {"spatial": sd.SpatialDropout2d(P), "path": sd.DropPath(P)}
+    for name, layer in layers.items():
+        for pl in (Shard(0), Shard(1), Replicate()):
+            dx = distribute_tensor(x, mesh, [pl], src_data_rank=None).requires_grad_(True)
+            y = checkpoint(layer, dx * 1.0, use_reentrant=False)
+            (y * distribute_tensor(w, mesh, [pl], src_data_rank=None)).sum().backward()
+            out[f"{name}-{pl}"] = (y.full_tensor().detach(), dx.grad.full_tensor())
+    out["x"], out["w"] = x, w
+    return out
+
+
 def _filter_cases(mesh: Any, rank: int) -> dict[str, Any]:
     """Filter dropout on a conv whose weight (and bias) are DTensors, keyed and unkeyed.
 
@@ -264,6 +287,7 @@ def _worker(rank: int, world: int) -> dict[str, Any]:
         for what, run in (
             ("stats", lambda: _stats(flat, world)),
             ("filter", lambda: _filter_cases(flat, rank)),
+            ("checkpoint", lambda: _checkpointed(flat)),
         ):
             try:
                 results[what] = run()
@@ -359,6 +383,20 @@ def test_unkeyed_shards_draw_independent_parts_of_one_mask(results: Any, world: 
     for r in range(1, world):
         both = int((~parts[:, 0] & ~parts[:, r]).sum())
         assert_binomial(both, parts[:, 0].numel(), P * P, f"sample i of ranks 0 and {r} dropped together")
+
+
+@pytest.mark.parametrize("world", _world_params())
+def test_unkeyed_checkpoint_recomputes_the_forward_mask(results: Any, world: int) -> None:
+    r = _result(results(world), "checkpoint")
+    x, w = r["x"], r["w"]
+    cases = [k for k in r if k not in ("x", "w")]
+    assert len(cases) == 6
+    for case in cases:
+        y, grad = r[case]
+        kept = y != 0
+        assert torch.equal(y, torch.where(kept, x * 2, 0.0)), case  # p = 0.5: kept values doubled
+        assert torch.equal(grad, torch.where(kept, w * 2, 0.0)), f"{case}: backward used another mask"
+        assert 0 < int(kept.sum()) < kept.numel(), case
 
 
 @pytest.mark.parametrize("world", _world_params())
