@@ -39,6 +39,7 @@ WORLDS = (1, 2, 4)
 P = 0.5
 KEY_SEED, KEY_STEP = 11, 3
 ID_OFFSET = 100  # the global ids of the batch's samples: 100, 101, ...
+RANK0_SEED = 77  # unkeyed: rank 0's seed; rank r is seeded RANK0_SEED + 1000 r
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,7 @@ def _run_case(case: Case, mesh: Any, keyed: bool, rank: int) -> dict[str, Any]:
     module = _build(op, case, key)
     dx = distribute_tensor(x, mesh, pl, src_data_rank=None).requires_grad_(True)
     dw = distribute_tensor(w, mesh, pl, src_data_rank=None)
+    torch.manual_seed(RANK0_SEED + 1000 * rank)  # every rank its own stream
     y = _forward_backward(op, module, dx, dw, key)
     out: dict[str, Any] = {
         "dtensor": isinstance(y, DTensor),
@@ -148,13 +150,12 @@ def _run_case(case: Case, mesh: Any, keyed: bool, rank: int) -> dict[str, Any]:
         "want": tuple(map(str, pl)),
     }
     full, grad = y.full_tensor().detach(), dx.grad.full_tensor()
-    if keyed:
-        if rank == 0:
-            xr = x.clone().requires_grad_(True)
-            ref = _forward_backward(op, module, xr, w, key)
-            out.update(y=full, ref=ref.detach(), grad=grad, ref_grad=xr.grad)
-    else:
-        out.update(y=full, x=x)  # every rank's assembled output: replicas must agree
+    if rank == 0:  # the unsharded call: keyed, the same key; unkeyed, rank 0's generator
+        torch.manual_seed(RANK0_SEED)
+        xr = x.clone().requires_grad_(True)
+        ref = _forward_backward(op, module, xr, w, key)
+        out.update(ref=ref.detach(), ref_grad=xr.grad, x=x)
+    out.update(y=full, grad=grad)  # every rank's assembled output: replicas must agree
     return out
 
 
@@ -209,6 +210,23 @@ def _checkpointed(mesh: Any) -> dict[str, Any]:
             out[f"{name}-{pl}"] = (y.full_tensor().detach(), dx.grad.full_tensor())
     out["x"], out["w"] = x, w
     return out
+
+
+def _call_keys(mesh: Any, rank: int) -> dict[str, Any]:
+    """``call_key``, for ops whose noise is too large to broadcast (DropBlock): agreed keys."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from spatialdrop._dtensor import call_key
+
+    x = distribute_tensor(torch.zeros(6, 4), mesh, [Shard(0)], src_data_rank=None)
+    state = torch.get_rng_state()
+    first = call_key("t", x, None, None, 6)
+    second = call_key("t", x, None, None, 6)
+    torch.set_rng_state(state)  # what checkpointing's preserve_rng_state does for a recompute
+    again = call_key("t", x, None, None, 6)
+    given = sd.MaskKey(1, 2, 3, torch.arange(6))
+    keys = [(int(k.step), k.sample_ids, k.seed, k.layer) for k in (first, second, again)]
+    return {"keys": keys, "given": call_key("t", x, given, None, 6) is given}
 
 
 def _filter_cases(mesh: Any, rank: int) -> dict[str, Any]:
@@ -288,6 +306,7 @@ def _worker(rank: int, world: int) -> dict[str, Any]:
             ("stats", lambda: _stats(flat, world)),
             ("filter", lambda: _filter_cases(flat, rank)),
             ("checkpoint", lambda: _checkpointed(flat)),
+            ("call_key", lambda: _call_keys(flat, rank)),
         ):
             try:
                 results[what] = run()
@@ -340,16 +359,20 @@ def test_keyed_any_sharding_gives_the_unsharded_bits(results: Any, world: int, o
 
 @pytest.mark.parametrize("world", _world_params())
 @pytest.mark.parametrize("op", [pytest.param(op, id=op.name) for op in DT_OPS])
-def test_unkeyed_replicas_agree_on_one_valid_draw(results: Any, world: int, op: OpInfo) -> None:
+def test_unkeyed_is_the_unsharded_call_with_the_first_ranks_generator(
+    results: Any, world: int, op: OpInfo
+) -> None:
     res = results(world)
     for case in cases(world, op):
         mine = [_result(res, f"{case.id}-False", rank) for rank in range(world)]
         assert mine[0]["dtensor"], case.id
         assert mine[0]["placements"] == mine[0]["want"], case.id
-        for rank in range(1, world):
+        for rank in range(1, world):  # every rank was seeded differently: replicas still agree
             assert torch.equal(mine[rank]["y"], mine[0]["y"]), f"{case.id}: rank {rank} disagrees with rank 0"
+        assert torch.equal(mine[0]["y"], mine[0]["ref"]), f"{case.id}: not rank 0's unsharded draw"
+        assert torch.equal(mine[0]["grad"], mine[0]["ref_grad"]), f"{case.id}: gradient differs"
         mode = next(m for m in op.modes if m.name == case.mode)
-        check_output(
+        check_output(  # and a valid draw (not a trivial all-keep)
             op,
             mode,
             P,
@@ -397,6 +420,23 @@ def test_unkeyed_checkpoint_recomputes_the_forward_mask(results: Any, world: int
         assert torch.equal(y, torch.where(kept, x * 2, 0.0)), case  # p = 0.5: kept values doubled
         assert torch.equal(grad, torch.where(kept, w * 2, 0.0)), f"{case}: backward used another mask"
         assert 0 < int(kept.sum()) < kept.numel(), case
+
+
+@pytest.mark.parametrize("world", _world_params())
+def test_call_key_agrees_across_ranks_and_follows_the_generator(results: Any, world: int) -> None:
+    res = results(world)
+    keys = [_result(res, "call_key", rank)["keys"] for rank in range(world)]
+    for rank in range(1, world):  # ranks seeded differently agree
+        for a, b in zip(keys[rank], keys[0]):
+            assert a[0] == b[0], f"rank {rank}"
+            assert torch.equal(a[1], b[1]), f"rank {rank}"
+    first, second, again = keys[0]
+    assert first[0] != second[0]  # a new key per call
+    assert not torch.equal(first[1], second[1])
+    assert first[0] == again[0]  # the restored generator gives the same key again
+    assert torch.equal(first[1], again[1])
+    assert first[1].tolist() == [(first[1][0] >> 32 << 32) + i for i in range(6)]  # positions 0..5
+    assert _result(res, "call_key")["given"]  # a user's key is used as it is
 
 
 @pytest.mark.parametrize("world", _world_params())

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
-from ._dtensor import check_sharding, draw_sharded, is_dtensor
-from ._keyed import check_key_arg, keyed_keep
+from ._dtensor import check_sharding, draw_sharded, is_dtensor, plain_like
+from ._keyed import check_key_arg
 from ._module import StructuredDropout
 from ._validation import (
     check_bool,
@@ -23,7 +23,7 @@ from ._validation import (
     squeeze_if,
 )
 from .keyed import MaskKey
-from .spatial_dropout import bernoulli_keep, channel_noise_shape
+from .spatial_dropout import channel_noise_shape, draw_keep
 
 __all__ = [
     "AlphaSpatialDropout",
@@ -39,20 +39,36 @@ _LAYOUT = "(N, C, *spatial), or (N, *spatial, C) with channel_dim=-1"
 SELU_NEG_SATURATION = 1.7580993408473766
 
 
-def _draw_keep(
-    input: Tensor, channel_dim: int, p: float, generator: torch.Generator | None, key: MaskKey | None
-) -> Tensor:
-    """Every random number of alpha spatial dropout is drawn here: 1 (kept) or 0 per (sample, channel).
+def _draw_factors(
+    input: Tensor,
+    channel_dim: int,
+    p: float,
+    a: float,
+    generator: torch.Generator | None,
+    key: MaskKey | None,
+) -> tuple[Tensor, Tensor]:
+    """Every random number of alpha spatial dropout is drawn here: ``(factor, offset)`` per (n, c).
 
-    Drawn with ``bernoulli_`` on a ``new_empty`` tensor in the input's dtype, the call that
-    :func:`torch.nn.functional.feature_alpha_dropout` makes, so the same seed gives the same mask
-    (in eager mode; see :func:`~spatialdrop.spatial_dropout.bernoulli_keep`).
+    The keep mask (1 kept, 0 dropped) is drawn with ``bernoulli_`` on a ``new_empty`` tensor in
+    the input's dtype, the call that :func:`torch.nn.functional.feature_alpha_dropout` makes, so
+    the same seed gives the same mask (in eager mode; see
+    :func:`~spatialdrop.spatial_dropout.bernoulli_keep`), then turned into :func:`_affine`'s
+    factor and offset. A DTensor input gets those of its local samples and channels (see
+    :mod:`spatialdrop._dtensor`).
     """
-    shape = channel_noise_shape(input, channel_dim)
+    if is_dtensor(input):
+        plain = plain_like(input)
+        factor, offset = draw_sharded(
+            "alpha_spatial_dropout",
+            input,
+            key,
+            channel_dim,
+            lambda k, shape, first: draw_keep(plain, shape, p, generator, k, first),
+            lambda keep: _affine(keep, p, a),
+        )
+        return factor, offset
     with torch.no_grad():
-        if key is not None:
-            return keyed_keep(key, p, shape, input)
-        return bernoulli_keep(input, shape, p, generator)
+        return _affine(draw_keep(input, channel_noise_shape(input, channel_dim), p, generator, key), p, a)
 
 
 def alpha_spatial_dropout(
@@ -138,20 +154,7 @@ def alpha_spatial_dropout(
     alpha = SELU_NEG_SATURATION
     a = 1.0 / math.sqrt((alpha * alpha * p + 1.0) * (1.0 - p))
     check_scale_fits(fn, p, input.dtype, alpha * a, "a |alpha'| = 1.7581 / sqrt((1 + 3.0909 p)(1 - p))")
-    keep: Tensor
-    b: Tensor
-    if is_dtensor(input):  # each rank draws its part of one mask (see spatialdrop._dtensor)
-        keep, b = draw_sharded(
-            fn,
-            input,
-            key,
-            generator,
-            dim,
-            lambda k, shape, first: _affine(keyed_keep(k, p, shape, input, first=first), p, a),
-        )
-    else:
-        with torch.no_grad():
-            keep, b = _affine(_draw_keep(input, dim, p, generator, key), p, a)
+    keep, b = _draw_factors(input, dim, p, a, generator, key)
     out = input.mul_(keep) if inplace else input * keep
     return out.add_(b)
 

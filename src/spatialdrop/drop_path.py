@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
-from ._dtensor import check_sharding, draw_sharded, is_dtensor
-from ._keyed import check_key_arg, keyed_keep
+from ._dtensor import check_sharding, draw_sharded, is_dtensor, plain_like
+from ._keyed import check_key_arg
 from ._module import StructuredDropout
 from ._validation import (
     check_bool,
@@ -24,7 +24,7 @@ from ._validation import (
     check_tensor,
 )
 from .keyed import MaskKey
-from .spatial_dropout import bernoulli_keep
+from .spatial_dropout import draw_keep
 
 __all__ = ["DropPath", "drop_path", "drop_path_rates"]
 
@@ -38,24 +38,26 @@ def _draw_keep(
 
     The factor is 0 (dropped) or 1, or ``1 / (1 - p)`` when ``scale``. Drawn in the input's dtype
     with ``bernoulli_`` then ``div_``, the calls of timm's ``drop_path`` and torchvision's
-    ``stochastic_depth(mode="row")``, so the same seed gives the same bits.
+    ``stochastic_depth(mode="row")``, so the same seed gives the same bits. A DTensor input gets
+    the factors of its local samples (see :mod:`spatialdrop._dtensor`).
     """
-    if is_dtensor(input):  # each rank draws the factors of its own samples (see spatialdrop._dtensor)
 
-        def draw(k: MaskKey, shape: list[int], first: int) -> tuple[Tensor]:
-            noise = keyed_keep(k, p, shape, input)
-            return (noise.div_(1.0 - p) if scale else noise,)
+    def finish(keep: Tensor) -> tuple[Tensor]:
+        return (keep.div_(1.0 - p) if scale else keep,)
 
-        return draw_sharded("drop_path", input, key, generator, None, draw)[0]
+    if is_dtensor(input):
+        plain = plain_like(input)
+        return draw_sharded(
+            "drop_path",
+            input,
+            key,
+            None,
+            lambda k, shape, first: draw_keep(plain, shape, p, generator, k),
+            finish,
+        )[0]
     shape = (input.shape[0],) + (1,) * (input.dim() - 1)
     with torch.no_grad():
-        if key is not None:
-            noise = keyed_keep(key, p, shape, input)
-        else:
-            noise = bernoulli_keep(input, shape, p, generator)
-        if scale:
-            noise.div_(1.0 - p)
-    return noise
+        return finish(draw_keep(input, shape, p, generator, key))[0]
 
 
 def drop_path(

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._compat import is_compiling
-from ._dtensor import call_key, check_placements, is_dtensor, local_range, shard_like
+from ._dtensor import agree, check_placements, is_dtensor, local_range, plain_like, shard_like
 from ._keyed import keyed_keep
 from ._module import StructuredDropout
 from ._validation import Shown, check_p, check_scale_fits, fail
@@ -32,7 +32,7 @@ def _draw_filter_mask(weight: Tensor, p: float, key: MaskKey | None) -> Tensor:
 
     A DTensor weight (tensor parallelism; FSDP2's sharded parameter when this hook runs before
     FSDP's all-gather) gets the whole vector, a plain tensor, the same on every rank of its mesh:
-    keyed, from the key; unkeyed, from the agreed key of :func:`spatialdrop._dtensor.call_key`.
+    keyed, from the key; unkeyed, the first rank's draw (:func:`spatialdrop._dtensor.agree`).
     """
     fn = "FilterDropout"
     with torch.no_grad():
@@ -40,10 +40,11 @@ def _draw_filter_mask(weight: Tensor, p: float, key: MaskKey | None) -> Tensor:
         if p == 1.0:
             return torch.zeros(k, dtype=weight.dtype, device=weight.device)
         check_scale_fits(fn, p, weight.dtype, 1.0 / (1.0 - p), "1/(1-p)")
-        if is_dtensor(weight):
-            key = call_key(fn, weight, key, None, rows=1)
         if key is not None:
             mask = keyed_keep(key, p, (1, k), weight).view(k)
+        elif is_dtensor(weight):  # the first rank's draw on every rank of the weight's mesh
+            mask = bernoulli_keep(plain_like(weight), (k,), p, None)
+            agree(weight.device_mesh, mask)
         else:
             mask = bernoulli_keep(weight, (k,), p, None)
         return mask.div_(1.0 - p)

@@ -23,7 +23,7 @@ from ._validation import (
     float_dtype_of,
     squeeze_if,
 )
-from .keyed import MaskKey, keyed_normal, normal_rows
+from .keyed import MaskKey, normal_rows
 from .spatial_dropout import channel_noise_shape
 
 __all__ = [
@@ -44,28 +44,26 @@ def _draw_noise(
 
     Returns one factor ``1 + sqrt(p / (1 - p)) * eps``, ``eps ~ N(0, 1)``, per (sample, channel),
     shaped to broadcast against ``input``; drawn and computed in float32 (float64 for float64
-    input), then rounded once to the input's dtype.
+    input), then rounded once to the input's dtype. A DTensor input gets the factors of its local
+    samples and channels (see :mod:`spatialdrop._dtensor`).
     """
+    dtype = float_dtype_of(input)
     factor = math.sqrt(p / (1.0 - p))
-    if is_dtensor(input):  # each rank draws its part of one draw (see spatialdrop._dtensor)
 
-        def draw(k: MaskKey, shape: list[int], first: int) -> tuple[Tensor]:
-            eps = normal_rows(k, shape[channel_dim], input.device, first).to(float_dtype_of(input))
-            return (eps.view(shape).mul_(factor).add_(1.0).to(input.dtype),)
+    def draw(k: MaskKey | None, shape: list[int], first: int) -> Tensor:
+        if k is not None:
+            return normal_rows(k, shape[channel_dim], input.device, first).to(dtype).view(shape)
+        if generator is None:  # no generator= keyword: see _validation.generator_kwargs
+            return torch.randn(shape, dtype=dtype, device=input.device)
+        return torch.randn(shape, generator=generator, dtype=dtype, device=input.device)
 
-        return draw_sharded("gaussian_spatial_dropout", input, key, generator, channel_dim, draw)[0]
-    shape = channel_noise_shape(input, channel_dim)
+    def finish(eps: Tensor) -> tuple[Tensor]:
+        return (eps.mul_(factor).add_(1.0).to(input.dtype),)
+
+    if is_dtensor(input):
+        return draw_sharded("gaussian_spatial_dropout", input, key, channel_dim, draw, finish)[0]
     with torch.no_grad():
-        if key is not None:
-            eps = keyed_normal(key, input.shape[channel_dim], device=input.device)
-            eps = eps.to(float_dtype_of(input)).view(shape)
-        else:
-            dtype = float_dtype_of(input)
-            if generator is None:  # no generator= keyword: see _validation.generator_kwargs
-                eps = torch.randn(shape, dtype=dtype, device=input.device)
-            else:
-                eps = torch.randn(shape, generator=generator, dtype=dtype, device=input.device)
-        return eps.mul_(factor).add_(1.0).to(input.dtype)
+        return finish(draw(key, channel_noise_shape(input, channel_dim), 0))[0]
 
 
 def gaussian_spatial_dropout(

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from ._compat import is_compiling
-from ._dtensor import check_sharding, draw_sharded, is_dtensor
+from ._dtensor import check_sharding, draw_sharded, is_dtensor, plain_like
 from ._keyed import check_key_arg, keyed_keep
 from ._module import StructuredDropout
 from ._validation import (
@@ -129,24 +129,39 @@ def spatial_dropout(
         zero = input.new_zeros(())
         return input.mul_(zero) if inplace else input * zero
     check_scale_fits(fn, p, input.dtype, 1.0 / (1.0 - p), "1/(1-p)")
-    if is_dtensor(input):  # each rank draws its part of one mask (see spatialdrop._dtensor)
+    if is_dtensor(input):  # each rank gets its part of one mask (see spatialdrop._dtensor)
+        plain = plain_like(input)
         (factor,) = draw_sharded(
             fn,
             input,
             key,
-            generator,
             dim,
-            lambda k, shape, first: (keyed_keep(k, p, shape, input, first=first).div_(1.0 - p),),
+            lambda k, shape, first: draw_keep(plain, shape, p, generator, k, first),
+            lambda keep: (keep.div_(1.0 - p),),
         )
         return input.mul_(factor) if inplace else input * factor
-    shape = channel_noise_shape(input, dim)
     with torch.no_grad():
-        if key is not None:
-            noise = keyed_keep(key, p, shape, input)
-        else:
-            noise = bernoulli_keep(input, shape, p, generator)
+        noise = draw_keep(input, channel_noise_shape(input, dim), p, generator, key)
         noise.div_(1.0 - p)
     return input.mul_(noise) if inplace else input * noise
+
+
+def draw_keep(
+    like: Tensor,
+    shape: Sequence[int],
+    p: float,
+    generator: torch.Generator | None,
+    key: MaskKey | None,
+    first: int = 0,
+) -> Tensor:
+    """A keep mask of ``shape`` (1 kept, 0 dropped) in ``like``'s dtype: keyed, or torch's draw.
+
+    With a ``key``, :func:`~spatialdrop._keyed.keyed_keep` (columns from ``first``); else
+    :func:`bernoulli_keep` from ``generator``.
+    """
+    if key is not None:
+        return keyed_keep(key, p, shape, like, first=first)
+    return bernoulli_keep(like, shape, p, generator)
 
 
 def bernoulli_keep(like: Tensor, shape: Sequence[int], p: float, generator: torch.Generator | None) -> Tensor:
