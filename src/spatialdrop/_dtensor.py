@@ -151,22 +151,31 @@ def _geometry(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) ->
 def shard_like(x: DTensor, local: Tensor, dims: Sequence[int]) -> DTensor:
     """Wrap ``local`` as the DTensor that broadcasts against ``x``, sized 1 outside ``dims``.
 
-    ``local`` holds this rank's part: ``x``'s local size along ``dims`` and 1 elsewhere. The
-    DTensor keeps ``x``'s ``Shard(d)`` for ``d`` in ``dims`` and is ``Replicate`` elsewhere (its
-    size-1 dims hold the same values on every rank of a mesh dim that shards ``x`` there).
+    ``local`` holds this rank's part: ``x``'s local size along ``dims`` and 1 elsewhere, in a
+    dtype of its own. The DTensor keeps ``x``'s ``Shard(d)`` for ``d`` in ``dims`` and is
+    ``Replicate`` elsewhere (its size-1 dims hold the same values on every rank of a mesh dim
+    that shards ``x`` there). It needs no gradient, so it is built directly from a spec, cached
+    per layout (``DTensor.from_local`` costs ~90 us a call on the CPU, this ~10 us).
     """
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor
 
-    placements = [
-        p if p.is_shard() and getattr(p, "dim", None) in dims else Replicate() for p in x.placements
-    ]
-    shape = torch.Size([x.shape[d] if d in dims else 1 for d in range(x.dim())])
-    stride = [1] * len(shape)
-    for d in range(len(shape) - 2, -1, -1):
-        stride[d] = stride[d + 1] * shape[d + 1]
-    return DTensor.from_local(
-        local, x.device_mesh, placements, run_check=False, shape=shape, stride=tuple(stride)
-    )
+    spec = _noise_spec(tuple(x.shape), x.device_mesh, tuple(x.placements), tuple(dims), local.dtype)
+    return DTensor(local, spec, requires_grad=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _noise_spec(
+    shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...], dims: tuple[int, ...], dtype: torch.dtype
+) -> Any:
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    kept = tuple(p if p.is_shard() and getattr(p, "dim", None) in dims else Replicate() for p in placements)
+    size = torch.Size([shape[d] if d in dims else 1 for d in range(len(shape))])
+    stride = [1] * len(size)
+    for d in range(len(size) - 2, -1, -1):
+        stride[d] = stride[d + 1] * size[d + 1]
+    return DTensorSpec(mesh, kept, tensor_meta=TensorMeta(size, tuple(stride), dtype))
 
 
 def plain_like(x: Tensor) -> Tensor:
