@@ -34,6 +34,10 @@ from optable import ACTIVATION_OPS, OPS_BY_NAME, OpInfo, check_output, nonzero_i
 
 #: The families of the contract table whose ops take DTensors here (DropBlock joins with "block").
 FAMILIES = ("channel", "gaussian", "alpha", "sample")
+#: Families whose unkeyed DTensor call broadcasts its noise table, so that it is the unsharded call
+#: under rank 0's generator bit for bit; the others (DropBlock: an agreed key, ``call_key``) are
+#: held to agreement between ranks and a valid draw.
+TABLE_FAMILIES = ("channel", "gaussian", "alpha", "sample")
 DT_OPS = [op for op in ACTIVATION_OPS if op.family in FAMILIES and op.spatial_dims in (None, 2)]
 WORLDS = (1, 2, 4)
 P = 0.5
@@ -159,17 +163,49 @@ def _run_case(case: Case, mesh: Any, keyed: bool, rank: int) -> dict[str, Any]:
     return out
 
 
-def _partial_case(op: OpInfo, mesh: Any) -> str:
-    """The message of the error for a Partial input (a module is called as it is in a model)."""
+def _partial_case(op: OpInfo, mesh: Any) -> list[str]:
+    """The messages of the errors for a Partial input, in training and in eval mode.
+
+    A module is called as it is in a model; eval mode refuses it too (arguments are validated
+    before the eval-mode shortcut, so a bad input fails on the first call).
+    """
     from torch.distributed.tensor import DTensor, Partial
 
     x = DTensor.from_local(nonzero_input((2, 4, 3, 3), seed=3), mesh, [Partial()], run_check=False)
-    module = op.build(P, op.modes[0])
-    try:
-        module(x)
-    except ValueError as e:
-        return str(e)
-    return "no error"
+    out = []
+    for training in (True, False):
+        module = op.build(P, op.modes[0], training=training)
+        try:
+            module(x)
+        except ValueError as e:
+            out.append(str(e))
+        else:
+            out.append("no error")
+    return out
+
+
+def _edges(mesh: Any, rank: int) -> dict[str, Any]:
+    """Eval mode, p = 0 and p = 1, inplace, an explicit generator, on a DTensor sharded on channels."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    f = sd.functional.spatial_dropout
+    x = nonzero_input((5, 6, 3, 3), seed=7)
+    dx = distribute_tensor(x, mesh, [Shard(1)], src_data_rank=None)
+    key = sd.MaskKey(1, 2, 3, torch.arange(5))
+    out: dict[str, Any] = {
+        "eval": f(dx, P, training=False) is dx,
+        "p0": f(dx, 0.0) is dx,
+    }
+    ones = f(dx, 1.0)
+    out["p1"] = (ones.full_tensor(), tuple(map(str, ones.placements)))
+    h = (dx * 1.0).requires_grad_(False)
+    f(h, P, inplace=True, key=key)  # a non-leaf written in place
+    out["inplace"] = (h.full_tensor(), f(x, P, key=key) if rank == 0 else None)
+    g = torch.Generator().manual_seed(5 + rank)  # rank 0's generator decides
+    out["generator"] = f(dx, P, generator=g).full_tensor()
+    if rank == 0:
+        out["generator_ref"] = f(x, P, generator=torch.Generator().manual_seed(5))
+    return out
 
 
 def _stats(mesh: Any, world: int) -> dict[str, Any]:
@@ -307,6 +343,7 @@ def _worker(rank: int, world: int) -> dict[str, Any]:
             ("filter", lambda: _filter_cases(flat, rank)),
             ("checkpoint", lambda: _checkpointed(flat)),
             ("call_key", lambda: _call_keys(flat, rank)),
+            ("edges", lambda: _edges(flat, rank)),
         ):
             try:
                 results[what] = run()
@@ -369,8 +406,9 @@ def test_unkeyed_is_the_unsharded_call_with_the_first_ranks_generator(
         assert mine[0]["placements"] == mine[0]["want"], case.id
         for rank in range(1, world):  # every rank was seeded differently: replicas still agree
             assert torch.equal(mine[rank]["y"], mine[0]["y"]), f"{case.id}: rank {rank} disagrees with rank 0"
-        assert torch.equal(mine[0]["y"], mine[0]["ref"]), f"{case.id}: not rank 0's unsharded draw"
-        assert torch.equal(mine[0]["grad"], mine[0]["ref_grad"]), f"{case.id}: gradient differs"
+        if op.family in TABLE_FAMILIES:
+            assert torch.equal(mine[0]["y"], mine[0]["ref"]), f"{case.id}: not rank 0's unsharded draw"
+            assert torch.equal(mine[0]["grad"], mine[0]["ref_grad"]), f"{case.id}: gradient differs"
         mode = next(m for m in op.modes if m.name == case.mode)
         check_output(  # and a valid draw (not a trivial all-keep)
             op,
@@ -443,11 +481,26 @@ def test_call_key_agrees_across_ranks_and_follows_the_generator(results: Any, wo
 def test_partial_input_is_refused(results: Any, world: int) -> None:
     res = results(world)
     for op in DT_OPS:
-        msg = res[0][f"partial-{op.name}"]
         fn = op.name if op.kind == "function" else op.function.__name__  # type: ignore[union-attr]
-        assert msg.startswith(f"{fn}: input must be "), (op.name, msg)
-        assert "Partial(sum)" in msg, (op.name, msg)
-        assert "partial sum" in msg, (op.name, msg)
+        for msg in res[0][f"partial-{op.name}"]:  # training, then eval mode
+            assert msg.startswith(f"{fn}: input must be "), (op.name, msg)
+            assert "Partial(sum)" in msg, (op.name, msg)
+            assert "partial sum" in msg, (op.name, msg)
+
+
+@pytest.mark.parametrize("world", _world_params())
+def test_edge_cases_on_a_dtensor(results: Any, world: int) -> None:
+    r = _result(results(world), "edges")
+    assert r["eval"]  # eval mode and p = 0: the input itself
+    assert r["p0"]
+    zeros, placements = r["p1"]
+    assert placements == ("S(1)",)
+    assert not zeros.any()
+    got, want = r["inplace"]
+    assert torch.equal(got, want)
+    ranks = [_result(results(world), "edges", rank)["generator"] for rank in range(world)]
+    for rank in range(world):  # an explicit generator: rank 0's draws, on every rank
+        assert torch.equal(ranks[rank], r["generator_ref"]), f"rank {rank}"
 
 
 @pytest.mark.parametrize("world", _world_params())
