@@ -201,6 +201,10 @@ def _edges(mesh: Any, rank: int) -> dict[str, Any]:
     h = (dx * 1.0).requires_grad_(False)
     f(h, P, inplace=True, key=key)  # a non-leaf written in place
     out["inplace"] = (h.full_tensor(), f(x, P, key=key) if rank == 0 else None)
+    from spatialdrop._dtensor import from_local_like
+
+    wrapped = from_local_like(dx.to_local() * 3.0, dx)  # for ops with kernels of their own
+    out["from_local_like"] = (wrapped.full_tensor(), tuple(map(str, wrapped.placements)), x * 3.0)
     g = torch.Generator().manual_seed(5 + rank)  # rank 0's generator decides
     out["generator"] = f(dx, P, generator=g).full_tensor()
     if rank == 0:
@@ -498,6 +502,9 @@ def test_edge_cases_on_a_dtensor(results: Any, world: int) -> None:
     assert not zeros.any()
     got, want = r["inplace"]
     assert torch.equal(got, want)
+    full, placements, want = r["from_local_like"]
+    assert placements == ("S(1)",)
+    assert torch.equal(full, want)
     ranks = [_result(results(world), "edges", rank)["generator"] for rank in range(world)]
     for rank in range(world):  # an explicit generator: rank 0's draws, on every rank
         assert torch.equal(ranks[rank], r["generator_ref"]), f"rank {rank}"

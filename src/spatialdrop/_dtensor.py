@@ -267,11 +267,9 @@ def draw_sharded(
     ranges = {d: local_range(fn, x, d) for d in dims}
     with torch.no_grad():
         if key is not None:
-            start, length = ranges[0]
-            local_key = key._replace(sample_ids=key.sample_ids[start : start + length])
             shape = [ranges[d][1] if d in ranges else 1 for d in range(x.dim())]
             first = ranges[column_dim][0] if column_dim is not None else 0
-            local = draw(local_key, shape, first)
+            local = draw(local_rows(fn, key, x), shape, first)
         else:
             table = draw(None, [x.shape[d] if d in ranges else 1 for d in range(x.dim())], 0)
             agree(x.device_mesh, table)

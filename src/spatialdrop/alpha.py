@@ -97,6 +97,11 @@ def alpha_spatial_dropout(
     Unlike it, any channel position works, dim 0 is always the batch, and ``p = 1`` is refused
     (``a`` is undefined there; torch returns zeros).
 
+    A :class:`~torch.distributed.tensor.DTensor` input (``Shard`` of any dim or ``Replicate``;
+    ``Partial`` is refused) gives a DTensor with its placements: keyed, with one id per sample of
+    the *global* batch, the unsharded call's bits; unkeyed, the unsharded call's under the first
+    rank's generator (one broadcast of the noise table): README, "Beyond one machine".
+
     Args:
         input: a floating-point tensor with at least 3 dims, dim 0 the batch.
         p: probability of dropping a channel, in ``[0, 1)``. Default: 0.5.

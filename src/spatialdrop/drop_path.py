@@ -82,6 +82,11 @@ def drop_path(
     ``stochastic_depth(..., mode="row")`` for ``0 < p < 1``. At ``p = 1`` every sample is zeroed
     and, unlike those, no random numbers are drawn.
 
+    A :class:`~torch.distributed.tensor.DTensor` input (``Shard`` of any dim or ``Replicate``;
+    ``Partial`` is refused) gives a DTensor with its placements: keyed, with one id per sample of
+    the *global* batch, the unsharded call's bits; unkeyed, the unsharded call's under the first
+    rank's generator (one broadcast of the noise table): README, "Beyond one machine".
+
     Args:
         input: a floating-point tensor with at least 1 dim; dim 0 is always the batch.
         p: probability of dropping a sample's branch, in ``[0, 1]``. Default: 0.1.

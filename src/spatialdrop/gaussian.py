@@ -86,6 +86,11 @@ def gaussian_spatial_dropout(
     The factor is negative with probability :math:`\Phi(-\sqrt{(1 - p)/p})` (0.16 at p = 0.5,
     below 0.001 for p ≤ 0.1), which flips the sign of that channel.
 
+    A :class:`~torch.distributed.tensor.DTensor` input (``Shard`` of any dim or ``Replicate``;
+    ``Partial`` is refused) gives a DTensor with its placements: keyed, with one id per sample of
+    the *global* batch, the unsharded call's bits; unkeyed, the unsharded call's under the first
+    rank's generator (one broadcast of the noise table): README, "Beyond one machine".
+
     Args:
         input: a floating-point tensor with at least 3 dims, dim 0 the batch.
         p: the dropout rate whose noise variance :math:`p / (1 - p)` is used, in ``[0, 1)``;

@@ -342,7 +342,8 @@ def mask_context(*, step: int | Tensor, sample_ids: Tensor) -> Iterator[None]:
             not recompile.
         sample_ids: a 1-D integer tensor with the global id of each sample of the batch, in
             batch order (dataset indices, or ``rank * local_batch + arange(local_batch)``). Put
-            it on the model's device.
+            it on the model's device. For a DTensor input sharded on the batch, the ids of the
+            whole global batch, on every rank: each rank's layers use the rows of their shard.
 
     Examples:
         >>> import torch

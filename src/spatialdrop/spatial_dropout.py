@@ -62,6 +62,11 @@ def spatial_dropout(
     those it works for any rank and any channel position, and never guesses: dim 0 is always
     the batch.
 
+    A :class:`~torch.distributed.tensor.DTensor` input (``Shard`` of any dim or ``Replicate``;
+    ``Partial`` is refused) gives a DTensor with its placements: keyed, with one id per sample of
+    the *global* batch, the unsharded call's bits; unkeyed, the unsharded call's under the first
+    rank's generator (one broadcast of the noise table): README, "Beyond one machine".
+
     Args:
         input: a floating-point tensor with at least 3 dims, dim 0 the batch.
         p: probability of zeroing a channel, in ``[0, 1]``; for float16 input at most
