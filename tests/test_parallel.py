@@ -1,7 +1,7 @@
 """Keyed masks under data parallelism: the same training whatever the world size and the tools.
 
-A small CNN with SpatialDropout2d, DropBlock2d, DropPath and Gaussian dropout, driven by a
-DropSchedule, trains 10 steps on a global batch of 8 (sample ids: dataset indices). Claims:
+A small CNN with filter dropout, SpatialDropout2d, DropBlock2d, DropPath and Gaussian dropout,
+driven by a DropSchedule, trains 10 steps on a global batch of 8 (sample ids: dataset indices). Claims:
 
 - DDP on 1, 2 and 4 ranks and FSDP2 (``fully_shard``) on 1 and 2 ranks give the loss of one
   process at every step (and its parameters at the end), up to the order of float sums;
@@ -54,7 +54,7 @@ class Block(nn.Module):
 class Net(nn.Module):
     def __init__(self, checkpointed: bool = False) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stem = sd.filter_dropout(nn.Conv2d(3, 8, 3, padding=1), 0.1)
         self.drop = sd.SpatialDropout2d(0.2)
         self.block = sd.DropBlock2d(0.2, 3)
         self.res = Block(checkpointed)
@@ -235,7 +235,7 @@ def test_elastic_resume_on_another_world_size(results: Any, reference: Any, worl
     set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     extra = torch.load(Path(ckpt) / "schedule.pt")
     sched.load_state_dict(extra["sched"])
-    assert [m.p for _, m in sched.modules] == pytest.approx([0.05 + 0.15 * 4 / STEPS] * 4)
+    assert [m.p for _, m in sched.modules] == pytest.approx([0.05 + 0.15 * 4 / STEPS] * 5)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
