@@ -209,6 +209,14 @@ def _edges(mesh: Any, rank: int) -> dict[str, Any]:
     out["generator"] = f(dx, P, generator=g).full_tensor()
     if rank == 0:
         out["generator_ref"] = f(x, P, generator=torch.Generator().manual_seed(5))
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):  # tables travel as bytes
+        low = x.to(dtype)
+        g = torch.Generator().manual_seed(9 + rank)
+        gauss = sd.functional.gaussian_spatial_dropout
+        d = distribute_tensor(low, mesh, [Shard(0)], src_data_rank=None)
+        got = (f(d, P, generator=g).full_tensor(), gauss(d, P, generator=g).full_tensor())
+        g = torch.Generator().manual_seed(9)
+        out[f"dtype-{dtype}"] = (got, (f(low, P, generator=g), gauss(low, P, generator=g)))
     return out
 
 
@@ -508,6 +516,11 @@ def test_edge_cases_on_a_dtensor(results: Any, world: int) -> None:
     ranks = [_result(results(world), "edges", rank)["generator"] for rank in range(world)]
     for rank in range(world):  # an explicit generator: rank 0's draws, on every rank
         assert torch.equal(ranks[rank], r["generator_ref"]), f"rank {rank}"
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        got, want = r[f"dtype-{dtype}"]
+        for g, w in zip(got, want):
+            assert g.dtype == dtype
+            assert torch.equal(g, w), dtype
 
 
 @pytest.mark.parametrize("world", _world_params())
