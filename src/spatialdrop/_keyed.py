@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ._compat import is_compiling
 from ._validation import Shown, fail
-from .keyed import KEYINGS, MaskKey, check_key, current_context, keyed_uniform, mc_layer
+from .keyed import KEYINGS, MaskKey, check_key, current_context, keyed_uniform, mc_layer, uniform_rows
 
 __all__ = ["KEYINGS", "SHARED_SAMPLE_ID", "check_key_arg", "context_key", "keyed_keep"]
 
@@ -44,16 +44,21 @@ def check_key_arg(fn: str, key: Any, generator: object, batch_size: int) -> None
     check_key(fn, key, batch_size, allowed="None or a spatialdrop.MaskKey")
 
 
-def keyed_keep(key: MaskKey, p: float, shape: Sequence[int], like: Tensor) -> Tensor:
+def keyed_keep(key: MaskKey, p: float, shape: Sequence[int], like: Tensor, *, first: int = 0) -> Tensor:
     """A keyed keep mask: 1 where ``keyed_uniform(key, K) >= p``, else 0, in ``like``'s dtype.
 
     ``shape`` is ``(N, ...)`` with ``K`` = the product of its other dims (the per-sample
     Bernoulli draws of a layer: channels, or 1 for DropPath); the result has that shape, on
-    ``like``'s device.
+    ``like``'s device. ``first``: draw columns ``first .. first + K - 1`` of the key's rows
+    instead (the local channels of a shard whose first channel is ``first``).
     """
     per_sample = math.prod(shape[1:])
-    keep = keyed_uniform(key, per_sample, device=like.device) >= p
-    return keep.to(like.dtype).view(tuple(shape))
+    if first == 0:
+        u = keyed_uniform(key, per_sample, device=like.device)
+    else:
+        check_key("keyed_keep", key)
+        u = uniform_rows(key, per_sample, like.device, first)
+    return (u >= p).to(like.dtype).view(tuple(shape))
 
 
 # The keys (step, sample ids, Monte Carlo draw) that each keyed layer drew its recent forwards

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
-from ._keyed import check_key_arg, keyed_keep
+from ._dtensor import check_sharding, draw_sharded, is_dtensor, plain_like
+from ._keyed import check_key_arg
 from ._module import StructuredDropout
 from ._validation import (
     check_bool,
@@ -22,7 +23,7 @@ from ._validation import (
     squeeze_if,
 )
 from .keyed import MaskKey
-from .spatial_dropout import bernoulli_keep, channel_noise_shape
+from .spatial_dropout import channel_noise_shape, draw_keep
 
 __all__ = [
     "AlphaSpatialDropout",
@@ -38,20 +39,36 @@ _LAYOUT = "(N, C, *spatial), or (N, *spatial, C) with channel_dim=-1"
 SELU_NEG_SATURATION = -1.7580993408473766
 
 
-def _draw_keep(
-    input: Tensor, channel_dim: int, p: float, generator: torch.Generator | None, key: MaskKey | None
-) -> Tensor:
-    """Every random number of alpha spatial dropout is drawn here: 1 (kept) or 0 per (sample, channel).
+def _draw_factors(
+    input: Tensor,
+    channel_dim: int,
+    p: float,
+    a: float,
+    generator: torch.Generator | None,
+    key: MaskKey | None,
+) -> tuple[Tensor, Tensor]:
+    """Every random number of alpha spatial dropout is drawn here: ``(factor, offset)`` per (n, c).
 
-    Drawn with ``bernoulli_`` on a ``new_empty`` tensor in the input's dtype, the call that
-    :func:`torch.nn.functional.feature_alpha_dropout` makes, so the same seed gives the same mask
-    (in eager mode; see :func:`~spatialdrop.spatial_dropout.bernoulli_keep`).
+    The keep mask (1 kept, 0 dropped) is drawn with ``bernoulli_`` on a ``new_empty`` tensor in
+    the input's dtype, the call that :func:`torch.nn.functional.feature_alpha_dropout` makes, so
+    the same seed gives the same mask (in eager mode; see
+    :func:`~spatialdrop.spatial_dropout.bernoulli_keep`), then turned into :func:`_affine`'s
+    factor and offset. A DTensor input gets those of its local samples and channels (see
+    :mod:`spatialdrop._dtensor`).
     """
-    shape = channel_noise_shape(input, channel_dim)
+    if is_dtensor(input):
+        plain = plain_like(input)
+        factor, offset = draw_sharded(
+            "alpha_spatial_dropout",
+            input,
+            key,
+            channel_dim,
+            lambda k, shape, first: draw_keep(plain, shape, p, generator, k, first),
+            lambda keep: _affine(keep, p, a),
+        )
+        return factor, offset
     with torch.no_grad():
-        if key is not None:
-            return keyed_keep(key, p, shape, input)
-        return bernoulli_keep(input, shape, p, generator)
+        return _affine(draw_keep(input, channel_noise_shape(input, channel_dim), p, generator, key), p, a)
 
 
 def alpha_spatial_dropout(
@@ -79,6 +96,11 @@ def alpha_spatial_dropout(
     numbers and returns the same bits (the arithmetic is in the input's dtype, as torch's).
     Unlike it, any channel position works, dim 0 is always the batch, and ``p = 1`` is refused
     (``a`` is undefined there; torch returns zeros).
+
+    A :class:`~torch.distributed.tensor.DTensor` input (``Shard`` of any dim or ``Replicate``;
+    ``Partial`` is refused) gives a DTensor with its placements: keyed, with one id per sample of
+    the *global* batch, the unsharded call's bits; unkeyed, the unsharded call's under the first
+    rank's generator (one broadcast of the noise table): README, "Beyond one machine".
 
     Args:
         input: a floating-point tensor with at least 3 dims, dim 0 the batch.
@@ -130,19 +152,26 @@ def alpha_spatial_dropout(
     check_bool(fn, "inplace", inplace)
     check_generator(fn, generator)
     check_key_arg(fn, key, generator, input.shape[0])
+    check_sharding(fn, input)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     check_inplace_target(fn, input, inplace)
     alpha = -SELU_NEG_SATURATION  # ATen's alpha in _dropout_impl: 1.7581
     a = 1.0 / math.sqrt((alpha * alpha * p + 1.0) * (1.0 - p))
     check_scale_fits(fn, p, input.dtype, alpha * a, "a |alpha'| = 1.7581 / sqrt((1 + 3.0909 p)(1 - p))")
-    keep = _draw_keep(input, dim, p, generator, key)
-    with torch.no_grad():
-        # The operations of ATen's _dropout_impl<feature, alpha>, in the same order and dtype.
-        b = keep.add(-1.0).mul_(alpha * a).add_(alpha * a * p)
-        keep.mul_(a)
+    keep, b = _draw_factors(input, dim, p, a, generator, key)
     out = input.mul_(keep) if inplace else input * keep
     return out.add_(b)
+
+
+def _affine(keep: Tensor, p: float, a: float) -> tuple[Tensor, Tensor]:
+    """``(factor, offset)`` from a keep mask (overwritten): the output is ``input * factor + offset``.
+
+    The operations of ATen's ``_dropout_impl<feature, alpha>``, in the same order and dtype.
+    """
+    alpha = SELU_NEG_SATURATION
+    b = keep.add(-1.0).mul_(alpha * a).add_(alpha * a * p)
+    return keep.mul_(a), b
 
 
 class AlphaSpatialDropout(StructuredDropout):

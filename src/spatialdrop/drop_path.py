@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
-from ._keyed import check_key_arg, keyed_keep
+from ._dtensor import check_sharding, draw_sharded, is_dtensor, plain_like
+from ._keyed import check_key_arg
 from ._module import StructuredDropout
 from ._validation import (
     check_bool,
@@ -23,7 +24,7 @@ from ._validation import (
     check_tensor,
 )
 from .keyed import MaskKey
-from .spatial_dropout import bernoulli_keep
+from .spatial_dropout import draw_keep
 
 __all__ = ["DropPath", "drop_path", "drop_path_rates"]
 
@@ -37,17 +38,26 @@ def _draw_keep(
 
     The factor is 0 (dropped) or 1, or ``1 / (1 - p)`` when ``scale``. Drawn in the input's dtype
     with ``bernoulli_`` then ``div_``, the calls of timm's ``drop_path`` and torchvision's
-    ``stochastic_depth(mode="row")``, so the same seed gives the same bits.
+    ``stochastic_depth(mode="row")``, so the same seed gives the same bits. A DTensor input gets
+    the factors of its local samples (see :mod:`spatialdrop._dtensor`).
     """
+
+    def finish(keep: Tensor) -> tuple[Tensor]:
+        return (keep.div_(1.0 - p) if scale else keep,)
+
+    if is_dtensor(input):
+        plain = plain_like(input)
+        return draw_sharded(
+            "drop_path",
+            input,
+            key,
+            None,
+            lambda k, shape, first: draw_keep(plain, shape, p, generator, k),
+            finish,
+        )[0]
     shape = (input.shape[0],) + (1,) * (input.dim() - 1)
     with torch.no_grad():
-        if key is not None:
-            noise = keyed_keep(key, p, shape, input)
-        else:
-            noise = bernoulli_keep(input, shape, p, generator)
-        if scale:
-            noise.div_(1.0 - p)
-    return noise
+        return finish(draw_keep(input, shape, p, generator, key))[0]
 
 
 def drop_path(
@@ -71,6 +81,11 @@ def drop_path(
     With the same seed it returns the same bits as timm's ``drop_path`` and torchvision's
     ``stochastic_depth(..., mode="row")`` for ``0 < p < 1``. At ``p = 1`` every sample is zeroed
     and, unlike those, no random numbers are drawn.
+
+    A :class:`~torch.distributed.tensor.DTensor` input (``Shard`` of any dim or ``Replicate``;
+    ``Partial`` is refused) gives a DTensor with its placements: keyed, with one id per sample of
+    the *global* batch, the unsharded call's bits; unkeyed, the unsharded call's under the first
+    rank's generator (one broadcast of the noise table): README, "Beyond one machine".
 
     Args:
         input: a floating-point tensor with at least 1 dim; dim 0 is always the batch.
@@ -121,6 +136,7 @@ def drop_path(
     check_bool(fn, "scale", scale)
     check_generator(fn, generator)
     check_key_arg(fn, key, generator, input.shape[0])
+    check_sharding(fn, input)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     check_inplace_target(fn, input, inplace)

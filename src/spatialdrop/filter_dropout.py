@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._compat import is_compiling
+from ._dtensor import agree, check_placements, is_dtensor, local_range, plain_like, shard_like
 from ._keyed import keyed_keep
 from ._module import StructuredDropout
 from ._validation import Shown, check_p, check_scale_fits, fail
@@ -28,14 +29,22 @@ def _draw_filter_mask(weight: Tensor, p: float, key: MaskKey | None) -> Tensor:
     Returns a vector of ``weight.shape[0]`` factors in the weight's dtype, each 0 (dropped) or
     ``1 / (1 - p)`` (kept); all zeros at ``p = 1`` without drawing. With a (per-call) ``key``,
     filter ``k`` is kept iff ``keyed_uniform(key, K)[0, k] >= p``.
+
+    A DTensor weight (tensor parallelism; FSDP2's sharded parameter when this hook runs before
+    FSDP's all-gather) gets the whole vector, a plain tensor, the same on every rank of its mesh:
+    keyed, from the key; unkeyed, the first rank's draw (:func:`spatialdrop._dtensor.agree`).
     """
+    fn = "FilterDropout"
     with torch.no_grad():
         k = weight.shape[0]
         if p == 1.0:
-            return weight.new_zeros(k)
-        check_scale_fits("FilterDropout", p, weight.dtype, 1.0 / (1.0 - p), "1/(1-p)")
+            return torch.zeros(k, dtype=weight.dtype, device=weight.device)
+        check_scale_fits(fn, p, weight.dtype, 1.0 / (1.0 - p), "1/(1-p)")
         if key is not None:
             mask = keyed_keep(key, p, (1, k), weight).view(k)
+        elif is_dtensor(weight):  # the first rank's draw on every rank of the weight's mesh
+            mask = bernoulli_keep(plain_like(weight), (k,), p, None)
+            agree(weight.device_mesh, mask)
         else:
             mask = bernoulli_keep(weight, (k,), p, None)
         return mask.div_(1.0 - p)
@@ -118,6 +127,12 @@ class FilterDropout(StructuredDropout):
         mask = self.current_mask()
         if mask is None:
             return input
+        if is_dtensor(input):  # a weight or bias sharded by tensor parallelism: its rows' factors
+            fn = type(self).__name__
+            check_placements(fn, input, arg="weight")
+            start, length = local_range(fn, input, 0)
+            local = mask[start : start + length].view((-1,) + (1,) * (input.dim() - 1))
+            return input * shard_like(input, local, (0,))
         return input * mask.view((-1,) + (1,) * (input.dim() - 1))
 
     def _begin(self, conv: nn.Module, args: Any) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
+from ._dtensor import check_sharding, draw_sharded, is_dtensor
 from ._keyed import check_key_arg
 from ._module import StructuredDropout
 from ._validation import (
@@ -22,7 +23,7 @@ from ._validation import (
     float_dtype_of,
     squeeze_if,
 )
-from .keyed import MaskKey, keyed_normal
+from .keyed import MaskKey, normal_rows
 from .spatial_dropout import channel_noise_shape
 
 __all__ = [
@@ -43,20 +44,26 @@ def _draw_noise(
 
     Returns one factor ``1 + sqrt(p / (1 - p)) * eps``, ``eps ~ N(0, 1)``, per (sample, channel),
     shaped to broadcast against ``input``; drawn and computed in float32 (float64 for float64
-    input), then rounded once to the input's dtype.
+    input), then rounded once to the input's dtype. A DTensor input gets the factors of its local
+    samples and channels (see :mod:`spatialdrop._dtensor`).
     """
-    shape = channel_noise_shape(input, channel_dim)
+    dtype = float_dtype_of(input)
+    factor = math.sqrt(p / (1.0 - p))
+
+    def draw(k: MaskKey | None, shape: list[int], first: int) -> Tensor:
+        if k is not None:
+            return normal_rows(k, shape[channel_dim], input.device, first).to(dtype).view(shape)
+        if generator is None:  # no generator= keyword: see _validation.generator_kwargs
+            return torch.randn(shape, dtype=dtype, device=input.device)
+        return torch.randn(shape, generator=generator, dtype=dtype, device=input.device)
+
+    def finish(eps: Tensor) -> tuple[Tensor]:
+        return (eps.mul_(factor).add_(1.0).to(input.dtype),)
+
+    if is_dtensor(input):
+        return draw_sharded("gaussian_spatial_dropout", input, key, channel_dim, draw, finish)[0]
     with torch.no_grad():
-        if key is not None:
-            eps = keyed_normal(key, input.shape[channel_dim], device=input.device)
-            eps = eps.to(float_dtype_of(input)).view(shape)
-        else:
-            dtype = float_dtype_of(input)
-            if generator is None:  # no generator= keyword: see _validation.generator_kwargs
-                eps = torch.randn(shape, dtype=dtype, device=input.device)
-            else:
-                eps = torch.randn(shape, generator=generator, dtype=dtype, device=input.device)
-        return eps.mul_(math.sqrt(p / (1.0 - p))).add_(1.0).to(input.dtype)
+        return finish(draw(key, channel_noise_shape(input, channel_dim), 0))[0]
 
 
 def gaussian_spatial_dropout(
@@ -78,6 +85,11 @@ def gaussian_spatial_dropout(
     (Srivastava et al., "Dropout", JMLR 2014, section 10, https://jmlr.org/papers/v15/srivastava14a.html).
     The factor is negative with probability :math:`\Phi(-\sqrt{(1 - p)/p})` (0.16 at p = 0.5,
     below 0.001 for p ≤ 0.1), which flips the sign of that channel.
+
+    A :class:`~torch.distributed.tensor.DTensor` input (``Shard`` of any dim or ``Replicate``;
+    ``Partial`` is refused) gives a DTensor with its placements: keyed, with one id per sample of
+    the *global* batch, the unsharded call's bits; unkeyed, the unsharded call's under the first
+    rank's generator (one broadcast of the noise table): README, "Beyond one machine".
 
     Args:
         input: a floating-point tensor with at least 3 dims, dim 0 the batch.
@@ -130,6 +142,7 @@ def gaussian_spatial_dropout(
     check_bool(fn, "inplace", inplace)
     check_generator(fn, generator)
     check_key_arg(fn, key, generator, input.shape[0])
+    check_sharding(fn, input)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     check_inplace_target(fn, input, inplace)

@@ -265,23 +265,37 @@ def _keyed_uniform(
     if per_sample > limit:
         fail(fn, "per_sample", f"an int in [0, 2**{limit.bit_length() - 1}]", per_sample)
     dev = key.sample_ids.device if device is None else check_device(fn, device)
-    return _uniform_rows(key, per_sample, dev)
+    return uniform_rows(key, per_sample, dev)
 
 
-def _uniform_rows(key: MaskKey, per_sample: int, dev: torch.device) -> Tensor:
+def uniform_rows(key: MaskKey, per_sample: int, dev: torch.device, first: int = 0) -> Tensor:
+    """Columns ``first .. first + per_sample - 1`` of :func:`keyed_uniform`'s rows (unchecked).
+
+    A window of the columns costs only its own Philox blocks: a shard of the channels (a
+    DTensor sharded on the channel dim) draws its own columns and nothing else.
+    """
     sid = key.sample_ids.to(device=dev, dtype=torch.int64)
     n = sid.shape[0]
-    blocks = (per_sample + 3) // 4
-    if n == 0 or blocks == 0:
+    start, lead = divmod(first, 4)
+    blocks = (lead + per_sample + 3) // 4
+    if n == 0 or per_sample == 0:
         return torch.zeros((n, per_sample), dtype=torch.float32, device=dev)
     k0, k1 = _layer_key(key.seed, key.layer)
-    col = torch.arange(blocks, dtype=torch.int64, device=dev).view(1, blocks)
+    col = torch.arange(start, start + blocks, dtype=torch.int64, device=dev).view(1, blocks)
     s = sid.view(n, 1)
     words = philox4x32(col, s & MASK32, (s >> 32) & MASK32, _step_word(key.step, dev), k0, k1)
     flat = torch.stack(words, dim=-1).view(n, 4 * blocks)
     if per_sample != 4 * blocks:
-        flat = flat[:, :per_sample]
+        flat = flat[:, lead : lead + per_sample]
     return uint32_to_uniform(flat)
+
+
+def normal_rows(key: MaskKey, per_sample: int, dev: torch.device, first: int = 0) -> Tensor:
+    """Columns ``first .. first + per_sample - 1`` of :func:`keyed_normal`'s rows (unchecked)."""
+    u = uniform_rows(key, 2 * per_sample, dev, 2 * first)
+    u1 = u[:, 0::2].clamp_min(1.0e-7)
+    u2 = u[:, 1::2]
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
 
 
 def keyed_normal(key: MaskKey, per_sample: int, *, device: torch.device | str | None = None) -> Tensor:
@@ -311,10 +325,9 @@ def keyed_normal(key: MaskKey, per_sample: int, *, device: torch.device | str | 
     per_sample = check_int(fn, "per_sample", per_sample, minimum=0)
     if per_sample > 2 * _MAX_STEP:
         fail(fn, "per_sample", "an int in [0, 2**33]", per_sample)
-    u = _keyed_uniform(fn, key, 2 * per_sample, device, limit=4 * _MAX_STEP)
-    u1 = u[:, 0::2].clamp_min(1.0e-7)
-    u2 = u[:, 1::2]
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+    check_key(fn, key)
+    dev = key.sample_ids.device if device is None else check_device(fn, device)
+    return normal_rows(key, per_sample, dev)
 
 
 @contextlib.contextmanager
@@ -329,7 +342,8 @@ def mask_context(*, step: int | Tensor, sample_ids: Tensor) -> Iterator[None]:
             not recompile.
         sample_ids: a 1-D integer tensor with the global id of each sample of the batch, in
             batch order (dataset indices, or ``rank * local_batch + arange(local_batch)``). Put
-            it on the model's device.
+            it on the model's device. For a DTensor input sharded on the batch, the ids of the
+            whole global batch, on every rank: each rank's layers use the rows of their shard.
 
     Examples:
         >>> import torch

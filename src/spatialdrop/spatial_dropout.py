@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from ._compat import is_compiling
+from ._dtensor import check_sharding, draw_sharded, is_dtensor, plain_like
 from ._keyed import check_key_arg, keyed_keep
 from ._module import StructuredDropout
 from ._validation import (
@@ -60,6 +61,11 @@ def spatial_dropout(
     returns the same bits (the scale is rounded to the input's dtype, as torch does). Unlike
     those it works for any rank and any channel position, and never guesses: dim 0 is always
     the batch.
+
+    A :class:`~torch.distributed.tensor.DTensor` input (``Shard`` of any dim or ``Replicate``;
+    ``Partial`` is refused) gives a DTensor with its placements: keyed, with one id per sample of
+    the *global* batch, the unsharded call's bits; unkeyed, the unsharded call's under the first
+    rank's generator (one broadcast of the noise table): README, "Beyond one machine".
 
     Args:
         input: a floating-point tensor with at least 3 dims, dim 0 the batch.
@@ -120,6 +126,7 @@ def spatial_dropout(
     check_bool(fn, "inplace", inplace)
     check_generator(fn, generator)
     check_key_arg(fn, key, generator, input.shape[0])
+    check_sharding(fn, input)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     check_inplace_target(fn, input, inplace)
@@ -127,14 +134,39 @@ def spatial_dropout(
         zero = input.new_zeros(())
         return input.mul_(zero) if inplace else input * zero
     check_scale_fits(fn, p, input.dtype, 1.0 / (1.0 - p), "1/(1-p)")
-    shape = channel_noise_shape(input, dim)
+    if is_dtensor(input):  # each rank gets its part of one mask (see spatialdrop._dtensor)
+        plain = plain_like(input)
+        (factor,) = draw_sharded(
+            fn,
+            input,
+            key,
+            dim,
+            lambda k, shape, first: draw_keep(plain, shape, p, generator, k, first),
+            lambda keep: (keep.div_(1.0 - p),),
+        )
+        return input.mul_(factor) if inplace else input * factor
     with torch.no_grad():
-        if key is not None:
-            noise = keyed_keep(key, p, shape, input)
-        else:
-            noise = bernoulli_keep(input, shape, p, generator)
+        noise = draw_keep(input, channel_noise_shape(input, dim), p, generator, key)
         noise.div_(1.0 - p)
     return input.mul_(noise) if inplace else input * noise
+
+
+def draw_keep(
+    like: Tensor,
+    shape: Sequence[int],
+    p: float,
+    generator: torch.Generator | None,
+    key: MaskKey | None,
+    first: int = 0,
+) -> Tensor:
+    """A keep mask of ``shape`` (1 kept, 0 dropped) in ``like``'s dtype: keyed, or torch's draw.
+
+    With a ``key``, :func:`~spatialdrop._keyed.keyed_keep` (columns from ``first``); else
+    :func:`bernoulli_keep` from ``generator``.
+    """
+    if key is not None:
+        return keyed_keep(key, p, shape, like, first=first)
+    return bernoulli_keep(like, shape, p, generator)
 
 
 def bernoulli_keep(like: Tensor, shape: Sequence[int], p: float, generator: torch.Generator | None) -> Tensor:

@@ -1,0 +1,549 @@
+"""DTensor in, DTensor out: every layer on every placement, on 1, 2 and 4 ranks (gloo, CPU).
+
+The contract (README, "Beyond one machine"):
+
+- keyed, with the global batch's ``sample_ids``: ``layer(distribute_tensor(x, mesh,
+  placements)).full_tensor()`` equals ``layer(x)`` bit for bit, and so does the input's gradient,
+  for ``Shard`` of every dim, ``Replicate`` and 2-D meshes, uneven and empty shards included;
+- the output is a DTensor with the input's placements;
+- unkeyed, with every rank seeded differently: replicas agree, the assembled output is a valid
+  draw, and shards draw independent parts of one mask (binomial tests of the joint rates);
+- ``Partial`` input is refused with a ValueError naming the function and the placement;
+- no warning at all (DTensor's random ops would warn "may not have complete support" on a CPU mesh).
+
+One spawn per world size runs every case (:data:`CASES`); the tests read its results. The ops come
+from the contract table: every activation op whose family is in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import spatialdrop as sd
+from conftest import assert_binomial
+from distributed import run_world
+from optable import ACTIVATION_OPS, OPS_BY_NAME, OpInfo, check_output, nonzero_input
+
+#: The families of the contract table whose ops take DTensors here (DropBlock joins with "block").
+FAMILIES = ("channel", "gaussian", "alpha", "sample")
+#: Families whose unkeyed DTensor call broadcasts its noise table, so that it is the unsharded call
+#: under rank 0's generator bit for bit; the others (DropBlock: an agreed key, ``call_key``) are
+#: held to agreement between ranks and a valid draw.
+TABLE_FAMILIES = ("channel", "gaussian", "alpha", "sample")
+DT_OPS = [op for op in ACTIVATION_OPS if op.family in FAMILIES and op.spatial_dims in (None, 2)]
+WORLDS = (1, 2, 4)
+P = 0.5
+KEY_SEED, KEY_STEP = 11, 3
+ID_OFFSET = 100  # the global ids of the batch's samples: 100, 101, ...
+RANK0_SEED = 77  # unkeyed: rank 0's seed; rank r is seeded RANK0_SEED + 1000 r
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """A global input: its shape, channel axis and whether a module sees it unbatched."""
+
+    name: str
+    shape: tuple[int, ...]
+    channel_dim: int = 1
+    unbatched: bool = False
+
+
+def samples(op: OpInfo) -> list[Sample]:
+    """Odd sizes everywhere, so that shards are uneven; a batch of 1 leaves empty shards."""
+    if op.family == "sample":
+        return [Sample("nchw", (5, 6, 3, 7)), Sample("tokens", (5, 7)), Sample("batch1", (1, 6, 3, 7))]
+    out = [Sample("nchw", (5, 6, 3, 7)), Sample("batch1", (1, 6, 3, 7))]
+    if op.has_channel_dim:
+        out.append(Sample("nhwc", (5, 3, 7, 6), channel_dim=-1))
+    if op.unbatched:
+        out.append(Sample("unbatched", (6, 3, 7), unbatched=True))
+    return out
+
+
+def meshes(world: int) -> list[tuple[int, ...]]:
+    return [(world,), (2, 2)] if world == 4 else [(world,)]
+
+
+def placements(mesh: tuple[int, ...], ndim: int) -> list[tuple[str, ...]]:
+    """``"S<d>"``: Shard(d); ``"R"``: Replicate."""
+    if len(mesh) == 1:
+        return [(f"S{d}",) for d in range(ndim)] + [("R",)]
+    last = f"S{ndim - 1}"
+    return [("S0", "S1"), ("R", last), ("S1", "S1"), (last, "S0")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str
+    mode: str
+    sample: Sample
+    mesh: tuple[int, ...]
+    placements: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        mesh = "x".join(map(str, self.mesh))
+        return f"{self.op}-{self.mode}-{self.sample.name}-mesh{mesh}-{','.join(self.placements)}"
+
+
+def cases(world: int, op: OpInfo | None = None) -> list[Case]:
+    out = []
+    for o in DT_OPS if op is None else [op]:
+        for mode in o.modes:
+            for s in samples(o):
+                for mesh in meshes(world):
+                    for pl in placements(mesh, len(s.shape)):
+                        if s.name == "batch1" and pl not in (("S0",), ("S0", "S1")):
+                            continue  # a batch of 1: only the empty shards are new
+                        out.append(Case(o.name, mode.name, s, mesh, pl))
+    return out
+
+
+# --- the worker ------------------------------------------------------------------------------
+
+
+def _placements(names: tuple[str, ...]) -> list[Any]:
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [Replicate() if n == "R" else Shard(int(n[1:])) for n in names]
+
+
+def _build(op: OpInfo, case: Case, key: sd.MaskKey | None) -> nn.Module:
+    mode = next(m for m in op.modes if m.name == case.mode)
+    cd = case.sample.channel_dim
+    if op.kind == "function":
+        return op.build(P, mode, channel_dim=cd, key=key)
+    return op.build(P, mode, channel_dim=cd, keyed_seed=KEY_SEED if key is not None else None)
+
+
+def _key(sample: Sample) -> sd.MaskKey:
+    n = 1 if sample.unbatched else sample.shape[0]
+    return sd.MaskKey(KEY_SEED, KEY_STEP, 5, torch.arange(ID_OFFSET, ID_OFFSET + n))
+
+
+def _forward_backward(op: OpInfo, module: nn.Module, x: torch.Tensor, w: torch.Tensor, key: Any) -> Any:
+    y = op.run(module, x, key=key if op.is_module else None)
+    (y * w).sum().backward()
+    return y
+
+
+def _run_case(case: Case, mesh: Any, keyed: bool, rank: int) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    op = OPS_BY_NAME[case.op]
+    x = nonzero_input(case.sample.shape, seed=1)
+    w = nonzero_input(case.sample.shape, seed=2)
+    pl = _placements(case.placements)
+    key = _key(case.sample) if keyed else None
+    module = _build(op, case, key)
+    dx = distribute_tensor(x, mesh, pl, src_data_rank=None).requires_grad_(True)
+    dw = distribute_tensor(w, mesh, pl, src_data_rank=None)
+    torch.manual_seed(RANK0_SEED + 1000 * rank)  # every rank its own stream
+    y = _forward_backward(op, module, dx, dw, key)
+    out: dict[str, Any] = {
+        "dtensor": isinstance(y, DTensor),
+        "placements": tuple(map(str, getattr(y, "placements", ()))),
+        "want": tuple(map(str, pl)),
+    }
+    full, grad = y.full_tensor().detach(), dx.grad.full_tensor()
+    if rank == 0:  # the unsharded call: keyed, the same key; unkeyed, rank 0's generator
+        torch.manual_seed(RANK0_SEED)
+        xr = x.clone().requires_grad_(True)
+        ref = _forward_backward(op, module, xr, w, key)
+        out.update(ref=ref.detach(), ref_grad=xr.grad, x=x)
+    out.update(y=full, grad=grad)  # every rank's assembled output: replicas must agree
+    return out
+
+
+def _partial_case(op: OpInfo, mesh: Any) -> list[str]:
+    """The messages of the errors for a Partial input, in training and in eval mode.
+
+    A module is called as it is in a model; eval mode refuses it too (arguments are validated
+    before the eval-mode shortcut, so a bad input fails on the first call).
+    """
+    from torch.distributed.tensor import DTensor, Partial
+
+    x = DTensor.from_local(nonzero_input((2, 4, 3, 3), seed=3), mesh, [Partial()], run_check=False)
+    out = []
+    for training in (True, False):
+        module = op.build(P, op.modes[0], training=training)
+        try:
+            module(x)
+        except ValueError as e:
+            out.append(str(e))
+        else:
+            out.append("no error")
+    return out
+
+
+def _edges(mesh: Any, rank: int) -> dict[str, Any]:
+    """Eval mode, p = 0 and p = 1, inplace, an explicit generator, on a DTensor sharded on channels."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    f = sd.functional.spatial_dropout
+    x = nonzero_input((5, 6, 3, 3), seed=7)
+    dx = distribute_tensor(x, mesh, [Shard(1)], src_data_rank=None)
+    key = sd.MaskKey(1, 2, 3, torch.arange(5))
+    out: dict[str, Any] = {
+        "eval": f(dx, P, training=False) is dx,
+        "p0": f(dx, 0.0) is dx,
+    }
+    ones = f(dx, 1.0)
+    out["p1"] = (ones.full_tensor(), tuple(map(str, ones.placements)))
+    h = (dx * 1.0).requires_grad_(False)
+    f(h, P, inplace=True, key=key)  # a non-leaf written in place
+    out["inplace"] = (h.full_tensor(), f(x, P, key=key) if rank == 0 else None)
+    from spatialdrop._dtensor import from_local_like
+
+    wrapped = from_local_like(dx.to_local() * 3.0, dx)  # for ops with kernels of their own
+    out["from_local_like"] = (wrapped.full_tensor(), tuple(map(str, wrapped.placements)), x * 3.0)
+    g = torch.Generator().manual_seed(5 + rank)  # rank 0's generator decides
+    out["generator"] = f(dx, P, generator=g).full_tensor()
+    if rank == 0:
+        out["generator_ref"] = f(x, P, generator=torch.Generator().manual_seed(5))
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):  # tables travel as bytes
+        low = x.to(dtype)
+        g = torch.Generator().manual_seed(9 + rank)
+        gauss = sd.functional.gaussian_spatial_dropout
+        d = distribute_tensor(low, mesh, [Shard(0)], src_data_rank=None)
+        got = (f(d, P, generator=g).full_tensor(), gauss(d, P, generator=g).full_tensor())
+        g = torch.Generator().manual_seed(9)
+        out[f"dtype-{dtype}"] = (got, (f(low, P, generator=g), gauss(low, P, generator=g)))
+    return out
+
+
+def _stats(mesh: Any, world: int) -> dict[str, Any]:
+    """Unkeyed masks on shards, many draws: the assembled keep masks, for the binomial tests."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    out: dict[str, Any] = {}
+    draws = 4
+    channels = distribute_tensor(torch.ones(250, 2 * world, 1), mesh, [Shard(1)], src_data_rank=None)
+    out["channel"] = torch.stack(
+        [sd.functional.spatial_dropout(channels, P).full_tensor()[:, :, 0] != 0 for _ in range(draws)]
+    )
+    batch = distribute_tensor(torch.ones(250 * world, 3), mesh, [Shard(0)], src_data_rank=None)
+    out["sample"] = torch.stack(
+        [sd.functional.drop_path(batch, P).full_tensor()[:, 0] != 0 for _ in range(draws)]
+    )
+    return out
+
+
+def _checkpointed(mesh: Any) -> dict[str, Any]:
+    """Unkeyed layers under activation checkpointing (``preserve_rng_state=True``, the default).
+
+    The recompute in backward must draw the forward's mask: the agreed bits come from the torch
+    generator that checkpointing restores, and the broadcast runs again on every rank.
+    """
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.utils.checkpoint import checkpoint
+
+    out: dict[str, Any] = {}
+    x = nonzero_input((6, 4, 3, 3), seed=5)
+    w = nonzero_input((6, 4, 3, 3), seed=6)
+    layers = {"spatial": sd.SpatialDropout2d(P), "path": sd.DropPath(P)}
+    for name, layer in layers.items():
+        for pl in (Shard(0), Shard(1), Replicate()):
+            dx = distribute_tensor(x, mesh, [pl], src_data_rank=None).requires_grad_(True)
+            y = checkpoint(layer, dx * 1.0, use_reentrant=False)
+            (y * distribute_tensor(w, mesh, [pl], src_data_rank=None)).sum().backward()
+            out[f"{name}-{pl}"] = (y.full_tensor().detach(), dx.grad.full_tensor())
+    out["x"], out["w"] = x, w
+    return out
+
+
+def _call_keys(mesh: Any, rank: int) -> dict[str, Any]:
+    """``call_key``, for ops whose noise is too large to broadcast (DropBlock): agreed keys."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from spatialdrop._dtensor import call_key
+
+    x = distribute_tensor(torch.zeros(6, 4), mesh, [Shard(0)], src_data_rank=None)
+    state = torch.get_rng_state()
+    first = call_key("t", x, None, None, 6)
+    second = call_key("t", x, None, None, 6)
+    torch.set_rng_state(state)  # what checkpointing's preserve_rng_state does for a recompute
+    again = call_key("t", x, None, None, 6)
+    given = sd.MaskKey(1, 2, 3, torch.arange(6))
+    keys = [(int(k.step), k.sample_ids, k.seed, k.layer) for k in (first, second, again)]
+    return {"keys": keys, "given": call_key("t", x, given, None, 6) is given}
+
+
+def _filter_cases(mesh: Any, rank: int) -> dict[str, Any]:
+    """Filter dropout on a conv whose weight (and bias) are DTensors, keyed and unkeyed.
+
+    DTensor's convolution takes a Replicate weight only (torch 2.13), so the other placements
+    check the parametrized weight that the conv would read: a pre-hook records ``conv.weight``
+    and ``conv.bias`` inside the call, then stops it.
+    """
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    class Stop(Exception):
+        pass
+
+    def conv_with(placement: Any, keyed: bool) -> tuple[nn.Module, list[Any]]:
+        with torch.random.fork_rng(devices=[]):  # the ranks' own streams go on afterwards
+            torch.manual_seed(1234)  # the same weights on every rank and for the reference
+            conv = sd.filter_dropout(nn.Conv2d(3, 8, 3), P)
+        if keyed:
+            sd.keyed_masks(conv, KEY_SEED)
+        if placement is not None:
+            plist = conv.parametrizations
+            bias_pl = [placement] if placement == Shard(0) else [Replicate()]
+            w, b = plist.weight.original.detach(), plist.bias.original.detach()
+            plist.weight.original = nn.Parameter(distribute_tensor(w, mesh, [placement], src_data_rank=None))
+            plist.bias.original = nn.Parameter(distribute_tensor(b, mesh, bias_pl, src_data_rank=None))
+        seen: list[Any] = []
+
+        def record(m: nn.Module, args: Any) -> None:
+            seen.extend([m.weight, m.bias])
+            raise Stop
+
+        conv.register_forward_pre_hook(record)
+        return conv, seen
+
+    def weights(placement: Any, keyed: bool) -> list[torch.Tensor]:
+        conv, seen = conv_with(placement, keyed)
+        ctx = sd.mask_context(step=KEY_STEP, sample_ids=torch.arange(2))
+        with ctx, pytest.raises(Stop):
+            conv(torch.zeros(2, 3, 5, 5))
+        return [t.full_tensor() if placement is not None else t for t in seen]
+
+    out: dict[str, Any] = {}
+    for name, placement in (("S0", Shard(0)), ("S1", Shard(1)), ("R", Replicate())):
+        out[f"keyed-{name}"] = (weights(placement, True), weights(None, True) if rank == 0 else None)
+        out[f"unkeyed-{name}"] = weights(placement, False)
+    # a real forward: Replicate weights, batch-sharded input, keyed
+    conv, _ = conv_with(Replicate(), True)
+    conv._forward_pre_hooks.popitem()  # the recorder
+    ref_conv, _ = conv_with(None, True)
+    ref_conv._forward_pre_hooks.popitem()
+    x = nonzero_input((5, 3, 6, 6), seed=4)
+    with sd.mask_context(step=KEY_STEP, sample_ids=torch.arange(5)):
+        y = conv(distribute_tensor(x, mesh, [Shard(0)], src_data_rank=None))
+        out["forward"] = (y.full_tensor().detach(), tuple(map(str, y.placements)), ref_conv(x).detach())
+    return out
+
+
+def _worker(rank: int, world: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.manual_seed(1000 + rank)  # ranks seeded differently, as in real jobs
+    mesh_objs = {shape: init_device_mesh("cpu", shape) for shape in meshes(world)}
+    results: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # DTensor's random ops would warn on a CPU mesh
+        for case in cases(world):
+            for keyed in (True, False):
+                try:
+                    results[f"{case.id}-{keyed}"] = _run_case(case, mesh_objs[case.mesh], keyed, rank)
+                except Exception:
+                    results[f"{case.id}-{keyed}"] = {"error": traceback.format_exc()}
+        flat = mesh_objs[(world,)]
+        for op in DT_OPS:
+            results[f"partial-{op.name}"] = _partial_case(op, flat)
+        for what, run in (
+            ("stats", lambda: _stats(flat, world)),
+            ("filter", lambda: _filter_cases(flat, rank)),
+            ("checkpoint", lambda: _checkpointed(flat)),
+            ("call_key", lambda: _call_keys(flat, rank)),
+            ("edges", lambda: _edges(flat, rank)),
+        ):
+            try:
+                results[what] = run()
+            except Exception:
+                results[what] = {"error": traceback.format_exc()}
+    return results
+
+
+# --- the tests -------------------------------------------------------------------------------
+
+_RESULTS: dict[int, list[dict[str, Any]]] = {}
+
+
+@pytest.fixture(scope="module")
+def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    def get(world: int) -> list[dict[str, Any]]:
+        if world not in _RESULTS:
+            out = tmp_path_factory.mktemp(f"dtensor{world}")
+            _RESULTS[world] = run_world(_worker, world, Path(out), timeout_s=600.0)
+        return _RESULTS[world]
+
+    return get
+
+
+def _world_params() -> list[Any]:
+    # world 2 in the default run; 1 and 4 in the slow subset (a spawn of 4 processes costs a minute)
+    return [pytest.param(w, marks=[pytest.mark.slow] if w != 2 else [], id=f"world{w}") for w in WORLDS]
+
+
+def _result(res: list[dict[str, Any]], key: str, rank: int = 0) -> dict[str, Any]:
+    r = res[rank][key]
+    assert "error" not in r, f"{key} on rank {rank}:\n{r['error']}"
+    return r
+
+
+@pytest.mark.parametrize("world", _world_params())
+@pytest.mark.parametrize("op", [pytest.param(op, id=op.name) for op in DT_OPS])
+def test_keyed_any_sharding_gives_the_unsharded_bits(results: Any, world: int, op: OpInfo) -> None:
+    res = results(world)
+    checked = 0
+    for case in cases(world, op):
+        r = _result(res, f"{case.id}-True")
+        assert r["dtensor"], case.id
+        assert r["placements"] == r["want"], case.id
+        assert torch.equal(r["y"], r["ref"]), f"{case.id}: output differs from the unsharded one"
+        assert torch.equal(r["grad"], r["ref_grad"]), f"{case.id}: gradient differs"
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("world", _world_params())
+@pytest.mark.parametrize("op", [pytest.param(op, id=op.name) for op in DT_OPS])
+def test_unkeyed_is_the_unsharded_call_with_the_first_ranks_generator(
+    results: Any, world: int, op: OpInfo
+) -> None:
+    res = results(world)
+    for case in cases(world, op):
+        mine = [_result(res, f"{case.id}-False", rank) for rank in range(world)]
+        assert mine[0]["dtensor"], case.id
+        assert mine[0]["placements"] == mine[0]["want"], case.id
+        for rank in range(1, world):  # every rank was seeded differently: replicas still agree
+            assert torch.equal(mine[rank]["y"], mine[0]["y"]), f"{case.id}: rank {rank} disagrees with rank 0"
+        if op.family in TABLE_FAMILIES:
+            assert torch.equal(mine[0]["y"], mine[0]["ref"]), f"{case.id}: not rank 0's unsharded draw"
+            assert torch.equal(mine[0]["grad"], mine[0]["ref_grad"]), f"{case.id}: gradient differs"
+        mode = next(m for m in op.modes if m.name == case.mode)
+        check_output(  # and a valid draw (not a trivial all-keep)
+            op,
+            mode,
+            P,
+            mine[0]["x"],
+            mine[0]["y"],
+            channel_dim=case.sample.channel_dim,
+            unbatched=case.sample.unbatched,
+            what=case.id,
+        )
+
+
+@pytest.mark.parametrize("world", [p for p in _world_params() if p.values[0] > 1])
+def test_unkeyed_shards_draw_independent_parts_of_one_mask(results: Any, world: int) -> None:
+    stats = _result(results(world), "stats")
+    for rank in range(1, world):
+        assert torch.equal(_result(results(world), "stats", rank)["channel"], stats["channel"])
+    # spatial dropout, Shard(1): each rank holds 2 channels of every sample
+    keep = stats["channel"]  # (draws, N, C)
+    n = keep[..., 0].numel()
+    for c in range(keep.shape[-1]):
+        assert_binomial(int((~keep[..., c]).sum()), n, P, f"channel {c} dropped")
+    for c in range(2, keep.shape[-1]):  # channel 0 (rank 0) against the other ranks' channels
+        both = int((~keep[..., 0] & ~keep[..., c]).sum())
+        assert_binomial(both, n, P * P, f"channels 0 and {c} dropped together")
+    # across calls: the second draw is independent of the first
+    assert_binomial(int((~keep[0] & ~keep[1]).sum()), keep[0].numel(), P * P, "dropped in draws 0 and 1")
+    # DropPath, Shard(0): each rank holds 250 samples; sample i of rank 0 against sample i of rank r
+    keep = stats["sample"]  # (draws, 250 * world)
+    assert_binomial(int((~keep).sum()), keep.numel(), P, "samples dropped")
+    parts = keep.view(keep.shape[0], world, -1)
+    for r in range(1, world):
+        both = int((~parts[:, 0] & ~parts[:, r]).sum())
+        assert_binomial(both, parts[:, 0].numel(), P * P, f"sample i of ranks 0 and {r} dropped together")
+
+
+@pytest.mark.parametrize("world", _world_params())
+def test_unkeyed_checkpoint_recomputes_the_forward_mask(results: Any, world: int) -> None:
+    r = _result(results(world), "checkpoint")
+    x, w = r["x"], r["w"]
+    cases = [k for k in r if k not in ("x", "w")]
+    assert len(cases) == 6
+    for case in cases:
+        y, grad = r[case]
+        kept = y != 0
+        assert torch.equal(y, torch.where(kept, x * 2, 0.0)), case  # p = 0.5: kept values doubled
+        assert torch.equal(grad, torch.where(kept, w * 2, 0.0)), f"{case}: backward used another mask"
+        assert 0 < int(kept.sum()) < kept.numel(), case
+
+
+@pytest.mark.parametrize("world", _world_params())
+def test_call_key_agrees_across_ranks_and_follows_the_generator(results: Any, world: int) -> None:
+    res = results(world)
+    keys = [_result(res, "call_key", rank)["keys"] for rank in range(world)]
+    for rank in range(1, world):  # ranks seeded differently agree
+        for a, b in zip(keys[rank], keys[0]):
+            assert a[0] == b[0], f"rank {rank}"
+            assert torch.equal(a[1], b[1]), f"rank {rank}"
+    first, second, again = keys[0]
+    assert first[0] != second[0]  # a new key per call
+    assert not torch.equal(first[1], second[1])
+    assert first[0] == again[0]  # the restored generator gives the same key again
+    assert torch.equal(first[1], again[1])
+    assert first[1].tolist() == [(first[1][0] >> 32 << 32) + i for i in range(6)]  # positions 0..5
+    assert _result(res, "call_key")["given"]  # a user's key is used as it is
+
+
+@pytest.mark.parametrize("world", _world_params())
+def test_partial_input_is_refused(results: Any, world: int) -> None:
+    res = results(world)
+    for op in DT_OPS:
+        fn = op.name if op.kind == "function" else op.function.__name__  # type: ignore[union-attr]
+        for msg in res[0][f"partial-{op.name}"]:  # training, then eval mode
+            assert msg.startswith(f"{fn}: input must be "), (op.name, msg)
+            assert "Partial(sum)" in msg, (op.name, msg)
+            assert "partial sum" in msg, (op.name, msg)
+
+
+@pytest.mark.parametrize("world", _world_params())
+def test_edge_cases_on_a_dtensor(results: Any, world: int) -> None:
+    r = _result(results(world), "edges")
+    assert r["eval"]  # eval mode and p = 0: the input itself
+    assert r["p0"]
+    zeros, placements = r["p1"]
+    assert placements == ("S(1)",)
+    assert not zeros.any()
+    got, want = r["inplace"]
+    assert torch.equal(got, want)
+    full, placements, want = r["from_local_like"]
+    assert placements == ("S(1)",)
+    assert torch.equal(full, want)
+    ranks = [_result(results(world), "edges", rank)["generator"] for rank in range(world)]
+    for rank in range(world):  # an explicit generator: rank 0's draws, on every rank
+        assert torch.equal(ranks[rank], r["generator_ref"]), f"rank {rank}"
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        got, want = r[f"dtype-{dtype}"]
+        for g, w in zip(got, want):
+            assert g.dtype == dtype
+            assert torch.equal(g, w), dtype
+
+
+@pytest.mark.parametrize("world", _world_params())
+def test_filter_dropout_with_dtensor_weights(results: Any, world: int) -> None:
+    res = results(world)
+    r = _result(res, "filter")
+    for name in ("S0", "S1", "R"):
+        got, want = r[f"keyed-{name}"]
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), f"keyed, weight {name}"
+        weight = [_result(res, "filter", rank)[f"unkeyed-{name}"][0] for rank in range(world)]
+        for rank in range(1, world):
+            assert torch.equal(weight[rank], weight[0]), f"unkeyed, weight {name}: rank {rank} disagrees"
+        torch.manual_seed(1234)
+        plain = nn.Conv2d(3, 8, 3).weight.detach()
+        dropped = (weight[0] == 0).flatten(1).all(1)
+        assert torch.equal(weight[0][~dropped], plain[~dropped] * 2), f"unkeyed, weight {name}"
+    y, placements, ref = r["forward"]
+    assert placements == ("S(0)",)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)  # conv on a shard of the batch
+
+
+def test_the_table_covers_every_family_but_dropblock() -> None:
+    families = {op.family for op in ACTIVATION_OPS}
+    assert families - set(FAMILIES) == {"block"}  # DropBlock: the lead adds "block" to FAMILIES
+    assert {"spatial_dropout", "SpatialDropout2d", "DropPath", "drop_path"} <= {op.name for op in DT_OPS}
