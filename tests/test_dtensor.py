@@ -32,8 +32,8 @@ from conftest import assert_binomial
 from distributed import run_world
 from optable import ACTIVATION_OPS, OPS_BY_NAME, OpInfo, check_output, nonzero_input
 
-#: The families of the contract table whose ops take DTensors here (DropBlock joins with "block").
-FAMILIES = ("channel", "gaussian", "alpha", "sample")
+#: The families of the contract table whose ops take DTensors here: all of them.
+FAMILIES = ("channel", "gaussian", "alpha", "sample", "block")
 #: Families whose unkeyed DTensor call broadcasts its noise table, so that it is the unsharded call
 #: under rank 0's generator bit for bit; the others (DropBlock: an agreed key, ``call_key``) are
 #: held to agreement between ranks and a valid draw.
@@ -44,6 +44,7 @@ P = 0.5
 KEY_SEED, KEY_STEP = 11, 3
 ID_OFFSET = 100  # the global ids of the batch's samples: 100, 101, ...
 RANK0_SEED = 77  # unkeyed: rank 0's seed; rank r is seeded RANK0_SEED + 1000 r
+BLOCK_P = 0.3  # DropBlock's rate in the per-position test
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +234,11 @@ def _stats(mesh: Any, world: int) -> dict[str, Any]:
     batch = distribute_tensor(torch.ones(250 * world, 3), mesh, [Shard(0)], src_data_rank=None)
     out["sample"] = torch.stack(
         [sd.functional.drop_path(batch, P).full_tensor()[:, 0] != 0 for _ in range(draws)]
+    )
+    # DropBlock sharded over the width: blocks cross the shard borders (seeds of the halo)
+    maps = distribute_tensor(torch.ones(300, 2, 5, 4 * world), mesh, [Shard(3)], src_data_rank=None)
+    out["block"] = torch.stack(
+        [sd.functional.drop_block(maps, BLOCK_P, 3).full_tensor() == 0 for _ in range(2)]
     )
     return out
 
@@ -543,7 +549,42 @@ def test_filter_dropout_with_dtensor_weights(results: Any, world: int) -> None:
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)  # conv on a shard of the batch
 
 
-def test_the_table_covers_every_family_but_dropblock() -> None:
+def test_the_table_covers_every_family() -> None:
     families = {op.family for op in ACTIVATION_OPS}
-    assert families - set(FAMILIES) == {"block"}  # DropBlock: the lead adds "block" to FAMILIES
-    assert {"spatial_dropout", "SpatialDropout2d", "DropPath", "drop_path"} <= {op.name for op in DT_OPS}
+    assert families == set(FAMILIES)
+    names = {op.name for op in DT_OPS}
+    assert {
+        "spatial_dropout",
+        "SpatialDropout2d",
+        "DropPath",
+        "drop_path",
+        "drop_block",
+        "DropBlock2d",
+    } <= names
+
+
+@pytest.mark.parametrize("world", [p for p in _world_params() if p.values[0] > 1])
+def test_unkeyed_drop_block_rate_is_p_at_every_position_shard_borders_included(
+    results: Any, world: int
+) -> None:
+    res = results(world)
+    dropped = _result(res, "stats")["block"]  # (draws, N, C, H, W), W sharded over the ranks
+    for rank in range(1, world):
+        assert torch.equal(_result(res, "stats", rank)["block"], dropped)
+    trials = dropped[..., 0, 0].numel()
+    counts = dropped.sum(dim=(0, 1, 2))  # per position (H, W)
+    width = dropped.shape[-1]
+    borders = {w for r in range(1, world) for w in (4 * r - 1, 4 * r)}
+    assert borders
+    for h in range(counts.shape[0]):
+        for w in range(width):
+            where = "at a shard border" if w in borders else "inside a shard"
+            assert_binomial(int(counts[h, w]), trials, BLOCK_P, f"position ({h}, {w}) {where}")
+    # blocks cross the borders: two neighbours across a border are both dropped as often as two
+    # neighbours inside a shard. Both kept: no seed among the 3 x 4 places covering either (each is
+    # covered by 3 x 3, kept with 1 - p), so P(both dropped) = 1 - 2 (1 - p) + (1 - p) ** (12 / 9).
+    both_p = 1 - 2 * (1 - BLOCK_P) + (1 - BLOCK_P) ** (12 / 9)
+    for w in range(width - 1):
+        both = int((dropped[..., 1:4, w] & dropped[..., 1:4, w + 1]).sum())  # rows away from the edges
+        where = "across a shard border" if w in borders and w + 1 in borders else "inside a shard"
+        assert_binomial(both, dropped[..., 1:4, w].numel(), both_p, f"columns {w}, {w + 1} {where}")

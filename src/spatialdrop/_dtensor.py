@@ -71,6 +71,7 @@ __all__ = [
     "local_rows",
     "plain_like",
     "shard_like",
+    "sum_over_shards",
 ]
 
 #: The key of :func:`call_key`'s agreed draws: a fixed (seed, layer) (``"dtensor"`` and
@@ -277,6 +278,24 @@ def draw_sharded(
             for d, (start, length) in ranges.items():
                 local = local.narrow(d, start, length)
         return tuple(shard_like(x, t, dims) for t in finish(local))
+
+
+def sum_over_shards(x: DTensor, table: Tensor, dims: Sequence[int]) -> None:
+    """Sum ``table`` in place over the mesh dims that shard ``x`` along one of ``dims``.
+
+    For a quantity summed over tensor dims ``dims`` (a sample's dropped positions over its
+    channels and spatial dims) of which each rank holds a part: ranks of a mesh dim that shards
+    another tensor dim (the batch) or replicates hold other samples or the same part.
+    """
+    import torch.distributed as dist
+
+    for mesh_dim, placement in enumerate(x.placements):
+        if (
+            placement.is_shard()
+            and getattr(placement, "dim", None) in dims
+            and x.device_mesh.size(mesh_dim) > 1
+        ):
+            dist.all_reduce(table, group=x.device_mesh.get_group(mesh_dim))
 
 
 def check_sharding(fn: str, x: Tensor) -> None:

@@ -169,7 +169,7 @@ def _affine(keep: Tensor, p: float, a: float) -> tuple[Tensor, Tensor]:
 
     The operations of ATen's ``_dropout_impl<feature, alpha>``, in the same order and dtype.
     """
-    alpha = SELU_NEG_SATURATION
+    alpha = -SELU_NEG_SATURATION  # ATen's alpha in _dropout_impl: 1.7581
     b = keep.add(-1.0).mul_(alpha * a).add_(alpha * a * p)
     return keep.mul_(a), b
 

@@ -21,6 +21,7 @@ This module holds the public op and modules; the internals are in :mod:`spatiald
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any, Union
@@ -31,7 +32,17 @@ from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from ._dropblock.geometry import Geometry, check_representable
 from ._dropblock.ops import run
-from ._dropblock.scale import POLICIES
+from ._dropblock.scale import POLICIES, scale_factor
+from ._dropblock.window import local_geometry, window_of
+from ._dtensor import (
+    call_key,
+    check_sharding,
+    from_local_like,
+    is_dtensor,
+    local_range,
+    local_rows,
+    sum_over_shards,
+)
 from ._keyed import check_key_arg
 from ._module import StructuredDropout
 from ._validation import (
@@ -202,10 +213,65 @@ def drop_block(
             block_size,
         )
     check_representable(fn, geo, block_size)
+    check_sharding(fn, input)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     check_inplace_target(fn, input, inplace)
+    if is_dtensor(input):
+        return _sharded(input, p, geo, seeding, scale, generator, key, inplace)
     return run(input, p, geo, seeding, scale, generator, key, inplace)
+
+
+def _sharded(
+    x: Tensor,
+    p: float,
+    geo: Geometry,
+    seeding: str,
+    scale: str,
+    generator: torch.Generator | None,
+    key: MaskKey | None,
+    inplace: bool,
+) -> Tensor:
+    """DropBlock of a DTensor: every rank computes the window of the global mask that it holds.
+
+    The local op runs on the local shard with a window (:mod:`spatialdrop._dropblock.window`):
+    the seeds of the local samples' global seed grid whose blocks reach the shard, halos
+    included, from global coordinates, with no communication. Keyed, the result is the unsharded
+    call's, bit for bit; unkeyed, :func:`~spatialdrop._dtensor.call_key` makes one agreed key
+    (one 16-byte broadcast), so replicas agree and shards are parts of one mask. With
+    ``scale="realized"`` over a sample split across ranks, its dropped count is summed over them.
+    The output has the input's placements.
+    """
+    fn = "drop_block"
+    local_key = local_rows(fn, call_key(fn, x, key, generator, x.shape[0]), x)  # type: ignore[arg-type]
+    ranges = {d: local_range(fn, x, d) for d in range(1, x.dim())}  # type: ignore[arg-type]
+    window = window_of(
+        geo.channels, ranges[geo.channel_dim][0], geo.sizes, [ranges[d][0] for d in geo.spatial]
+    )
+    local = x.to_local()  # type: ignore[attr-defined]
+    geo_l = local_geometry(local.shape, geo.channel_dim, geo.blocks, geo.shared)
+    counted = [d for d in range(1, x.dim()) if not (geo.shared and d == geo.channel_dim)]
+    split = any(ranges[d][1] != x.shape[d] for d in counted)
+    local_scale = "none" if scale == "realized" and split else scale
+    out = (
+        local.clone()
+        if local.numel() == 0
+        else run(local, p, geo_l, seeding, local_scale, None, local_key, False, window)
+    )
+    if local_scale != scale:  # a sample's kept fraction, over all the ranks that hold a part of it
+        dropped = torch.zeros(local.shape[0], dtype=torch.int64, device=local.device)
+        if local.numel():
+            ones = torch.ones_like(local)
+            mask = run(ones, p, geo_l, seeding, "none", None, local_key, False, window) == 0
+            if geo.shared:
+                mask = mask.narrow(geo.channel_dim, 0, 1)
+            dropped += mask.sum(dim=tuple(range(1, mask.dim())), dtype=torch.int64)
+        sum_over_shards(x, dropped, counted)  # type: ignore[arg-type]
+        factor = scale_factor("realized", p, dropped, math.prod(geo.map_shape[1:]), local)
+        assert factor is not None
+        out = (out.to(factor.dtype) * factor.view((-1,) + (1,) * (out.dim() - 1))).to(out.dtype)
+    result = from_local_like(out, x)  # type: ignore[arg-type]
+    return x.copy_(result) if inplace else result
 
 
 # --- modules -------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from torch import Tensor
 from .._compat import is_compiling
 from .geometry import Geometry
 from .sparse import PLAN_NONE, drop_block_backward, drop_block_op, op_key, package_plan, write_sparse
+from .window import local_geometry
 
 __all__ = [
     "BackwardFunction",
@@ -40,8 +41,11 @@ __all__ = [
     "functorch_active",
 ]
 
-_FORWARD_ARGS = 12  # input, seed, p, block_size, channel_dim, shared, seeding, scale, words, step, ids, plan
-_BACKWARD_ARGS = 14  # grad, heads, info, factor, seed, p, block_size, channel_dim, shared, seeding, ...
+# the ops' arguments: input, seed, p, block_size, channel_dim, shared, seeding, scale, words, step,
+# ids, plan, window; grad, heads, info, factor, seed, p, ..., ids, window (always all passed)
+_FORWARD_ARGS = 13
+_BACKWARD_ARGS = 15
+_PLAN = 11  # the position of ``plan`` among the forward op's arguments
 
 
 def functorch_active() -> bool:
@@ -53,25 +57,41 @@ def functorch_active() -> bool:
 
 
 def _setup_forward(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    _, seed, p, blocks, channel_dim, shared, seeding, scale, words, step, ids, _ = inputs
+    _, seed, p, blocks, channel_dim, shared, seeding, scale, words, step, ids, _, window = inputs
     _, heads, info, factor = output
     ctx.save_for_backward(heads, info, factor, seed, p, step, ids)
-    ctx.options = (blocks, channel_dim, shared, seeding, scale, words)
+    ctx.options = (blocks, channel_dim, shared, seeding, scale, words, window)
     ctx.mark_non_differentiable(heads, info, factor)
 
 
 def _setup_backward(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    _, heads, info, factor, seed, p, blocks, channel_dim, shared, seeding, scale, words, step, ids = inputs
+    _, heads, info, factor, seed, p, blocks, channel_dim, shared, seeding, scale, words, step, ids, window = (
+        inputs
+    )
     ctx.save_for_backward(heads, info, factor, seed, p, step, ids)
-    ctx.options = (blocks, channel_dim, shared, seeding, scale, words)
+    ctx.options = (blocks, channel_dim, shared, seeding, scale, words, window)
 
 
 def _replay(ctx: Any, grad: Tensor) -> Tensor:
     """The formula: the incoming gradient times the forward's mask and scale."""
     heads, info, factor, seed, p, step, ids = ctx.saved_tensors
-    blocks, channel_dim, shared, seeding, scale, words = ctx.options
+    blocks, channel_dim, shared, seeding, scale, words, window = ctx.options
     return call_backward(
-        grad, heads, info, factor, seed, p, blocks, channel_dim, shared, seeding, scale, words, step, ids
+        grad,
+        heads,
+        info,
+        factor,
+        seed,
+        p,
+        blocks,
+        channel_dim,
+        shared,
+        seeding,
+        scale,
+        words,
+        step,
+        ids,
+        window,
     )
 
 
@@ -118,10 +138,13 @@ class InplaceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, *args: Any) -> Tensor:
-        input, seed, p, blocks, channel_dim, shared, seeding, scale, words, step, ids, plan = args
-        geo = Geometry(input.shape, channel_dim, blocks, shared, seeding)
+        input, seed, p, blocks, channel_dim, shared, seeding, scale, words, step, ids, plan, window = args
+        if window is None:
+            geo = Geometry(input.shape, channel_dim, blocks, shared, seeding)
+        else:
+            geo = local_geometry(input.shape, channel_dim, blocks, shared)
         key = None if words is None else op_key(words, step, ids)
-        kept, factor = write_sparse(input, input, geo, float(p), seeding, scale, seed, key)
+        kept, factor = write_sparse(input, input, geo, float(p), seeding, scale, seed, key, window)
         output = (input, *package_plan(kept, factor, input, geo, scale, plan))
         ctx.mark_dirty(input)
         _setup_forward(ctx, args, output)
@@ -132,10 +155,14 @@ class InplaceFunction(torch.autograd.Function):
         return _forward_grads(ctx, grad)
 
 
+def _no_plan(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (*args[:_PLAN], PLAN_NONE, *args[_PLAN + 1 :])
+
+
 def call_forward(*args: Any) -> tuple[Tensor, ...]:
     """Call ``spatialdrop::drop_block``, through :class:`ForwardFunction` under torch.func."""
     if functorch_active():
-        return ForwardFunction.apply(*args[:-1], PLAN_NONE)
+        return ForwardFunction.apply(*_no_plan(args))
     return drop_block_op(*args)
 
 
@@ -163,7 +190,7 @@ def _vmap_rule(call: Any) -> Any:
 
 
 def _forward_no_plan(*args: Any) -> tuple[Tensor, ...]:
-    return drop_block_op(*args[:-1], PLAN_NONE)
+    return drop_block_op(*_no_plan(args))
 
 
 torch.library.register_autograd(drop_block_op, _forward_grads, setup_context=_setup_forward)

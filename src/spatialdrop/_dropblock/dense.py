@@ -31,6 +31,7 @@ from .geometry import Geometry, grow_blocks
 from .keyed_seeds import draw_keyed_seeds
 from .sampling import rand
 from .scale import scale_factor, scaled
+from .window import global_geometry, localize_dense
 
 __all__ = ["drop_block_dense", "keyed_seed_grid", "seed_rate_op"]
 
@@ -99,14 +100,22 @@ def drop_block_dense(
     scale: str,
     generator: torch.Generator | None,
     key: MaskKey | None,
+    window: list[int] | None = None,
 ) -> Tensor:
     """DropBlock with static shapes and no device-to-host read: dense seed grid, grown blocks.
 
     The output has the input's dtype and the layout ``torch.empty_like(input)`` gives (the
-    memory format of a channels-last input, the strides of any dense one).
+    memory format of a channels-last input, the strides of any dense one). With a ``window``
+    (see :mod:`.window`) ``geo`` is the local geometry and the seeds come from the global grid.
     """
     with torch.no_grad():
-        grid = _seed_grid(p, geo, seeding, generator, key, input.device)
+        if window is None:
+            grid = _seed_grid(p, geo, seeding, generator, key, input.device)
+        else:
+            geo_g = global_geometry(input.shape, geo.channel_dim, geo.blocks, geo.shared, seeding, window)
+            grid = localize_dense(
+                _seed_grid(p, geo_g, seeding, generator, key, input.device), geo_g, geo, window
+            )
         blocks = grow_blocks(grid.view((geo.maps, *geo.grid)), geo).reshape(geo.map_shape)
         dropped = None
         if scale == "realized":  # counted over the map (channels once for a shared mask)

@@ -79,17 +79,22 @@ def run(
     generator: torch.Generator | None,
     key: MaskKey | None,
     inplace: bool = False,
+    window: list[int] | None = None,
 ) -> Tensor:
     """DropBlock of a checked, non-empty input in training mode, by the right path.
 
     With ``inplace`` the result is written into ``input``: directly by the eager sparse path
     (:class:`~.autograd.InplaceFunction`: no full-size temporary) when ``input`` is dense, else
-    computed out of place and copied in.
+    computed out of place and copied in. With a ``window`` (a DTensor's shard: see
+    :mod:`.window`), ``geo`` is the shard's local geometry and the mask is the window of the
+    global one; the fused Triton kernel takes no window (the dense path does).
     """
     if torch.compiler.is_exporting():  # no custom op in an exported program (ONNX cannot lower it)
-        return _copied(input, drop_block_dense(input, p, geo, seeding, scale, generator, key), inplace)
+        return _copied(
+            input, drop_block_dense(input, p, geo, seeding, scale, generator, key, window), inplace
+        )
     if _static_path(input):
-        if 1 <= len(geo.sizes) <= 3 and triton_available(input) and not functorch_active():
+        if window is None and 1 <= len(geo.sizes) <= 3 and triton_available(input) and not functorch_active():
             out = triton_drop_block(
                 input,
                 p_tensor(p),
@@ -102,7 +107,9 @@ def run(
                 key=key,
             )
             return _copied(input, out, inplace)
-        return _copied(input, drop_block_dense(input, p, geo, seeding, scale, generator, key), inplace)
+        return _copied(
+            input, drop_block_dense(input, p, geo, seeding, scale, generator, key, window), inplace
+        )
     seed, words, step, ids = _op_args(generator, key)
     plan = PLAN_EXACT  # eager: keep the plan, of data-dependent length
     if geo.shared or functorch_active():
@@ -111,9 +118,9 @@ def run(
         plan = PLAN_STATIC
     args = (input, seed, p_tensor(p), list(geo.blocks), geo.channel_dim, geo.shared, seeding, scale)
     if inplace and plan != PLAN_STATIC and not functorch_active() and is_dense(input):
-        written: Tensor = InplaceFunction.apply(*args, words, step, ids, plan)
+        written: Tensor = InplaceFunction.apply(*args, words, step, ids, plan, window)
         return written
-    return _copied(input, call_forward(*args, words, step, ids, plan)[0], inplace)
+    return _copied(input, call_forward(*args, words, step, ids, plan, window)[0], inplace)
 
 
 def _copied(input: Tensor, out: Tensor, inplace: bool) -> Tensor:

@@ -42,6 +42,7 @@ from . import seeds as _seeds
 from .calibration import seed_rate
 from .geometry import Geometry, Plan, apply_plan, block_plan, map_offsets, paint_blocks, run_lengths
 from .scale import acc_dtype, factor_shape, scale_factor, scaled
+from .window import global_geometry, local_geometry, localize_sparse
 
 __all__ = [
     "PLAN_EXACT",
@@ -87,17 +88,26 @@ def write_sparse(
     scale: str,
     seed: Optional[Tensor],
     key: Optional[MaskKey],
+    window: Optional[list[int]] = None,
 ) -> tuple[Optional[Plan], Optional[Tensor]]:
     """Write ``input * scale`` with every seed's block zeroed into ``out`` (dense, input's shape).
 
-    Returns the per-channel write plan (``None`` for shared masks) and the scale factor.
+    Returns the per-channel write plan (``None`` for shared masks) and the scale factor. With a
+    ``window`` (see :mod:`.window`) ``input`` is a window of larger maps and ``geo`` its local
+    geometry (:func:`~.window.local_geometry`): the seeds are drawn for the global maps.
     """
-    gamma = seed_rate(p, geo.sizes, geo.blocks, seeding)
     generator = None
     if key is None:
         assert seed is not None, "write_sparse: an unkeyed draw needs a seed"
         generator = torch.Generator(device=input.device).manual_seed(int(seed))
-    seeds = _seeds.draw_grid(geo.places, gamma, generator, input.device, dense=False, key=key)
+    if window is None:
+        gamma = seed_rate(p, geo.sizes, geo.blocks, seeding)
+        seeds = _seeds.draw_grid(geo.places, gamma, generator, input.device, dense=False, key=key)
+    else:
+        geo_g = global_geometry(input.shape, geo.channel_dim, geo.blocks, geo.shared, seeding, window)
+        gamma = seed_rate(p, geo_g.sizes, geo_g.blocks, seeding)
+        drawn = _seeds.draw_grid(geo_g.places, gamma, generator, input.device, dense=False, key=key)
+        seeds = localize_sparse(drawn, geo_g, geo, window)
     if not geo.shared:
         strides = [out.stride(d) for d in geo.spatial]
         plan = block_plan(seeds, geo, map_offsets(out, geo), strides)
@@ -145,20 +155,35 @@ def drop_block_op(
     step: Optional[Tensor],
     sample_ids: Optional[Tensor],
     plan: int,
+    window: Optional[list[int]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """DropBlock of ``input``: ``(output, heads, info, factor)``, see the module docstring.
 
     ``p`` is a float64 0-dim tensor, so that a ``p`` that changes every step (a schedule) does
     not specialise a compiled graph; ``seed`` (unkeyed) or ``key_words``/``step``/``sample_ids``
-    (keyed) give the randomness.
+    (keyed) give the randomness. ``window``: ``input`` is a window of larger maps (a DTensor
+    shard, see :mod:`.window`).
     """
     out = torch.empty_like(input)
-    geo = Geometry(input.shape, channel_dim, block_size, shared, seeding)
+    geo = _geometry(input, channel_dim, block_size, shared, seeding, window)
     if out.numel() == 0:
         return (out, *package_plan(None, None, out, geo, scale, plan))
     key = _key_of(key_words, step, sample_ids)
-    kept, factor = write_sparse(input, out, geo, float(p), seeding, scale, seed, key)
+    kept, factor = write_sparse(input, out, geo, float(p), seeding, scale, seed, key, window)
     return (out, *package_plan(kept, factor, out, geo, scale, plan))
+
+
+def _geometry(
+    input: Tensor,
+    channel_dim: int,
+    block_size: list[int],
+    shared: bool,
+    seeding: str,
+    window: Optional[list[int]],
+) -> Geometry:
+    if window is None:
+        return Geometry(input.shape, channel_dim, block_size, shared, seeding)
+    return local_geometry(input.shape, channel_dim, block_size, shared)
 
 
 def package_plan(
@@ -207,6 +232,7 @@ def _(
     step: Optional[Tensor],
     sample_ids: Optional[Tensor],
     plan: int,
+    window: Optional[list[int]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if plan == PLAN_EXACT:
         heads = input.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int32)
@@ -233,6 +259,7 @@ def drop_block_backward(
     key_words: Optional[list[int]],
     step: Optional[Tensor],
     sample_ids: Optional[Tensor],
+    window: Optional[list[int]] = None,
 ) -> Tensor:
     """``grad`` (or any tensor) times the forward's mask and scale, laid out like ``grad``."""
     g = torch.empty_like(grad)
@@ -241,7 +268,7 @@ def drop_block_backward(
     ndim = grad.dim()
     values = info.tolist()
     strides, counts = values[:ndim], values[ndim:]
-    geo = Geometry(grad.shape, channel_dim, block_size, shared, seeding)
+    geo = _geometry(grad, channel_dim, block_size, shared, seeding, window)
     if counts[0] >= 0 and tuple(strides) == g.stride():  # the kept plan addresses this layout
         widths = run_lengths(min(geo.blocks[-1], geo.sizes[-1]))
         counts = counts[: len(widths)]
@@ -249,7 +276,7 @@ def drop_block_backward(
         parts = heads.narrow(0, 0, sum(counts)).split(counts)  # a static plan's buffer is longer
         apply_plan(g, 0, list(zip(widths, parts)), strides[geo.spatial[-1]])
         return g
-    write_sparse(grad, g, geo, float(p), seeding, scale, seed, _key_of(key_words, step, sample_ids))
+    write_sparse(grad, g, geo, float(p), seeding, scale, seed, _key_of(key_words, step, sample_ids), window)
     return g
 
 
