@@ -42,12 +42,17 @@ def _times_two(x: torch.Tensor, p: float, key: Any = None) -> torch.Tensor:
     return x * 2.0
 
 
+def _drop_block(x: torch.Tensor, p: float, key: Any = None) -> torch.Tensor:
+    return F.drop_block(x, p, 7, key=key)
+
+
 LAYERS: dict[str, Callable[..., torch.Tensor]] = {
     "x * 2.0 (DTensor's own op)": _times_two,
     "spatial_dropout": F.spatial_dropout,
     "gaussian_spatial_dropout": F.gaussian_spatial_dropout,
     "alpha_spatial_dropout": F.alpha_spatial_dropout,
     "drop_path": F.drop_path,
+    "drop_block (block 7)": _drop_block,
 }
 GOAL = 1.2
 
@@ -85,7 +90,8 @@ def bench(shape: tuple[int, ...], rounds: int) -> list[Row]:
     g = torch.randn(shape)
     rows = []
     for name, layer in LAYERS.items():
-        for placement in (Shard(0), Shard(1), Replicate()):
+        spatial = (Shard(2),) if layer is _drop_block else ()  # its blocks cross the shard borders
+        for placement in (Shard(0), Shard(1), *spatial, Replicate()):
             dx = distribute_tensor(x, mesh, [placement], src_data_rank=None).requires_grad_(True)
             dg = distribute_tensor(g, mesh, [placement], src_data_rank=None)
             lx = dx.to_local().detach().clone().requires_grad_(True)
