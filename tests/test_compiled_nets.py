@@ -185,20 +185,30 @@ def test_dense_path_dynamic_between_convs(monkeypatch: pytest.MonkeyPatch) -> No
         eager_vs_compiled(SmallNet, batches(shapes), compile_kwargs={"dynamic": True})
 
 
-@pytest.mark.slow
-def test_small_net_second_model_in_the_same_process() -> None:
-    # automatic dynamic shapes: a second model of the class compiled at other sizes
+def second_model(
+    first: Callable[[], nn.Module],
+    first_shape: tuple[int, ...],
+    make: Callable[[], nn.Module],
+    data: list[Batch],
+    rtol: float,
+) -> None:
+    """Automatic dynamic shapes: ``first()`` compiled and run at ``first_shape``, then ``make()``
+    trained eagerly and compiled in the same process (no reset in between) at other sizes."""
     torch._dynamo.reset()
-    first = torch.compile(SmallNet())
     with torch.no_grad():
-        first(torch.randn(2, 3, 12, 12))
+        torch.compile(first())(torch.randn(first_shape))
     torch.manual_seed(0)
-    model = SmallNet()
+    model = make()
     twin = copy.deepcopy(model)
-    data = batches([(4, 3, 16, 16), (4, 3, 20, 20), (4, 3, 16, 16)])
     eager = train(model, data)
     compiled = train(twin, data, compile_kwargs={})
-    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=rtol, atol=rtol)
+
+
+@pytest.mark.slow
+def test_small_net_second_model_in_the_same_process() -> None:
+    data = batches([(4, 3, 16, 16), (4, 3, 20, 20), (4, 3, 16, 16)])
+    second_model(SmallNet, (2, 3, 12, 12), SmallNet, data, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -306,17 +316,7 @@ def test_timm_resnet_converted_default_and_dynamic() -> None:
 @pytest.mark.models
 @pytest.mark.slow
 def test_second_model_compiled_in_the_same_process() -> None:
-    # automatic dynamic: torchvision's resnet18 compiled once at 64x64, then timm's at 96x96
-    torch._dynamo.reset()
-    first = torch.compile(torchvision_resnet18())
-    with torch.no_grad():
-        first(torch.randn(2, 3, 64, 64))
-    torch.manual_seed(0)
-    model = timm_resnet()
-    twin = copy.deepcopy(model)
-    data = batches([(4, 3, 96, 96)] * 2)
-    eager = train(model, data)
-    compiled = train(twin, data, compile_kwargs={})
-    torch.testing.assert_close(
-        torch.tensor(compiled), torch.tensor(eager), rtol=RESNET_RTOL, atol=RESNET_RTOL
+    # torchvision's resnet18 compiled once at 64x64, then a converted timm ResNet at 96x96
+    second_model(
+        torchvision_resnet18, (2, 3, 64, 64), timm_resnet, batches([(4, 3, 96, 96)] * 2), RESNET_RTOL
     )

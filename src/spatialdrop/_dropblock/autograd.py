@@ -103,30 +103,24 @@ def _backward_grads(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
     return (_replay(ctx, grad),) + (None,) * (_BACKWARD_ARGS - 1)
 
 
-class ForwardFunction(torch.autograd.Function):
-    """``spatialdrop::drop_block`` with its formula, for torch.func transforms."""
+def _function(name: str, op: Any, setup: Any, grads: Any) -> type[torch.autograd.Function]:
+    """An ``autograd.Function`` that calls ``op`` with its formula (``setup``, ``grads``), for torch.func."""
 
-    generate_vmap_rule = True
-
-    @staticmethod
     def forward(*args: Any) -> Any:
-        return drop_block_op(*args)
+        return op(*args)
 
-    setup_context = staticmethod(_setup_forward)
-    backward = staticmethod(_forward_grads)
+    attrs = {
+        "__doc__": f"``{op._qualname}`` with its formula, for torch.func transforms.",
+        "generate_vmap_rule": True,
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup),
+        "backward": staticmethod(grads),
+    }
+    return type(name, (torch.autograd.Function,), attrs)
 
 
-class BackwardFunction(torch.autograd.Function):
-    """``spatialdrop::drop_block_backward`` with its formula, for torch.func transforms."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(*args: Any) -> Any:
-        return drop_block_backward(*args)
-
-    setup_context = staticmethod(_setup_backward)
-    backward = staticmethod(_backward_grads)
+ForwardFunction = _function("ForwardFunction", drop_block_op, _setup_forward, _forward_grads)
+BackwardFunction = _function("BackwardFunction", drop_block_backward, _setup_backward, _backward_grads)
 
 
 class InplaceFunction(torch.autograd.Function):

@@ -17,6 +17,7 @@ __all__ = [
     "apply_plan",
     "block_plan",
     "check_representable",
+    "grid_coords",
     "grow_blocks",
     "is_dense",
     "map_offsets",
@@ -137,6 +138,17 @@ def _positions(j: Tensor, shift: int, size: int, b: int, stride: int) -> Tensor:
     return torch.minimum(lo.unsqueeze(0) + span, hi.unsqueeze(0)).mul_(stride)
 
 
+def grid_coords(seeds: Tensor, grid: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
+    """``(map index, [coordinate per grid dim])`` of flat seed indices into ``(maps, *grid)``."""
+    rest = seeds
+    coords: list[Tensor] = []
+    for g in reversed(grid):
+        coords.append(rest % g)
+        rest = rest // g
+    coords.reverse()
+    return rest, coords
+
+
 def _outer_add(heads: Tensor, pos: Tensor) -> Tensor:
     """``heads[..., s] + pos[k, s]`` as a tensor ``(k, ..., S)``."""
     return heads.unsqueeze(0) + pos.view((pos.shape[0],) + (1,) * (heads.dim() - 1) + (pos.shape[1],))
@@ -183,12 +195,7 @@ def block_plan(seeds: Tensor, geo: Geometry, offsets: Tensor, strides: Sequence[
         row. The work is proportional to the number of seeds times the block's cross-section:
         per seed, never per map position, and it does not grow with the block's last side.
     """
-    rest = seeds
-    coords: list[Tensor] = []
-    for g in reversed(geo.grid):
-        coords.append(rest % g)
-        rest = rest // g
-    coords.reverse()
+    rest, coords = grid_coords(seeds, geo.grid)
     j = coords[-1] + geo.shift[-1] if geo.shift[-1] else coords[-1]
     size, b, st = geo.sizes[-1], geo.blocks[-1], strides[-1]
     lo = (j - (b - 1)).clamp_(min=0)

@@ -219,21 +219,9 @@ def package_plan(
 
 
 @drop_block_op.register_fake
-def _(
-    input: Tensor,
-    seed: Optional[Tensor],
-    p: Tensor,
-    block_size: list[int],
-    channel_dim: int,
-    shared: bool,
-    seeding: str,
-    scale: str,
-    key_words: Optional[list[int]],
-    step: Optional[Tensor],
-    sample_ids: Optional[Tensor],
-    plan: int,
-    window: Optional[list[int]] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _(input: Tensor, seed: object, p: object, block_size: list[int], *args: object) -> tuple[Tensor, ...]:
+    scale, plan = args[3], args[7]  # of channel_dim, shared, seeding, scale, words, step, ids, plan, window
+    assert isinstance(scale, str)
     if plan == PLAN_EXACT:
         heads = input.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int32)
     else:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .geometry import Geometry
+from .geometry import Geometry, grid_coords
 
 __all__ = ["global_geometry", "local_geometry", "localize_dense", "localize_sparse", "window_of"]
 
@@ -69,12 +69,7 @@ def _local_coords(
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """``(keep, map index in the window, uniform grid coords in the window)`` of global seeds."""
     _, c0, _, starts = _split(window)
-    rest = seeds
-    coords: list[Tensor] = []
-    for g in reversed(geo_g.grid):
-        coords.append(rest % g)
-        rest = rest // g
-    coords.reverse()
+    rest, coords = grid_coords(seeds, geo_g.grid)
     keep = torch.ones_like(seeds, dtype=torch.bool)
     if geo_g.shared:
         maps = rest  # the local sample

@@ -1,0 +1,116 @@
+"""Where per-channel DropBlock's time goes on the CPU, against a bare ``x * 2.0`` (the memory limit).
+
+One thread, glibc's default allocator, a fresh gradient buffer each call (as for an activation in
+training). The two whole calls (forward + backward) are timed alternately; the steps of the
+sparse path are timed on their own, each as the path runs it:
+
+- seeds: drawing the seed grid (exact Bernoulli gaps);
+- plan: turning the seeds into the write plan (storage offsets of the dropped runs);
+- scaled copy: ``out = input * scale`` into a fresh output (what ``x * 2.0`` does);
+- zero writes: writing zeros at the plan's runs (``apply_plan``);
+- backward: the backward op (a scaled copy of the gradient and the zero writes again).
+
+    PYTHONPATH=src python benchmarks/profile_dropblock.py            # 2-D (32, 256, 28, 28), block 7
+    PYTHONPATH=src python benchmarks/profile_dropblock.py --3d       # 3-D (8, 32, 32, 32, 32), block 5
+
+Times are the median of the calling thread's CPU time (``time.thread_time``) over the repeats,
+which counts less of what other processes do to a shared machine than wall time does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from spatialdrop._dropblock import geometry, scale
+from spatialdrop._dropblock import seeds as seed_draws
+from spatialdrop._dropblock.calibration import seed_rate
+from spatialdrop._dropblock.sparse import PLAN_EXACT, drop_block_backward, drop_block_op
+from spatialdrop.functional import drop_block
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dropblock import _median_ms
+
+
+def alternate(a: Callable[[], object], b: Callable[[], object], reps: int) -> tuple[float, float]:
+    for _ in range(3):
+        a()
+        b()
+    ta, tb = [], []
+    for r in range(reps):
+        for fn, acc in ((a, ta), (b, tb)) if r % 2 == 0 else ((b, tb), (a, ta)):
+            start = time.thread_time()
+            fn()
+            acc.append(time.thread_time() - start)
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--3d", dest="three", action="store_true", help="(8, 32, 32, 32, 32), block 5")
+    parser.add_argument("--reps", type=int, default=21)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    shape, block = ((8, 32, 32, 32, 32), 5) if args.three else ((32, 256, 28, 28), 7)
+    p = 0.1
+    x = torch.randn(shape, requires_grad=True)
+    g = torch.randn(shape)
+
+    def multiply() -> None:
+        x.grad = None
+        (x * 2.0).backward(g)
+
+    def ours() -> None:
+        x.grad = None
+        drop_block(x, p, block).backward(g)
+
+    base, mine = alternate(multiply, ours, args.reps)
+    xd = x.detach()
+    blocks = (block,) * (xd.dim() - 2)
+    geo = geometry.Geometry(xd.shape, 1, blocks, False, "uniform")
+    gamma = seed_rate(p, geo.sizes, geo.blocks, "uniform")
+    gen = torch.Generator().manual_seed(0)
+    seeds = seed_draws.draw_grid(geo.places, gamma, gen, xd.device, dense=False)
+    out = torch.empty_like(xd)
+    strides = [out.stride(d) for d in geo.spatial]
+    offsets = geometry.map_offsets(out, geo)
+    plan = geometry.block_plan(seeds, geo, offsets, strides)
+    factor = scale.scale_factor("expected", p, None, 0, xd)
+    p_t = torch.tensor(p, dtype=torch.float64)
+    op_args = (torch.tensor(7), p_t, list(blocks), 1, False, "uniform", "expected", None, None, None)
+    _, heads, info, fac = drop_block_op(xd, *op_args, PLAN_EXACT, None)
+
+    def fresh_scaled() -> None:
+        scale.scaled(xd, factor, torch.empty_like(xd))
+
+    steps = {
+        "seeds": _median_ms(
+            lambda: seed_draws.draw_grid(geo.places, gamma, gen, xd.device, dense=False), args.reps
+        ),
+        "plan": _median_ms(lambda: geometry.block_plan(seeds, geo, offsets, strides), args.reps),
+        "scaled copy (fresh output)": _median_ms(fresh_scaled, args.reps),
+        "zero writes": _median_ms(lambda: geometry.apply_plan(out, 0, plan, strides[-1]), args.reps),
+        "backward op": _median_ms(
+            lambda: drop_block_backward(g, heads, info, fac, *op_args, None), args.reps
+        ),
+        "x * 2.0 forward (fresh output)": _median_ms(lambda: xd * 2.0, args.reps),
+    }
+    runs = sum(h.numel() for _, h in plan)
+    print(f"DropBlock per channel {tuple(shape)}, block {block}, p {p}, 1 thread, default allocator")
+    print(f"{seeds.numel()} seeds, {runs} runs in the write plan, {geo.places} seed places\n")
+    print("| step | ms (thread CPU, median) |")
+    print("|---|---|")
+    for name, ms in steps.items():
+        print(f"| {name} | {ms:.2f} |")
+    print(f"\nfwd+bwd, alternated: x * 2.0 {base:.2f} ms, drop_block {mine:.2f} ms: ratio {mine / base:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
