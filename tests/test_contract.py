@@ -11,6 +11,7 @@ import copy
 import pickle
 import re
 import warnings
+import zlib
 from typing import Any
 
 import pytest
@@ -514,12 +515,14 @@ def test_keyed_module_needs_a_context_and_is_reproducible_in_one(op: OpInfo, mod
 @pytest.mark.parametrize(("op", "mode"), op_mode_params([op for op in OPS if op.is_module and op.keyed]))
 def test_keyed_checkpoint_recompute_equal_or_refused(op: OpInfo, mode: Mode, reentrant: bool) -> None:
     """Activation checkpointing: a keyed layer recomputed in backward under its forward's context
-    gives the plain gradient; under another step's context it refuses (no silent wrong gradient)."""
+    gives the plain gradient; under another step's context it refuses (no silent wrong gradient),
+    also when that other step's forward ran in between (non-reentrant: exactly)."""
     x = _keyed_sample(op).make().requires_grad_()
     m = op.build(mode=mode)
+    seed = zlib.crc32(f"{op.name}-{mode.name}-{reentrant}".encode())  # no key shared with another test
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sd.keyed_masks(m, 7)
+        sd.keyed_masks(m, seed)
     if op.kind == "filter" and any("FilterDropout" in str(w.message) for w in caught):
         return  # keyed_masks skipped the layer: it stays unkeyed (see the test above)
     ids = torch.arange(x.shape[0])
@@ -546,6 +549,15 @@ def test_keyed_checkpoint_recompute_equal_or_refused(op: OpInfo, mode: Mode, ree
         pytest.raises(RuntimeError, match="recomputed during backward"),
     ):
         grad_of(y, w)
+    if reentrant:
+        return  # a reentrant checkpoint keeps no node of its forward: only the check above applies
+    # pipelined: step 3's forward, step 4's forward, then step 3's backward under step 4's context
+    with sd.mask_context(step=3, sample_ids=ids):
+        y3 = checkpoint(m, x, use_reentrant=False, preserve_rng_state=False)
+    with sd.mask_context(step=4, sample_ids=ids):
+        checkpoint(m, x, use_reentrant=False, preserve_rng_state=False)
+        with pytest.raises(RuntimeError, match="recomputed during backward"):
+            grad_of(y3, w)
 
 
 # --- compile ----------------------------------------------------------------------------------

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._compat import is_compiling
+from ._compat import dispatch_mode_active, is_compiling
 from ._validation import Shown, fail
 from .keyed import KEYINGS, MaskKey, check_key, current_context, keyed_uniform, mc_layer, uniform_rows
 
-__all__ = ["KEYINGS", "SHARED_SAMPLE_ID", "check_key_arg", "context_key", "keyed_keep"]
+__all__ = ["KEYINGS", "SHARED_SAMPLE_ID", "check_key_arg", "context_key", "guard_key", "keyed_keep"]
 
 #: The sample id of a per-call key (a draw shared by the batch): -1, that is ``2**64 - 1`` as
 #: the unsigned 64-bit id, which no dataset index reaches.
@@ -144,4 +144,61 @@ def context_key(fn: str, seed: int, layer: int, batch_size: int | None, device: 
         ids = ctx.sample_ids if ctx.sample_ids.device == device else ctx.sample_ids.to(device)
     # is_compiling() first: reading the int would make it a guarded constant
     step = ctx.step_tensor if is_compiling() or ctx.step is None else ctx.step
+    if not is_compiling():
+        _FORWARDS.pending = (ctx.step_tensor, ctx.sample_ids, ctx.draw)  # for guard_key (the layer's output)
     return MaskKey(seed, step, mc_layer(layer, ctx.draw), ids)
+
+
+class _KeyGuard(torch.autograd.Function):
+    """The identity on a keyed layer's output that checks, in backward, the key of its forward.
+
+    Its saved tensors are the context's step and sample ids: a non-reentrant checkpoint replaces
+    them by the ones its recompute used, while the attributes set in forward stay those of the
+    forward, so a recompute under another key is caught exactly (before its gradient is used).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, step: Tensor, ids: Tensor, fn: str, draw: int) -> Tensor:
+        ctx.save_for_backward(step, ids)
+        ctx.key = (int(step), ids, draw, fn)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        step, ids = ctx.saved_tensors
+        forward_step, forward_ids, _, fn = ctx.key
+        same_ids = ids.device.type != "cpu" or torch.equal(ids, forward_ids)  # no device read
+        if int(step) != forward_step or not same_ids:
+            raise RuntimeError(
+                f"{fn}: this keyed layer was recomputed during backward (activation "
+                f"checkpointing) under step {int(step)} instead of its forward's step {forward_step} "
+                "(or under other sample ids), so its masks and gradient would be wrong: call "
+                "loss.backward() inside `with spatialdrop.mask_context(...)` with the forward's step "
+                "and sample ids"
+            )
+        return grad, None, None, None, None
+
+
+def guard_key(fn: str, output: Tensor) -> Tensor:
+    """Wrap a keyed layer's eager output so that a checkpoint recompute under another key raises.
+
+    Takes the key that :func:`context_key` just handed out (per thread); nothing for an unkeyed
+    call, without grad, under the compiler, a torch.func transform or a dispatch mode (fake
+    tensors), for a DTensor, on meta tensors, or when the context's step is not on the CPU
+    (reading it must not wait for a device: the context-memory check of
+    :func:`_check_recompute` still applies). Sample ids on a device are not compared in backward
+    (no device read): the step is.
+    """
+    pending = getattr(_FORWARDS, "pending", None)
+    _FORWARDS.pending = None
+    if pending is None or not (torch.is_grad_enabled() and output.requires_grad):
+        return output
+    if is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return output
+    if type(output) is not Tensor and not isinstance(output, torch.nn.Parameter):
+        return output  # a DTensor or another subclass: left as it is
+    step, ids, draw = pending
+    if step.device.type != "cpu" or output.device.type == "meta" or dispatch_mode_active():
+        return output  # reading the step must not wait for a device; fake tensors hold no values
+    out: Tensor = _KeyGuard.apply(output, step, ids, fn, draw)
+    return out

@@ -9,7 +9,7 @@ import torch.fx
 from torch import Tensor
 from torch.nn.modules.dropout import _DropoutNd
 
-from ._keyed import KEYINGS, context_key
+from ._keyed import KEYINGS, context_key, guard_key
 from ._validation import as_batched, check_bool, check_channel_dim, check_int, check_p
 from .keyed import MaskKey
 
@@ -79,8 +79,15 @@ class StructuredDropout(_DropoutNd):
         self.channel_dim = int(channel_dim)
 
     def forward(self, input: Tensor) -> Tensor:
-        """Apply the layer: one call of :meth:`dropout`, traceable by ``torch.fx``."""
-        return structured_forward(self, input)
+        """Apply the layer: one call of :meth:`dropout`, traceable by ``torch.fx``.
+
+        A keyed layer's eager output is wrapped by :func:`~spatialdrop._keyed.guard_key`: a
+        checkpoint recompute under another key than the forward's raises in backward.
+        """
+        out = structured_forward(self, input)
+        if self.keyed_seed is None or not isinstance(out, Tensor):
+            return out
+        return guard_key(type(self).__name__, out)
 
     def dropout(self, input: Tensor) -> Tensor:
         """The layer's computation; subclasses implement it (see the class docstring)."""
