@@ -47,6 +47,10 @@ def _entry(rank: int, world: int, port: int, out_dir: str, worker: Callable[...,
     except BaseException:
         Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
         raise
+    # the result is written and the group destroyed: leave without the interpreter's teardown, where
+    # a C++ thread of the process group once aborted a rank ("terminate called without an active
+    # exception", exit code -6) after its work was done
+    os._exit(0)
 
 
 def run_world(
