@@ -142,6 +142,55 @@ def _rows_like(rows: Tensor, input: Tensor) -> Tensor:
     return rows
 
 
+def _add_rows(input: Tensor, index: Tensor, rows: Tensor, scale: float) -> Tensor:
+    """``input`` with ``rows * scale`` added to its rows ``index`` (dim 0), in ``input``'s memory format."""
+    if input.is_contiguous():
+        return input.index_add(0, index, rows, alpha=scale)
+    return input.clone().index_add_(0, index, rows, alpha=scale)  # clone keeps the memory format
+
+
+class _AddKeptRows(torch.autograd.Function):
+    """``input`` with ``rows * scale`` added to the rows ``index`` (dim 0): the kept branch outputs.
+
+    Autograd's ``rows * scale`` then ``index_add`` allocates a buffer of the kept rows' size in
+    forward (the product) and two in backward (``index_select`` of the gradient, then the
+    multiply); large buffers are fresh pages under glibc's default allocator, which costs more
+    than the arithmetic. Here the scale is fused into forward's add (``alpha``) and backward
+    scales its one ``index_select`` in place. The gradient of ``input`` is the output's own.
+    Eager only: dynamo does not trace a Function with a ``jvp``, and a compiled graph plans its
+    own buffers (there the plain ops are used).
+    """
+
+    @staticmethod
+    def forward(input: Tensor, index: Tensor, rows: Tensor, scale: float) -> Tensor:
+        return _add_rows(input, index, rows, scale)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        input, index, _, scale = inputs
+        ctx.save_for_backward(index)
+        ctx.save_for_forward(index)
+        ctx.scale = scale
+        ctx.shape = input.shape
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
+        (index,) = ctx.saved_tensors
+        grad_rows = grad.index_select(0, index).mul_(ctx.scale) if ctx.needs_input_grad[2] else None
+        return grad, None, grad_rows, None
+
+    @staticmethod
+    def jvp(ctx: Any, input_t: Tensor | None, index_t: None, rows_t: Tensor | None, scale_t: None) -> Tensor:
+        (index,) = ctx.saved_tensors
+        if rows_t is None:
+            assert input_t is not None
+            return input_t.clone()
+        base = (
+            torch.zeros(ctx.shape, dtype=rows_t.dtype, device=rows_t.device) if input_t is None else input_t
+        )
+        return base.index_add(0, index, rows_t, alpha=ctx.scale)
+
+
 def drop_path_residual(
     input: Tensor,
     branch: Callable[..., Tensor],
@@ -277,12 +326,13 @@ def drop_path_residual(
     a = tuple(t.index_select(0, idx) if i in batched else t for i, t in enumerate(args))
     kw = {k: v.index_select(0, idx) if k in batched else v for k, v in kwargs.items()}
     out = _checked_output(fn, branch(rows, *a, **kw), rows, not is_compiling())
-    scaled = out * noise.index_select(0, idx).to(out.dtype)  # drop_path's multiply, on the kept rows
-    dtype = torch.promote_types(input.dtype, scaled.dtype)
+    dtype = torch.promote_types(input.dtype, out.dtype)
     base = input if input.dtype == dtype else input.to(dtype)
-    if base.is_contiguous():
-        return base.index_add(0, idx, scaled.to(dtype))
-    return base.clone().index_add_(0, idx, scaled.to(dtype))  # clone keeps the memory format
+    # drop_path's scale, rounded to the branch output's dtype; the add fuses it (one rounding)
+    scale = torch.ones((), dtype=out.dtype).div_(1.0 - p).item() if not is_compiling() else 1.0 / (1.0 - p)
+    if is_compiling():
+        return _add_rows(base, idx, out.to(dtype), scale)
+    return _AddKeptRows.apply(base, idx, out.to(dtype), scale)
 
 
 def residual_forward(
