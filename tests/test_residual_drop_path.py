@@ -490,3 +490,55 @@ def test_compile_fullgraph_gives_eager_s_law_and_gradients(
         assert sum(partial) >= 2  # the masks did drop some samples and keep others
     finally:
         torch._dynamo.reset()
+
+
+# --- real networks (the models environment) ------------------------------------------------
+
+
+@pytest.mark.models
+def test_timm_vit_mlp_branch_drops_what_timm_s_drop_path_drops() -> None:
+    """A timm ViT block's MLP as the branch: the same samples as timm's ``DropPath`` under the same seed."""
+    from timm.layers import DropPath
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    block = Block(32, 4, qkv_bias=True, init_values=0.1)
+    branch = nn.Sequential(block.norm2, block.mlp, block.ls2)
+    x = torch.randn(24, 9, 32)
+    torch.manual_seed(5)
+    ours = sd.ResidualDropPath(branch, 0.3)(x)
+    torch.manual_seed(5)
+    theirs = x + DropPath(0.3)(branch(x))
+    keep = kept_rows(theirs, x)
+    assert 0 < int(keep.sum()) < 24
+    assert torch.equal(kept_rows(ours, x), keep)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.models
+@pytest.mark.slow
+def test_timm_block_as_the_branch_compiles_with_an_unbacked_kept_count() -> None:
+    """inductor, ``capture_dynamic_output_shape_ops``: timm's attention reshapes the gathered rows."""
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    net = sd.keyed_masks(nn.Sequential(sd.ResidualDropPath(Block(32, 4, qkv_bias=True), 0.4)), seed=2)
+    twin = copy.deepcopy(net)
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            compiled = torch.compile(net, fullgraph=True, dynamic=True)
+            for step, n in enumerate((12, 7)):
+                xc = torch.randn(n, 9, 32).requires_grad_(True)
+                xe = xc.detach().clone().requires_grad_(True)
+                with sd.mask_context(step=step, sample_ids=torch.arange(n)):
+                    yc, ye = compiled(xc), twin(xe)
+                torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
+                yc.sum().backward()
+                ye.sum().backward()
+                torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-5)
+                for a, b in zip(net.parameters(), twin.parameters()):
+                    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+                    a.grad = b.grad = None
+    finally:
+        torch._dynamo.reset()
