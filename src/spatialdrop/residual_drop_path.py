@@ -216,9 +216,14 @@ def drop_path_residual(
     average.
 
     The random draw is :func:`~spatialdrop.functional.drop_path`'s: with the same seed (or the
-    same ``key``) the same samples are dropped as by ``drop_path(branch(input), p)``, and the
-    kept rows get the same bits when the branch returns the input's dtype and computes each
-    sample alone.
+    same ``key``) the same samples are dropped as by ``drop_path(branch(input), p)`` (drawn in
+    ``input``'s dtype, which a branch usually keeps); the
+    dropped rows are ``input``'s bits and the kept rows equal ``input + drop_path(branch(input))``
+    up to rounding (the scaled add is one fused multiply-add).
+
+    Other branch arguments are documented with ``batched_args`` below. Reading the kept count is
+    one host synchronisation on an accelerator. Under DDP, a rank whose whole batch is dropped
+    gives its branch parameters no gradient: see the README (``find_unused_parameters=True``).
 
     The branch must treat the samples independently, as LayerNorm, linear layers, convolutions
     and attention within a sample do. A branch whose result for one sample depends on the others
@@ -231,7 +236,9 @@ def drop_path_residual(
     ``input`` itself is returned; when none is, the branch runs on the input itself (no gather).
     Under ``torch.compile`` (unless ``torch._dynamo.config.capture_dynamic_output_shape_ops`` is
     set), ``torch.export``, ``vmap`` and on fake or meta tensors the branch runs on the whole batch
-    and the result is ``input + branch(input) * mask / (1 - p)``: the same law, no saving.
+    and the result is ``input + branch(input) * mask / (1 - p)``: the same law, no saving. With
+    that flag the compiled graph gathers the kept rows (an unbacked size) and, when none is kept,
+    calls the branch on zero rows.
 
     Args:
         input: a floating-point tensor with at least 1 dim; dim 0 is always the batch.
