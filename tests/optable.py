@@ -151,7 +151,8 @@ class OpInfo:
             are dropped; its "input" is the conv's input and the reference output the plain conv's).
         target: the function or class.
         family: how outputs are read: ``"channel"`` (spatial dropout), ``"block"`` (DropBlock),
-            ``"sample"`` (DropPath), ``"gaussian"``, ``"alpha"`` or ``"filter"``.
+            ``"sample"`` (DropPath), ``"gaussian"``, ``"alpha"``, ``"filter"`` or ``"residual"``
+            (ResidualDropPath with an identity branch: ``x`` or ``x + x / (1 - p)`` per sample).
         spatial_dims: the spatial rank of a rank-fixed ``...Nd`` class; ``None`` for any rank.
         allow_p_one: whether ``p = 1`` is allowed.
         modes: the configurations to test; the first is the default.
@@ -259,7 +260,7 @@ class OpInfo:
             if fmt is not None:
                 out.append(Sample((2, cin) + (s,) * d, memory_format=fmt, desc="memory_format"))
             return out
-        if self.family == "sample":
+        if self.family in ("sample", "residual"):
             return [
                 Sample((6,), desc="1d"),
                 Sample((6, 5), desc="2d"),
@@ -314,10 +315,14 @@ class OpInfo:
                 stack.enter_context(sd.mask_context(step=key.step, sample_ids=key.sample_ids))
             return module(x)
 
-    def reference(self, module: nn.Module, x: Tensor) -> Tensor:
-        """The output without dropout: the input itself, or the plain conv's output for filter dropout."""
+    def reference(self, module: nn.Module | None, x: Tensor) -> Tensor:
+        """The output without dropout: the input itself, the plain conv's output for filter dropout,
+        ``x + branch(x) = 2 x`` for the residual family (the table's identity branch)."""
+        if self.family == "residual":
+            return x + x
         if self.kind != "filter":
             return x
+        assert module is not None
         was = module.training
         module.eval()
         try:
@@ -331,7 +336,7 @@ class OpInfo:
         cd = channel_dim % ndim
         if self.family in ("channel", "gaussian", "alpha"):
             return tuple(d for d in range(ndim) if d not in (0, cd))
-        if self.family == "sample":
+        if self.family in ("sample", "residual"):
             return tuple(range(1, ndim))
         if self.family == "filter":
             return tuple(d for d in range(ndim) if d != 1)
@@ -347,6 +352,8 @@ class OpInfo:
             return "alpha"
         if self.family == "sample":
             return "expected" if kwargs.get("scale", True) else "none"
+        if self.family == "residual":
+            return "expected"
         if self.family == "block":
             return str(kwargs.get("scale", "expected"))
         return "expected"
@@ -406,6 +413,8 @@ def check_output(
     must have no zeros.
     """
     where = f"{op.name} {what}".strip()
+    if op.family == "residual":  # the table's identity branch: read y = x * (1 + keep / (1 - p))
+        return _check_residual(op, mode, p, x, y, channel_dim=channel_dim, where=where)
     r = (x if ref is None else ref).detach()
     y = y.detach()
     assert y.shape == r.shape, f"{where}: shape {tuple(y.shape)} != {tuple(r.shape)}"
@@ -471,6 +480,34 @@ def check_output(
         f"{float((err / want.abs().clamp_min(1e-30)).max()) if err.numel() else 0.0:.3g}"
     )
     return Readout(keep, factor, offset)
+
+
+def _check_residual(
+    op: OpInfo, mode: Mode | None, p: float, x: Tensor, y: Tensor, *, channel_dim: int, where: str
+) -> Readout:
+    """``y`` of ResidualDropPath with an identity branch: ``x`` (dropped) or ``x + x / (1 - p)`` (kept).
+
+    Dropped rows are the input itself (nothing is added), so ``keep = y != x``; the readout's
+    factor ``1 + keep / (1 - p)`` is also the gradient (the skip plus the scaled branch).
+    """
+    r, y = x.detach(), y.detach()
+    assert y.shape == r.shape, f"{where}: shape {tuple(y.shape)} != {tuple(r.shape)}"
+    assert y.dtype == r.dtype, f"{where}: dtype {y.dtype} != {r.dtype}"
+    assert y.device == r.device, f"{where}: device {y.device} != {r.device}"
+    r64, y64 = r.double(), y.double()
+    if bool(torch.isfinite(r64).all()):
+        assert bool(torch.isfinite(y64).all()), f"{where}: non-finite output from finite input"
+    keep = y64 != r64
+    dims = op.mask_dims(mode, r.dim(), channel_dim)
+    assert _const_along(keep, dims), f"{where}: a sample is neither wholly kept nor wholly dropped"
+    factor = 1.0 + keep.double() * (1.0 / (1.0 - p) if p < 1 else 0.0)
+    want = r64 * factor
+    err = (y64 - want).abs()
+    assert bool((err <= rtol_of(r.dtype) * want.abs() + 1e-30).all()), (
+        f"{where}: kept samples are not x + x / (1 - p); max rel err "
+        f"{float((err / want.abs().clamp_min(1e-30)).max()) if err.numel() else 0.0:.3g}"
+    )
+    return Readout(keep, factor, None)
 
 
 def check_gradient(
@@ -748,6 +785,94 @@ def _block_module_entries() -> list[OpInfo]:
     return out
 
 
+def _same(rows: Tensor) -> Tensor:
+    return rows
+
+
+def _wrong_shape(rows: Tensor) -> Tensor:
+    return rows.unsqueeze(-1)
+
+
+def _wrong_type(rows: Tensor) -> tuple[Tensor]:
+    return (rows,)
+
+
+def drop_path_residual(input: Tensor, p: Any = 0.1, training: Any = True, **kwargs: Any) -> Tensor:
+    """The table's form of :func:`spatialdrop.functional.drop_path_residual`: the branch is the identity.
+
+    ``(input, p, training=..., **kwargs)`` like the other functions; a ``branch`` keyword replaces it.
+    """
+    branch = kwargs.pop("branch", _same)
+    return F.drop_path_residual(input, branch, p, training=training, **kwargs)
+
+
+class ResidualDropPath(sd.ResidualDropPath):
+    """The table's form of :class:`spatialdrop.ResidualDropPath`: built from ``(p, **kwargs)``, the branch
+    the identity (a ``branch`` keyword replaces it), so outputs read back as ``x (1 + keep / (1 - p))``."""
+
+    def __init__(self, p: Any = 0.1, **kwargs: Any) -> None:
+        branch = kwargs.pop("branch", None)
+        super().__init__(nn.Identity() if branch is None else branch, p, **kwargs)
+
+
+def _residual_bad(module: bool) -> tuple[BadArg, ...]:
+    positions = "a collection of ints \\(positions in args\\) and strs \\(names in kwargs\\)"
+    out = [
+        BadArg(
+            {"branch": 3},
+            TypeError,
+            "branch",
+            match=("a torch.nn.Module" if module else "a callable .*") + ", got int$",
+        ),
+        BadArg({"batched_args": "mask"}, TypeError, "batched_args", match=positions + _got("mask")),
+        BadArg({"batched_args": (1.5,)}, TypeError, "batched_args", match=positions + _got((1.5,))),
+        BadArg(
+            {"batched_args": (-1,)},
+            ValueError,
+            "batched_args",
+            match=positions + " \\(positions >= 0\\)" + _got((-1,)),
+        ),
+    ]
+    if module:
+        out += [
+            BadArg({"channel_dim": 1}, TypeError, "channel_dim"),  # no channel_dim
+            BadArg({"inplace": False}, TypeError, "inplace"),  # no inplace: the input is never written
+        ]
+    else:
+        out += [
+            BadArg({"args": 3}, TypeError, "args"),
+            BadArg({"kwargs": [1]}, TypeError, "kwargs"),
+            BadArg(
+                {"batched_args": (0,)},
+                ValueError,
+                "batched_args",
+                match=r"positions in args \(it has 0\)" + _got((0,)),
+            ),
+            BadArg(
+                {"batched_args": ("mask",)},
+                ValueError,
+                "batched_args",
+                match=r"names in kwargs \(it has \[\]\)",
+            ),
+            BadArg({"args": (torch.ones(5),), "batched_args": (0,)}, ValueError, "args"),  # names args[0]
+            # p = 0: the branch surely runs (and on the whole batch)
+            BadArg(
+                {"branch": _wrong_shape, "p": 0.0},
+                ValueError,
+                "branch",
+                match=r"a callable that returns a tensor of the shape of its input rows, got output \(6, 1\) "
+                r"for input rows \(6,\)$",
+            ),
+            BadArg(
+                {"branch": _wrong_type, "p": 0.0},
+                TypeError,
+                "branch",
+                match="a callable that returns a tensor, got one that returned tuple$",
+            ),
+        ]
+    return tuple(out)
+
+
 OPS: list[OpInfo] = [
     OpInfo("spatial_dropout", "function", F.spatial_dropout, "channel"),
     *_module_entries(
@@ -790,6 +915,27 @@ OPS: list[OpInfo] = [
             *_bools("scale", ["yes", 1, 0]),
             BadArg({"channel_dim": 1}, TypeError, "channel_dim"),  # DropPath has no channel_dim
         ),
+    ),
+    OpInfo(
+        "drop_path_residual",
+        "function",
+        drop_path_residual,
+        "residual",
+        has_channel_dim=False,
+        has_inplace=False,
+        min_rank=1,
+        bad_args_extra=_residual_bad(module=False),
+    ),
+    OpInfo(
+        "ResidualDropPath",
+        "module",
+        ResidualDropPath,
+        "residual",
+        has_channel_dim=False,
+        has_inplace=False,
+        min_rank=1,
+        function=drop_path_residual,
+        bad_args_extra=_residual_bad(module=True),
     ),
     OpInfo("gaussian_spatial_dropout", "function", F.gaussian_spatial_dropout, "gaussian", allow_p_one=False),
     *_module_entries(

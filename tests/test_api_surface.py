@@ -23,6 +23,7 @@ PUBLIC = [
     "GaussianSpatialDropout3d",
     "MCPrediction",
     "MaskKey",
+    "ResidualDropPath",
     "SpatialDropout",
     "SpatialDropout1d",
     "SpatialDropout2d",
@@ -46,6 +47,7 @@ FUNCTIONAL = [
     "alpha_spatial_dropout",
     "drop_block",
     "drop_path",
+    "drop_path_residual",
     "gaussian_spatial_dropout",
     "spatial_dropout",
 ]
@@ -73,7 +75,7 @@ def test_every_dropout_module_is_a_torch_dropout() -> None:
         if n[0].isupper() and isinstance(getattr(spatialdrop, n), type)
     ]
     droppers = [c for c in classes if c.__name__.endswith(("Dropout", "1d", "2d", "3d", "Block", "Path"))]
-    assert len(droppers) == 18
+    assert len(droppers) == 19
     for cls in droppers:
         assert issubclass(cls, _DropoutNd), cls.__name__
 

@@ -15,6 +15,7 @@ import torch
 from spatialdrop.cli import bench, bench_cases, bench_measure, bench_report, main
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+HAS_TIMM = importlib.util.find_spec("timm") is not None
 
 BENCH = ["bench", "--quick", "--repeats", "2", "--no-progress", "--threads", "1", "--no-compile"]
 
@@ -97,6 +98,27 @@ def test_bench_family_and_keyed_suites(tmp_path: Path) -> None:
     conv = next(r for r in rows if r["call"].startswith("filter_dropout"))
     assert conv["fwd_bwd_ms"] > 0
     assert conv["drop_mean"] is None  # filters, not activations: no activation drop rate
+    # DropPath residual: three branches at p = 0.1 and 0.3, ours and the baseline x + DropPath(branch(x))
+    residual = [r for r in rows if r["case"].startswith("DropPath residual")]
+    ours = [r for r in residual if r["call"] == "drop_path_residual(x, branch, p)"]
+    assert sorted((r["case"].split(", ")[1][:12], r["p"]) for r in ours) == [
+        ("a ResNet-50 ", 0.1),
+        ("a ResNet-50 ", 0.3),
+        ("a ViT-S bloc", 0.1),
+        ("a ViT-S bloc", 0.3),
+        ("a whole ViT-", 0.1),
+        ("a whole ViT-", 0.3),
+    ]
+    base = [r for r in residual if r["call"].startswith("x + ") and r["fwd_bwd_ms"] is not None]
+    assert len(base) == 6
+    assert all(r["vs_baseline"] == 1.0 for r in base)
+    for r in ours:
+        twin = next(b for b in base if b["case"] == r["case"] and b["p"] == r["p"])
+        assert r["vs_baseline"] == pytest.approx(twin["fwd_bwd_ms"] / r["fwd_bwd_ms"])
+    timm = [r for r in residual if "timm DropPath" in r["call"]]
+    assert len(timm) == 6
+    if not HAS_TIMM:  # the baseline is then our drop_path (timm's bits), timm's rows carry a note
+        assert all(r["note"].startswith("timm not installed") for r in timm)
     assert main([*BENCH, "--suite", "keyed", "--format", "json", "--out", str(out), "--force"]) == 0
     rows = json.loads(out.read_text())["rows"]
     keyed = [r for r in rows if r["call"] == "spatial_dropout(x, p, key=key)"]
@@ -198,6 +220,16 @@ def test_bench_goals_are_checked_on_the_medians() -> None:
             fwd_bwd_vs_eager=1.05,
         ),
     ]
+    mlp = "DropPath residual, a ViT-S block's MLP (timm: norm2, mlp)"
+    bottleneck = "DropPath residual, a ResNet-50 bottleneck (1x1, 3x3, 1x1 convs, BatchNorm)"
+    ours, timm = "drop_path_residual(x, branch, p)", "x + timm DropPath(p)(branch(x))"
+    for case, p, speed_up in ((mlp, 0.3, 1.4), (mlp, 0.1, 1.3), (bottleneck, 0.3, 1.2)):
+        rows.append(
+            Row(
+                "speed", "family", case, "s", p, "spatialdrop", ours, 1.0, 1.0, 2.0, 1.0, vs_baseline=speed_up
+            )
+        )
+        rows.append(Row("speed", "family", case, "s", p, "timm", timm, 1.0, 1.0, 2.0, 1.0, vs_baseline=1.0))
     checked = {g.what: g.met for g in bench_report.goals(rows)}
     assert checked == {
         "spatial dropout, 2-D maps s: torch's forward time / ours": True,  # 1.1 / 1.1
@@ -208,6 +240,10 @@ def test_bench_goals_are_checked_on_the_medians() -> None:
         "DropBlock 2-D per channel s: torchvision's fwd+bwd time / ours": False,  # 19 < 20
         "DropBlock 2-D per channel s: bytes saved for backward / input bytes": True,
         "compile(drop_block(x, p, 7)) s: fwd+bwd time compiled / eager": True,  # 1.05 <= 1.1
+        f"{mlp} s, p 0.3: x + DropPath(branch(x)) fwd+bwd time / ours": True,  # 1.4 >= 1.25
+        f"{mlp} s, p 0.3: |fwd+bwd speed-up / (1 / (1 - p)) - 1|": True,  # 1.4 * 0.7 = 0.98
+        f"{mlp} s, p 0.1: |fwd+bwd speed-up / (1 / (1 - p)) - 1|": False,  # 1.3 * 0.9 = 1.17
+        f"{bottleneck} s, p 0.3: |fwd+bwd speed-up / (1 / (1 - p)) - 1|": False,  # 1.2 * 0.7 = 0.84
     }
     text = "\n".join(str(g) for g in bench_report.goals(rows))
     assert re.search(r"issue|#\d|\[\d+\]", text, re.IGNORECASE) is None  # stated by what they measure

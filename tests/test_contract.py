@@ -194,7 +194,7 @@ def test_eval_is_identity_and_draws_nothing(op: OpInfo, mode: Mode) -> None:
         y = m(x)
         assert torch.equal(torch.get_rng_state(), state), f"{op.name}: eval drew random numbers"
         assert torch.equal(y, want), f"{op.name} {sample.id}: eval is not the identity"
-        if op.kind != "filter" and not sample.unbatched:  # not even a copy: the input itself
+        if op.kind != "filter" and op.family != "residual" and not sample.unbatched:  # the input itself
             assert y is x, f"{op.name} {sample.id}: eval returned a copy of the input"
 
 
@@ -208,7 +208,7 @@ def test_p_zero_is_identity_and_draws_nothing(op: OpInfo, mode: Mode) -> None:
         y = m(x)
         assert torch.equal(torch.get_rng_state(), state), f"{op.name}: p=0 drew random numbers"
         assert torch.equal(y, want), f"{op.name} {sample.id}: p=0 is not the identity"
-        if op.kind != "filter" and not sample.unbatched:  # not even a copy: the input itself
+        if op.kind != "filter" and op.family != "residual" and not sample.unbatched:  # the input itself
             assert y is x, f"{op.name} {sample.id}: p=0 returned a copy of the input"
 
 
@@ -218,6 +218,9 @@ def test_p_one_zeroes_everything(op: OpInfo) -> None:
     x = sample.make()
     y = op.build(1.0)(x)
     assert y.shape == _plain(op, op.build(1.0), x).shape
+    if op.family == "residual":  # every branch dropped: the skip alone, the input itself
+        assert y is x
+        return
     assert not bool(y.any())
 
 
@@ -346,10 +349,10 @@ def test_drop_rate_is_binomial(op: OpInfo, mode: Mode) -> None:
     """
     p = 0.3
     dropped = total = 0
-    for seed in range(40 if op.family in ("filter", "sample") else 4):
+    for seed in range(40 if op.family in ("filter", "sample", "residual") else 4):
         if op.kind == "filter":
             sample = default_sample(op)
-        elif op.family == "sample":
+        elif op.family in ("sample", "residual"):
             sample = Sample((256, 3))
         else:
             shape = (16, 32) + (2,) * (op.spatial_dims or 1)
@@ -424,7 +427,7 @@ def test_repr_shows_every_option(op: OpInfo, mode: Mode) -> None:
     assert type(m).__repr__ is nn.Module.__repr__, "use extra_repr, not __repr__"
     assert text.startswith(f"{_name(op)}(")
     assert "p=0.25" in text
-    assert "inplace=False" in text
+    assert ("inplace=False" in text) == op.has_inplace
     for k, v in mode.kwargs.items():
         assert f"{k}={v!r}" in text, f"{text} does not show {k}={v!r}"
     if op.has_channel_dim:

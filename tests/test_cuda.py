@@ -213,3 +213,36 @@ def test_triton_unkeyed_rate_and_no_sync() -> None:
     rate = (y == 0).float().mean(dim=(0, 1)).cpu()  # per position, over 4096 maps
     for i, j in ((0, 0), (0, 14), (14, 14), (27, 27)):
         assert abs(float(rate[i, j]) - p) < 5 * (p * (1 - p) / 4096) ** 0.5
+
+
+def test_residual_drop_path_keyed_cpu_equals_cuda_and_reads_the_kept_count_once() -> None:
+    """The branch runs on the kept rows: their count is read on the host, one synchronisation."""
+    import warnings
+
+    x = torch.randn(16, 5, 8)
+    ids = torch.arange(100, 116)
+    outs = []
+    for device in ("cpu", "cuda"):
+        net = keyed_masks(nn.Sequential(sd.ResidualDropPath(nn.Tanh(), 0.4)), 1234).to(device)
+        with mask_context(step=7, sample_ids=ids.to(device)):
+            outs.append(_fwd_bwd(net, x.to(device)))
+    (y_cpu, g_cpu), (y_gpu, g_gpu) = outs
+    kept = (y_cpu != x).flatten(1).any(1)
+    assert 0 < int(kept.sum()) < 16
+    assert torch.equal((y_gpu.cpu() != x).flatten(1).any(1), kept)
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-6, atol=1e-6)  # tanh: last-bit differences
+    torch.testing.assert_close(g_gpu.cpu(), g_cpu, rtol=1e-6, atol=1e-6)
+    net = keyed_masks(nn.Sequential(sd.ResidualDropPath(nn.Linear(8, 8), 0.4)), 99).cuda()
+    xg = x.cuda().requires_grad_(True)
+    with mask_context(step=torch.tensor(3, device="cuda"), sample_ids=ids.cuda()):
+        _fwd_bwd(net, xg)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _fwd_bwd(net, xg)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]

@@ -2,8 +2,9 @@
 
 What it shows: gradients and parameters stay in sync across ranks while each rank draws its own
 dropout masks (unseeded processes, or seeded with ``seed + rank``); ranks seeded alike draw the
-same masks; the schedule's rate agrees across ranks. The run has a hard timeout: a hung
-process fails the test instead of hanging it.
+same masks; the schedule's rate agrees across ranks; a ResidualDropPath whose whole local batch
+is dropped on one rank (its branch not called there) trains with ``find_unused_parameters=True``.
+The run has a hard timeout: a hung process fails the test instead of hanging it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from spatialdrop import DropBlock2d, DropPath, DropSchedule, SpatialDropout2d, filter_dropout
+from spatialdrop import (
+    DropBlock2d,
+    DropPath,
+    DropSchedule,
+    ResidualDropPath,
+    SpatialDropout2d,
+    filter_dropout,
+)
 
 WORLD = 2
 STEPS = 3
@@ -89,6 +97,30 @@ def _run_mode(rank: int, mode: str) -> dict[str, list[torch.Tensor]]:
     return rec
 
 
+def _run_residual(rank: int) -> dict[str, list[torch.Tensor]]:
+    """Step 1: rank 0 drops its whole batch (p = 1), so its branch gets no gradient; rank 1 keeps all."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), ResidualDropPath(nn.Linear(4, 4), 0.0), nn.Linear(4, 2))
+    model = DDP(net, find_unused_parameters=True)  # without it: a RuntimeError at the step after
+    rec: dict[str, list[torch.Tensor]] = {"local": [], "grads": []}
+    data = torch.Generator().manual_seed(2000 + rank)
+    for step in range(STEPS):
+        net[1].p = 1.0 if (rank == 0 and step == 1) else 0.0
+        x = torch.randn(3, 4, generator=data)
+        with model.no_sync():  # this rank's own gradients (None where the branch did not run)
+            model(x).sum().backward()
+        rec["local"].append(torch.cat([_or_zeros(p) for p in net.parameters()]))
+        model.zero_grad()
+        model(x).sum().backward()
+        rec["grads"].append(torch.cat([_or_zeros(p) for p in net.parameters()]))
+        model.zero_grad()
+    return rec
+
+
+def _or_zeros(p: torch.Tensor) -> torch.Tensor:
+    return (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().clone()
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         seed = torch.initial_seed()  # before any seeding: the process's own random seed
@@ -102,6 +134,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         )
         try:
             result = {mode: _run_mode(rank, mode) for mode in MODES}
+            result["residual"] = _run_residual(rank)
             result["seed"] = seed  # type: ignore[assignment]
         finally:
             dist.destroy_process_group()
@@ -185,3 +218,15 @@ def test_schedule_agrees_across_ranks(results: list[dict], mode: str) -> None:
     expected = [0.3, 0.4, 0.5]
     for step, rates in enumerate(r0["rates"]):
         assert torch.allclose(rates, torch.full((4,), expected[step], dtype=rates.dtype), atol=1e-12)
+
+
+def test_residual_drop_path_with_a_wholly_dropped_local_batch(results: list[dict]) -> None:
+    """find_unused_parameters=True: the rank whose branch did not run contributes zeros to the mean."""
+    r0, r1 = results[0]["residual"], results[1]["residual"]
+    branch = slice(20, 40)  # the branch's weight (16) and bias (4) follow the first Linear's 20
+    assert not r0["local"][1][branch].any()  # rank 0 dropped all: no gradient for its branch
+    assert r1["local"][1][branch].abs().sum() > 0
+    for step in range(STEPS):
+        assert torch.equal(r0["grads"][step], r1["grads"][step])
+        mean = (r0["local"][step] + r1["local"][step]) / 2
+        torch.testing.assert_close(r0["grads"][step], mean, rtol=1e-6, atol=1e-7)

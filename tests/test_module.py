@@ -45,6 +45,7 @@ LAYERS = [
     Layer("AlphaSpatialDropout2d", lambda: sd.AlphaSpatialDropout2d(0.5), (3, 6, 4, 4)),
     Layer("AlphaSpatialDropout3d", lambda: sd.AlphaSpatialDropout3d(0.5), (3, 6, 2, 3, 4)),
     Layer("DropPath", lambda: sd.DropPath(0.5), (8, 5, 3)),
+    Layer("ResidualDropPath", lambda: sd.ResidualDropPath(nn.Linear(3, 3), 0.5), (8, 5, 3)),
     Layer("FilterDropout", _filter_conv, (3, 4, 5, 5)),
     Layer("DropBlock", lambda: sd.DropBlock(0.3, 3), (3, 4, 8, 8), ops=False),
     Layer("DropBlock1d", lambda: sd.DropBlock1d(0.3, 3), (3, 4, 12), ops=False),

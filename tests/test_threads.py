@@ -81,6 +81,11 @@ CASES: dict[str, Case] = {
         (16, 3, 4),
         lambda m, x, y: check_bernoulli(y, x, (1, 2), 0.5),
     ),
+    "ResidualDropPath": (  # the identity branch: y - x is x / (1 - p) or 0 per sample
+        lambda: sd.ResidualDropPath(nn.Identity(), 0.5),
+        (16, 3, 4),
+        lambda m, x, y: check_bernoulli(y - x, x, (1, 2), 0.5),
+    ),
     "DropBlock2d": (
         lambda: sd.DropBlock2d(0.3, 3),
         (2, 8, 10, 10),

@@ -22,11 +22,13 @@ CALLS: dict[str, Callable[[Any], object]] = {
     "alpha_spatial_dropout": lambda p: F.alpha_spatial_dropout(X, p),
     "drop_path": lambda p: F.drop_path(X, p),
     "drop_block": lambda p: F.drop_block(X, p, 3),
+    "drop_path_residual": lambda p: F.drop_path_residual(X, nn.Identity(), p),
     "SpatialDropout2d": lambda p: sd.SpatialDropout2d(p),
     "GaussianSpatialDropout": lambda p: sd.GaussianSpatialDropout(p),
     "AlphaSpatialDropout1d": lambda p: sd.AlphaSpatialDropout1d(p),
     "DropBlock2d": lambda p: sd.DropBlock2d(p),
     "DropPath": lambda p: sd.DropPath(p),
+    "ResidualDropPath": lambda p: sd.ResidualDropPath(nn.Identity(), p),
     "FilterDropout": lambda p: sd.FilterDropout(p),
     "filter_dropout": lambda p: sd.filter_dropout(nn.Conv2d(3, 3, 1), p),
 }
@@ -84,6 +86,7 @@ FP16: dict[str, tuple[Callable[[torch.Tensor, float], torch.Tensor], float, floa
     # op, the largest p that still fits float16, a p just past it
     "spatial_dropout": (lambda x, p: F.spatial_dropout(x, p), 0.9999, 0.99999),
     "drop_path": (lambda x, p: F.drop_path(x, p), 0.9999, 0.99999),
+    "drop_path_residual": (lambda x, p: F.drop_path_residual(x, nn.Identity(), p), 0.9999, 0.99999),
     "gaussian_spatial_dropout": (lambda x, p: F.gaussian_spatial_dropout(x, p), 0.999999, 1 - 1e-9),
     "alpha_spatial_dropout": (lambda x, p: F.alpha_spatial_dropout(x, p), 0.999999, 1 - 1e-10),
 }

@@ -19,6 +19,7 @@ from .gaussian import (
     GaussianSpatialDropout3d,
 )
 from .keyed import MaskKey, keyed_masks, keyed_normal, keyed_uniform, mask_context
+from .residual_drop_path import ResidualDropPath
 from .schedule import DropSchedule
 from .spatial_dropout import SpatialDropout, SpatialDropout1d, SpatialDropout2d, SpatialDropout3d
 from .tools import MCPrediction, add_dropout, mc_dropout, mc_predict
@@ -43,6 +44,7 @@ __all__ = [
     "GaussianSpatialDropout3d",
     "MCPrediction",
     "MaskKey",
+    "ResidualDropPath",
     "SpatialDropout",
     "SpatialDropout1d",
     "SpatialDropout2d",

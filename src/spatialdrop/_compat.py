@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dispatch_mode_active", "is_compiling"]
+__all__ = [
+    "captures_dynamic_output_shapes",
+    "dispatch_mode_active",
+    "in_vmap",
+    "is_compiling",
+    "is_exporting",
+]
 
 
 def is_compiling() -> bool:
@@ -30,3 +36,27 @@ def dispatch_mode_active() -> bool:
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
     return _get_current_dispatch_mode() is not None
+
+
+def is_exporting() -> bool:
+    """Whether ``torch.export`` (strict or not, ONNX's dynamo exporter included) is tracing."""
+    return bool(torch.compiler.is_exporting())
+
+
+def captures_dynamic_output_shapes() -> bool:
+    """Whether dynamo traces ops whose output shape depends on data (``nonzero``) into the graph.
+
+    ``torch._dynamo.config.capture_dynamic_output_shape_ops``: off by default, then such an op is
+    a graph break. Read while tracing, dynamo guards on it (a change recompiles).
+    """
+    import torch._dynamo.config as dynamo_config
+
+    return bool(dynamo_config.capture_dynamic_output_shape_ops)
+
+
+def in_vmap() -> bool:
+    """Whether the call runs under ``torch.func.vmap`` (at any level of nested transforms)."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())

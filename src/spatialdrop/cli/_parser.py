@@ -253,8 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=(*SUITES, "all"),
         default="all",
         help="spatial: channel dropout vs torch; dropblock: DropBlock speed and calibration vs "
-        "torchvision, timm, dropblock; family: DropPath, Gaussian, alpha, filter dropout; keyed: "
-        "keyed vs unkeyed masks",
+        "torchvision, timm, dropblock; family: DropPath, Gaussian, alpha, filter dropout, and "
+        "DropPath residual (the branch on the kept samples only, vs x + DropPath(branch(x)), at "
+        "p 0.1 and 0.3 whatever -p says); keyed: keyed vs unkeyed masks",
     )
     bench.add_argument(
         "--format", choices=("table", "markdown", "json", "csv"), default="table", help="output format"

@@ -8,6 +8,9 @@ For every case (an input shape and the implementations compared on it, see
   also as a ratio to a bare ``x * 2.0`` measured on the same input in the same run, and the
   forward + backward speed-up over torchvision where torchvision has the op;
 - for our layers under ``torch.compile(fullgraph=True)``: their time over the eager layer's;
+- in the DropPath residual cases (the branch run on the kept samples only): the baseline
+  ``x + DropPath(p)(branch(x))``'s forward + backward time over each row's (``vs_baseline``),
+  the gradients of the branch's weights computed too;
 - the bytes that autograd saves for backward, counted with
   :func:`torch.autograd.graph.saved_tensors_hooks`, each storage once, the input itself not
   counted (it is alive anyway), also as a fraction of the input's bytes;

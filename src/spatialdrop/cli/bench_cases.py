@@ -7,6 +7,7 @@ that is not installed). The library is used only through its public API.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from spatialdrop.functional import (
     alpha_spatial_dropout,
     drop_block,
     drop_path,
+    drop_path_residual,
     gaussian_spatial_dropout,
     spatial_dropout,
 )
@@ -36,6 +38,7 @@ __all__ = [
     "dropblock_cases",
     "family_cases",
     "keyed_cases",
+    "residual_cases",
     "spatial_cases",
 ]
 
@@ -49,6 +52,9 @@ class Impl:
     """One implementation in a case: a callable ``input -> output``, or a note saying why not.
 
     ``eager`` names the call of the eager implementation that a compiled one is compared with.
+    ``params``: more tensors whose gradients the forward + backward timing computes with the
+    input's (a branch's weights, as in training). ``baseline``: the row the others' speed-up is
+    measured against (``vs_baseline``).
     """
 
     library: str
@@ -59,6 +65,8 @@ class Impl:
     shared_channels: bool = False
     grad: bool = True
     eager: str = ""
+    params: tuple[Tensor, ...] = ()
+    baseline: bool = False
 
 
 @dataclass
@@ -265,6 +273,135 @@ def family_cases(quick: bool, p: float) -> list[Case]:
     ]
 
 
+class _Attention(torch.nn.Module):
+    """timm's ViT attention written in torch (fused attention), for when timm is not installed."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, length, dim = x.shape
+        q, k, v = self.qkv(x).reshape(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+
+
+class _Block(torch.nn.Module):
+    """timm's pre-norm ViT ``Block`` (no layer scale, no drop path) written in torch."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def _vit_block(dim: int, heads: int) -> tuple[torch.nn.Module, str]:
+    """A ViT block from timm (``Block(dim, heads, qkv_bias=True)``), or the torch twin without timm."""
+    try:
+        from timm.models.vision_transformer import Block
+    except ImportError:
+        return _Block(dim, heads), "torch"
+    return Block(dim, heads, qkv_bias=True), "timm"
+
+
+def _bottleneck(channels: int, width: int) -> torch.nn.Module:
+    """The residual branch of a ResNet-50 bottleneck (1x1, 3x3, 1x1 convs with BatchNorm, no skip)."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(channels, width, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(width, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(width, channels, 1, bias=False),
+        nn.BatchNorm2d(channels),
+    )
+
+
+RESIDUAL_RATES = (0.1, 0.3)
+
+
+def _skipping(branch: torch.nn.Module, p: float) -> Fn:
+    return lambda x: drop_path_residual(x, branch, p)
+
+
+def _then(branch: torch.nn.Module, drop: Callable[[Tensor], Tensor]) -> Fn:
+    return lambda x: x + drop(branch(x))
+
+
+def residual_cases(quick: bool) -> list[Case]:
+    """DropPath that skips the dropped samples' branch against ``x + DropPath(p)(branch(x))``.
+
+    Branches: a ViT-S block's MLP (``norm2`` then ``mlp``), a whole ViT-S block, and a ResNet-50
+    bottleneck's residual branch; at p = 0.1 and 0.3 (fixed: the speed-up should follow
+    ``1 / (1 - p)``). Forward + backward compute the gradients of the branch's weights too, as in
+    training. The baseline is timm's ``DropPath`` where timm is installed, else our
+    ``drop_path`` (the same random numbers and bits as timm's).
+    """
+    try:
+        from timm.layers import DropPath as TimmDropPath
+    except ImportError as err:
+        timm_missing: ImportError | None = err
+    else:
+        timm_missing = None
+    dim, heads, tokens, n = (96, 2, 50, 4) if quick else (384, 6, 197, 32)
+    torch.manual_seed(0)
+    block, source = _vit_block(dim, heads)
+    norm2, mlp = block.get_submodule("norm2"), block.get_submodule("mlp")
+    branches = [
+        (f"a ViT-S block's MLP ({source}: norm2, mlp)", torch.nn.Sequential(norm2, mlp), (n, tokens, dim)),
+        (f"a whole ViT-S block ({source} Block) as the branch", block, (n, tokens, dim)),
+        (
+            "a ResNet-50 bottleneck (1x1, 3x3, 1x1 convs, BatchNorm)",
+            _bottleneck(64, 16) if quick else _bottleneck(256, 64),
+            (2, 64, 14, 14) if quick else (n, 256, 56, 56),
+        ),
+    ]
+    cases = []
+    for name, branch, shape in branches:
+        branch.train()
+        params = tuple(branch.parameters())
+        for p in RESIDUAL_RATES:
+            ours = Impl(
+                "spatialdrop",
+                "drop_path_residual(x, branch, p)",
+                _skipping(branch, p),
+                drops=False,
+                params=params,
+            )
+            impls = [ours]
+            if timm_missing is None:
+                base = _then(branch, TimmDropPath(p))
+                impls.append(
+                    Impl(
+                        "timm",
+                        "x + timm DropPath(p)(branch(x))",
+                        base,
+                        drops=False,
+                        params=params,
+                        baseline=True,
+                    )
+                )
+            else:
+                call = "x + drop_path(branch(x), p)"
+                base = _then(branch, functools.partial(drop_path, p=p))
+                impls.append(Impl("spatialdrop", call, base, drops=False, params=params, baseline=True))
+                impls.append(_missing("timm", "x + timm DropPath(p)(branch(x))", timm_missing))
+            cases.append(Case("family", f"DropPath residual, {name}", shape, (), impls, p))
+    return cases
+
+
 def keyed_cases(quick: bool, p: float) -> list[Case]:
     """Keyed spatial dropout (masks from a counter-based key) against the unkeyed one."""
 
@@ -321,7 +458,8 @@ def cases_for(suite: str, quick: bool, p: float, compile_ours: bool = True) -> l
     """The cases of ``suite`` (one of :data:`SUITES` or ``all``).
 
     With ``compile_ours``, the 2-D spatial dropout case and the 2-D and 3-D DropBlock cases also
-    time our layer under ``torch.compile(fullgraph=True)`` beside the eager one.
+    time our layer under ``torch.compile(fullgraph=True)`` beside the eager one. The family suite's
+    DropPath residual cases run at their own rates (:data:`RESIDUAL_RATES`), not at ``p``.
     """
     cases: list[Case] = []
     if suite in ("spatial", "all"):
@@ -329,7 +467,7 @@ def cases_for(suite: str, quick: bool, p: float, compile_ours: bool = True) -> l
     if suite in ("dropblock", "all"):
         cases += dropblock_cases(quick, p, compile_ours) + calibration_cases(quick)
     if suite in ("family", "all"):
-        cases += family_cases(quick, p)
+        cases += family_cases(quick, p) + residual_cases(quick)
     if suite in ("keyed", "all"):
         cases += keyed_cases(quick, p)
     return cases

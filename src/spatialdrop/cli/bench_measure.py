@@ -31,7 +31,8 @@ class Row:
     """The measurements of one implementation in one case (``None``: not measured).
 
     ``fwd_vs_eager`` and ``fwd_bwd_vs_eager`` are set on compiled rows: their time over the eager
-    implementation's time in the same case and run (below 1: compiling pays).
+    implementation's time in the same case and run (below 1: compiling pays). ``vs_baseline``:
+    in a case with a baseline implementation, the baseline's fwd+bwd time over this row's.
     """
 
     kind: str
@@ -47,6 +48,7 @@ class Row:
     fwd_bwd_ratio: float | None = None
     fwd_bwd_best_ms: float | None = None
     vs_torchvision: float | None = None
+    vs_baseline: float | None = None
     fwd_vs_eager: float | None = None
     fwd_bwd_vs_eager: float | None = None
     saved_bytes: int | None = None
@@ -184,8 +186,9 @@ def measure(
     def forward(fn: Fn) -> Callable[[], Any]:
         return lambda: fn(x)
 
-    def forward_backward(fn: Fn) -> Callable[[], Any]:
-        return lambda: torch.autograd.grad(fn(xg), xg, grad_out)
+    def forward_backward(fn: Fn, params: tuple[Tensor, ...]) -> Callable[[], Any]:
+        # allow_unused: a branch skipped for a whole batch (every sample dropped) has no gradient
+        return lambda: torch.autograd.grad(fn(xg), (xg, *params), grad_out, allow_unused=bool(params))
 
     failed: dict[int, str] = {}
     gc_was_enabled = gc.isenabled()
@@ -199,7 +202,7 @@ def measure(
                 assert impl.fn is not None
                 try:
                     t_fwd = _timed(forward(impl.fn))
-                    t_both = _timed(forward_backward(impl.fn)) if impl.grad else 0.0
+                    t_both = _timed(forward_backward(impl.fn, impl.params)) if impl.grad else 0.0
                 except Exception as err:  # e.g. a compiler error: report it, time the others
                     failed[id(impl)] = _failure(err)
                     continue
@@ -246,6 +249,11 @@ def measure(
                 row.fwd_vs_eager = row.fwd_ms / eager.fwd_ms
             if eager is not None and eager.fwd_bwd_ms and row.fwd_bwd_ms:
                 row.fwd_bwd_vs_eager = row.fwd_bwd_ms / eager.fwd_bwd_ms
+    base = next((row for row, impl in zip(rows, impls) if impl.baseline and row.fwd_bwd_ms), None)
+    if base is not None and base.fwd_bwd_ms is not None:
+        for row, impl in zip(rows, impls):
+            if row.fwd_bwd_ms is not None and impl is not impls[0]:
+                row.vs_baseline = base.fwd_bwd_ms / row.fwd_bwd_ms
     tv = next((row for row in rows if row.library == "torchvision" and row.fwd_bwd_ms is not None), None)
     if tv is not None and tv.fwd_bwd_ms is not None:
         for row in rows:

@@ -104,7 +104,10 @@ def goals(rows: list[Row]) -> list[Goal]:
     DropBlock per channel (2-D): fwd+bwd at most 4x a bare multiply, at least 20x torchvision's,
     at most a quarter of the input's bytes saved for backward; shared (2-D): at most 2x a bare
     multiply; per channel (3-D): at least 20x torchvision's. Compiled layers: fwd+bwd at most
-    1.1x the eager layer's.
+    1.1x the eager layer's. DropPath residual (the branch on the kept samples only) against ``x +
+    DropPath(p)(branch(x))``: at least 1.25x faster fwd+bwd for the ViT MLP branch at p = 0.3,
+    and for every branch and p a speed-up within 15 % of the ``1 / (1 - p)`` that the skipped
+    work predicts.
     """
     out: list[Goal] = []
     for r in rows:
@@ -143,6 +146,18 @@ def goals(rows: list[Row]) -> list[Goal]:
         what = f"DropBlock 3-D per channel {per3.shape}: torchvision's fwd+bwd time / ours"
         out.append(Goal(what, per3.vs_torchvision, 20, True))
     for r in rows:
+        if not r.case.startswith("DropPath residual") or r.library != "spatialdrop" or r.vs_baseline is None:
+            continue
+        if r.call.startswith("x + "):  # the baseline itself, where timm is missing
+            continue
+        where = f"{r.case} {r.shape}, p {r.p}"
+        if "MLP" in r.case and r.p == 0.3:
+            out.append(
+                Goal(f"{where}: x + DropPath(branch(x)) fwd+bwd time / ours", r.vs_baseline, 1.25, True)
+            )
+        deviation = abs(r.vs_baseline * (1 - r.p) - 1)
+        out.append(Goal(f"{where}: |fwd+bwd speed-up / (1 / (1 - p)) - 1|", deviation, 0.15, False))
+    for r in rows:
         if r.fwd_bwd_vs_eager is not None:
             what = f"{r.call} {r.shape}: fwd+bwd time compiled / eager"
             out.append(Goal(what, r.fwd_bwd_vs_eager, 1.1, False))
@@ -162,6 +177,7 @@ FULL_COLUMNS = [
     ("fwd_bwd_ratio", f"fwd+bwd / {REFERENCE}"),
     ("fwd_bwd_best_ms", "fwd+bwd best ms"),
     ("vs_torchvision", "fwd+bwd speed-up vs torchvision"),
+    ("vs_baseline", "fwd+bwd speed-up vs the case's baseline"),
     ("fwd_bwd_vs_eager", "fwd+bwd compiled / eager"),
     ("saved_bytes", "saved for bwd"),
     ("drop_mean", "drop mean"),
@@ -186,6 +202,7 @@ TABLE_COLUMNS = [
     ("fwd_bwd_ms", "f+b ms"),
     ("fwd_bwd_ratio", "f+b/ref"),
     ("vs_torchvision", "tv/ours"),
+    ("vs_baseline", "base/ours"),
     ("fwd_bwd_vs_eager", "/eager"),
     ("saved_fraction", "saved"),
     ("drop_mean", "drop"),
@@ -199,8 +216,9 @@ TABLE_CALIBRATION_COLUMNS = [
 ]
 LEGEND = (
     f"f+b: forward + backward; ref: {REFERENCE} on the same input; tv/ours: torchvision's f+b time "
-    "over ours; /eager: compiled f+b time over the eager layer's; saved: bytes kept for backward "
-    "beyond the input, as % of the input; drop: fraction dropped on an all-ones input. "
+    "over ours; base/ours: the case's baseline f+b time over this row's (DropPath residual: "
+    "x + DropPath(p)(branch(x))); /eager: compiled f+b time over the eager layer's; saved: bytes "
+    "kept for backward beyond the input, as % of the input; drop: fraction dropped on an all-ones input. "
     "Every column, the corner and centre drop rates included: --format markdown, json or csv."
 )
 TEXT_KEYS = ("case", "shape", "library", "call", "note")
@@ -225,7 +243,7 @@ def _cell(row: Row, key: str) -> str:
         return f"{100 * value:.1f}%"
     if key.endswith("_ms"):
         return f"{value:.2f}" if value < 100 else f"{value:.0f}"
-    if key.endswith(("_ratio", "_vs_eager")) or key == "vs_torchvision":
+    if key.endswith(("_ratio", "_vs_eager")) or key in ("vs_torchvision", "vs_baseline"):
         return f"{value:.2f}×" if value < 100 else f"{value:.0f}×"
     if key.startswith("drop_"):
         return f"{value:.3f}"
