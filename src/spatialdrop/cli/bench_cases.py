@@ -307,11 +307,10 @@ class _Block(torch.nn.Module):
 
 def _vit_block(dim: int, heads: int) -> tuple[torch.nn.Module, str]:
     """A ViT block from timm (``Block(dim, heads, qkv_bias=True)``), or the torch twin without timm."""
-    try:
-        from timm.models.vision_transformer import Block
-    except ImportError:
+    block = peer("timm", "timm.models.vision_transformer.Block")  # any import failure: the twin
+    if isinstance(block, str):
         return _Block(dim, heads), "torch"
-    return Block(dim, heads, qkv_bias=True), "timm"
+    return block(dim, heads, qkv_bias=True), "timm"
 
 
 def _bottleneck(channels: int, width: int) -> torch.nn.Module:
@@ -349,12 +348,9 @@ def residual_cases(quick: bool) -> list[Case]:
     training. The baseline is timm's ``DropPath`` where timm is installed, else our
     ``drop_path`` (the same random numbers and bits as timm's).
     """
-    try:
-        from timm.layers import DropPath as TimmDropPath
-    except ImportError as err:
-        timm_missing: ImportError | None = err
-    else:
-        timm_missing = None
+    found = peer("timm", "timm.layers.DropPath")  # any import failure: a one-line reason
+    timm_missing = found if isinstance(found, str) else None
+    TimmDropPath = found
     dim, heads, tokens, n = (96, 2, 50, 4) if quick else (384, 6, 197, 32)
     torch.manual_seed(0)
     block, source = _vit_block(dim, heads)
