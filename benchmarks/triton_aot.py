@@ -146,8 +146,11 @@ def compile_variant(variant: Variant, cc: int) -> tuple[int, int]:
 
     seed_kernel, apply_kernel = _kernels()
     fn = seed_kernel if variant.kernel == "seed_kernel" else apply_kernel
+    from spatialdrop._dropblock.triton_kernels import APPLY_WARPS
+
     source = ASTSource(fn, signature=variant.signature, constexprs=variant.constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32))
+    options = {"num_warps": APPLY_WARPS} if variant.kernel == "apply_kernel" else {}  # as launched
+    compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
     assert compiled.asm.get("cubin"), "no cubin was produced"
     return ptxas_usage(compiled.asm["ptx"], cc)
 
