@@ -335,3 +335,14 @@ def test_meta_and_fake_outputs_have_the_layout_of_empty_like(rank: int, layout: 
         assert t.grad.shape == t.shape
     # a following .view works on every path (it failed for NHWC on the dense path)
     assert drop_block(x.detach().to("meta"), 0.2, 2, channel_dim=cd).reshape(-1).shape == (x.numel(),)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install spatialdrop[triton])")
+def test_export_never_holds_the_triton_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the export check comes before the Triton dispatch: an exported program holds no custom op
+    with path("triton", monkeypatch):
+        program = torch.export.export(sd.DropBlock2d(0.3, 3).train(), (torch.ones(8, 4, 9, 9),))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert not any("spatialdrop" in t for t in targets), targets
+    y = program.module()(torch.ones(8, 4, 9, 9))
+    assert 0.15 < float((y == 0).float().mean()) < 0.45
