@@ -146,10 +146,12 @@ def compile_variant(variant: Variant, cc: int) -> tuple[int, int]:
 
     seed_kernel, apply_kernel = _kernels()
     fn = seed_kernel if variant.kernel == "seed_kernel" else apply_kernel
-    from spatialdrop._dropblock.triton_kernels import APPLY_WARPS
+    from spatialdrop._dropblock.triton_kernels import apply_warps
 
     source = ASTSource(fn, signature=variant.signature, constexprs=variant.constexprs)
-    options = {"num_warps": APPLY_WARPS} if variant.kernel == "apply_kernel" else {}  # as launched
+    options = {}
+    if variant.kernel == "apply_kernel":  # as launched
+        options["num_warps"] = apply_warps(bool(variant.constexprs["COUNT"]))
     compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
     assert compiled.asm.get("cubin"), "no cubin was produced"
     return ptxas_usage(compiled.asm["ptx"], cc)

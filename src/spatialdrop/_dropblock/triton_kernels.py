@@ -50,7 +50,7 @@ from .scale import acc_dtype, scale_factor
 
 __all__ = [
     "APPLY_BLOCK",
-    "APPLY_WARPS",
+    "apply_warps",
     "SEED_BLOCK",
     "cpu_interpreter",
     "kernels",
@@ -62,7 +62,13 @@ __all__ = [
 _BIAS = 1 << 32  # added to 32-bit key words so that Triton always types them int64
 SEED_BLOCK = 128  # lanes (chunks) per program of the seed kernel
 APPLY_BLOCK = 512  # elements per program of the apply kernel
-APPLY_WARPS = 8  # 2 elements per thread: no register spills (benchmarks/triton_aot.py)
+
+
+def apply_warps(count: bool) -> int:
+    """The apply kernel's warps: 8 for the writing pass, 4 for the counting one (no register spills
+    for any variant on sm_80 or sm_90: ``benchmarks/triton_aot.py``)."""
+    return 4 if count else 8
+
 
 # Whether ``triton`` is installed, found once without importing it (the import takes seconds); a
 # plain constant, so that dynamo, tracing the dispatch, reads no cached function.
@@ -199,7 +205,7 @@ def _apply(
         shape = [n, c]
     apply_kernel[(_cdiv(total, APPLY_BLOCK),)](
         x, out, bits, factors, counts, total, *strides, *shape, *size3, *grid3, words,
-        **flags, COUNT=count, SCALE=scale, BLOCK=APPLY_BLOCK, num_warps=APPLY_WARPS,
+        **flags, COUNT=count, SCALE=scale, BLOCK=APPLY_BLOCK, num_warps=apply_warps(count),
     )  # fmt: skip
 
 
