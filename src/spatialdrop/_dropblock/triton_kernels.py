@@ -50,8 +50,8 @@ from .scale import acc_dtype, scale_factor
 
 __all__ = [
     "APPLY_BLOCK",
-    "apply_warps",
     "SEED_BLOCK",
+    "apply_warps",
     "cpu_interpreter",
     "kernels",
     "seed_bits",
@@ -65,8 +65,10 @@ APPLY_BLOCK = 512  # elements per program of the apply kernel
 
 
 def apply_warps(count: bool) -> int:
-    """The apply kernel's warps: 8 for the writing pass, 4 for the counting one (no register spills
-    for any variant on sm_80 or sm_90: ``benchmarks/triton_aot.py``)."""
+    """The apply kernel's warps: 8 for the writing pass, 4 for the counting one.
+
+    With these no variant spills registers on sm_80 or sm_90 (``benchmarks/triton_aot.py``).
+    """
     return 4 if count else 8
 
 
