@@ -33,11 +33,11 @@ from distributed import run_world
 from optable import ACTIVATION_OPS, OPS_BY_NAME, OpInfo, check_output, nonzero_input
 
 #: The families of the contract table whose ops take DTensors here: all of them.
-FAMILIES = ("channel", "gaussian", "alpha", "sample", "block")
+FAMILIES = ("channel", "gaussian", "alpha", "sample", "block", "residual")
 #: Families whose unkeyed DTensor call broadcasts its noise table, so that it is the unsharded call
 #: under rank 0's generator bit for bit; the others (DropBlock: an agreed key, ``call_key``) are
 #: held to agreement between ranks and a valid draw.
-TABLE_FAMILIES = ("channel", "gaussian", "alpha", "sample")
+TABLE_FAMILIES = ("channel", "gaussian", "alpha", "sample", "residual")
 DT_OPS = [op for op in ACTIVATION_OPS if op.family in FAMILIES and op.spatial_dims in (None, 2)]
 WORLDS = (1, 2, 4)
 P = 0.5
@@ -59,7 +59,7 @@ class Sample:
 
 def samples(op: OpInfo) -> list[Sample]:
     """Odd sizes everywhere, so that shards are uneven; a batch of 1 leaves empty shards."""
-    if op.family == "sample":
+    if op.family in ("sample", "residual"):
         return [Sample("nchw", (5, 6, 3, 7)), Sample("tokens", (5, 7)), Sample("batch1", (1, 6, 3, 7))]
     out = [Sample("nchw", (5, 6, 3, 7)), Sample("batch1", (1, 6, 3, 7))]
     if op.has_channel_dim:
@@ -409,7 +409,7 @@ def test_keyed_any_sharding_gives_the_unsharded_bits(results: Any, world: int, o
         assert torch.equal(r["y"], r["ref"]), f"{case.id}: output differs from the unsharded one"
         assert torch.equal(r["grad"], r["ref_grad"]), f"{case.id}: gradient differs"
         checked += 1
-    assert checked >= 10
+    assert checked >= 9  # every placement of every sample (9 for a one-mode op)
 
 
 @pytest.mark.parametrize("world", _world_params())

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from ._compat import captures_dynamic_output_shapes, dispatch_mode_active, in_vmap, is_compiling, is_exporting
+from ._dtensor import check_sharding, is_dtensor
 from ._keyed import check_key_arg
 from ._module import StructuredDropout
 from ._validation import (
@@ -33,7 +34,7 @@ from ._validation import (
     check_tensor,
     fail,
 )
-from .drop_path import _draw_keep
+from .drop_path import _draw_keep, drop_path
 from .keyed import MaskKey
 
 __all__ = ["ResidualDropPath", "drop_path_residual"]
@@ -312,11 +313,15 @@ def drop_path_residual(
     n = input.shape[0]
     check_key_arg(fn, key, generator, n)
     args, kwargs, batched = _check_extra(fn, n, args, kwargs, batched_args)
+    check_sharding(fn, input)
     if not training or p == 0.0 or input.numel() == 0:
         return input + _checked_output(fn, branch(input, *args, **kwargs), input, True)
     if p == 1.0:
         return input
     check_scale_fits(fn, p, input.dtype, 1.0 / (1.0 - p), "1/(1-p)")
+    if is_dtensor(input):  # each rank's part of one draw (drop_path's); the branch on the whole batch
+        out = _checked_output(fn, branch(input, *args, **kwargs), input, True)
+        return input + drop_path(out, p, training=True, generator=generator, key=key)
     noise = _draw_keep(input, p, True, generator, key)  # (N, 1, ...): 0 or 1/(1-p), drop_path's draw
     if not _can_skip(input):
         out = _checked_output(fn, branch(input, *args, **kwargs), input, True)
