@@ -514,6 +514,11 @@ def test_keyed_module_needs_a_context_and_is_reproducible_in_one(op: OpInfo, mod
     assert torch.equal(m(x), _plain(op, m, x))  # eval needs no context
 
 
+# ours, or torch's own check when the recompute saves tensors of other shapes (ResidualDropPath's
+# kept rows): either way an error, never a silent wrong gradient
+RECOMPUTE_REFUSED = "recomputed during backward|Recomputed values for the following tensors"
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize(("op", "mode"), op_mode_params([op for op in OPS if op.is_module and op.keyed]))
 def test_keyed_checkpoint_recompute_equal_or_refused(op: OpInfo, mode: Mode, reentrant: bool) -> None:
@@ -549,7 +554,7 @@ def test_keyed_checkpoint_recompute_equal_or_refused(op: OpInfo, mode: Mode, ree
         y = checkpoint(m, x, use_reentrant=reentrant, preserve_rng_state=False)
     with (
         sd.mask_context(step=4, sample_ids=ids),
-        pytest.raises(RuntimeError, match="recomputed during backward"),
+        pytest.raises(RuntimeError, match=RECOMPUTE_REFUSED),
     ):
         grad_of(y, w)
     if reentrant:
@@ -559,7 +564,7 @@ def test_keyed_checkpoint_recompute_equal_or_refused(op: OpInfo, mode: Mode, ree
         y3 = checkpoint(m, x, use_reentrant=False, preserve_rng_state=False)
     with sd.mask_context(step=4, sample_ids=ids):
         checkpoint(m, x, use_reentrant=False, preserve_rng_state=False)
-        with pytest.raises(RuntimeError, match="recomputed during backward"):
+        with pytest.raises(RuntimeError, match=RECOMPUTE_REFUSED):
             grad_of(y3, w)
 
 
