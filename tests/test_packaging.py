@@ -52,6 +52,11 @@ def test_the_sdist_holds_everything_its_tests_need(sdist: Path) -> None:
     tests = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("*.py")}
     assert {"tests/conftest.py", "tests/optable.py"} <= tests
     assert tests <= names, sorted(tests - names)
+    scripts = {
+        p.relative_to(ROOT).as_posix() for d in ("benchmarks", "examples") for p in (ROOT / d).glob("*.py")
+    }
+    assert "benchmarks/triton_aot.py" in scripts  # tests/test_triton_aot.py loads it
+    assert scripts <= names, sorted(scripts - names)
     # test_readme runs README.md's code blocks; the package and its type marker
     assert {"README.md", "LICENSE", "pyproject.toml", "src/spatialdrop/py.typed"} <= names
     assert all("__pycache__" not in n and not n.endswith(".pyc") for n in names)
