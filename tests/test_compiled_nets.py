@@ -139,7 +139,10 @@ class Net3d(nn.Module):
             nn.BatchNorm3d(8),
             nn.ReLU(),
             sd.DropBlock3d(0.15, 3),
-            nn.Conv3d(8, 16, 3, stride=2, padding=1),
+            # a 2x2x2 stride-2 conv: torch 2.13.0's inductor cannot lower a conv that follows a
+            # 3x3x3 stride-2 padded one under dynamic=True, with or without dropout
+            # (ValueRangeError "Invalid ranges [0:-1]"; fixed in 2.14)
+            nn.Conv3d(8, 16, 2, stride=2),
             nn.ReLU(),
             sd.SpatialDropout3d(0.15),
             nn.Conv3d(16, 16, 3, padding=1),
