@@ -568,6 +568,45 @@ def test_keyed_checkpoint_recompute_equal_or_refused(op: OpInfo, mode: Mode, ree
             grad_of(y3, w)
 
 
+@pytest.mark.parametrize(
+    ("op", "mode", "layer_inplace"),
+    [
+        pytest.param(op, mode, inplace, id=f"{op.name}-{mode.name}-{'inplace' if inplace else 'out'}")
+        for op in OPS
+        if op.is_module and op.keyed
+        for mode in op.modes
+        for inplace in ([False, True] if op.has_inplace else [False])
+    ],
+)
+def test_keyed_output_can_be_modified_in_place(op: OpInfo, mode: Mode, layer_inplace: bool) -> None:
+    """A keyed layer's output, like any layer's, takes an in-place op (timm's ``x += shortcut``
+    after its DropBlock), and the layer's input may be a tensor an earlier op saved (ReLU's
+    output): the gradient is that of the same computation written out of place."""
+    m = op.build(mode=mode, inplace=layer_inplace)
+    seed = zlib.crc32(f"{op.name}-{mode.name}-inplace-after".encode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd.keyed_masks(m, seed)
+    x = _keyed_sample(op).make().requires_grad_()
+    ids = torch.arange(x.shape[0])
+    grads = []
+    for in_place in (False, True):
+        x.grad = None
+        with sd.mask_context(step=5, sample_ids=ids):
+            h = torch.relu(x * 1.0)  # relu saves its output for backward
+            y = m(h * 1.0 if layer_inplace else h)  # an inplace layer may not overwrite relu's output
+            if in_place:
+                y += 1.0
+                y.mul_(3.0)
+            else:
+                y = (y + 1.0) * 3.0
+            w = torch.linspace(-1.0, 1.0, y.numel()).view_as(y)
+            (y * w).sum().backward()
+        assert x.grad is not None
+        grads.append(x.grad.clone())
+    assert torch.equal(grads[1], grads[0]), f"{op.name}: in-place use of the keyed output changed a gradient"
+
+
 # --- compile ----------------------------------------------------------------------------------
 
 

@@ -155,13 +155,18 @@ class _KeyGuard(torch.autograd.Function):
     Its saved tensors are the context's step and sample ids: a non-reentrant checkpoint replaces
     them by the ones its recompute used, while the attributes set in forward stay those of the
     forward, so a recompute under another key is caught exactly (before its gradient is used).
+
+    It is an in-place identity (``mark_dirty``), not a view: the layer's output stays a tensor the
+    model may modify in place (timm's ``x += shortcut`` after its DropBlock and DropPath), which a
+    view made inside a custom Function may not be.
     """
 
     @staticmethod
     def forward(ctx: Any, out: Tensor, step: Tensor, ids: Tensor, fn: str, draw: int) -> Tensor:
         ctx.save_for_backward(step, ids)
         ctx.key = (int(step), ids, draw, fn)
-        return out.view_as(out)
+        ctx.mark_dirty(out)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -179,7 +184,7 @@ class _KeyGuard(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def guard_key(fn: str, output: Tensor) -> Tensor:
+def guard_key(fn: str, output: Tensor, input: Tensor | None = None, inplace: bool = False) -> Tensor:
     """Wrap a keyed layer's eager output so that a checkpoint recompute under another key raises.
 
     Takes the key that :func:`context_key` just handed out (per thread); nothing for an unkeyed
@@ -187,11 +192,15 @@ def guard_key(fn: str, output: Tensor) -> Tensor:
     tensors), for a DTensor, on meta tensors, or when the context's step is not on the CPU
     (reading it must not wait for a device: the context-memory check of
     :func:`_check_recompute` still applies). Sample ids on a device are not compared in backward
-    (no device read): the step is.
+    (no device read): the step is. Nor for a leaf, or for the layer's ``input`` returned as it is
+    (not ``inplace``): the guard is an in-place identity, and marking a tensor that an earlier op
+    saved (ReLU saves its output) would break that op's backward.
     """
     pending = getattr(_FORWARDS, "pending", None)
     _FORWARDS.pending = None
     if pending is None or not (torch.is_grad_enabled() and output.requires_grad):
+        return output
+    if output.grad_fn is None or (output is input and not inplace):
         return output
     if is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return output
