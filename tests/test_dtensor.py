@@ -266,6 +266,76 @@ def _checkpointed(mesh: Any) -> dict[str, Any]:
     return out
 
 
+def _compiled(mesh: Any, rank: int) -> dict[str, Any]:
+    """Layers under ``torch.compile`` (default mode) on DTensors: the sharded draw runs eagerly
+    (a graph break: dynamo cannot trace a shard's place in the mesh), the rest compiled.
+
+    Keyed: output and gradient against the unsharded eager call. Unkeyed: against the same
+    DTensor call made eagerly with the same generator state on every rank. Warnings are recorded,
+    not raised as elsewhere: dynamo's own probes of a tensor's ``.grad`` warn in C++ and silence
+    that with a filter of their own, which an ``"error"`` filter overrides.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    # Each rank its own inductor cache, as on separate hosts: with one cache shared by the ranks of
+    # one host, torch 2.13 hands a rank the kernel compiled for another rank's local shape when
+    # shards are uneven (6 samples on 4 ranks: a rank of 1 sample ran a kernel for 2 and crashed)
+    cache = tempfile.mkdtemp(prefix=f"spatialdrop-inductor-rank{rank}-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    try:
+        return _compiled_cases(mesh, rank)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _compiled_cases(mesh: Any, rank: int) -> dict[str, Any]:
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    x = nonzero_input((6, 4, 5, 5), seed=7)
+    w = nonzero_input((6, 4, 5, 5), seed=8)
+    ids = torch.arange(ID_OFFSET, ID_OFFSET + 6)
+    layers: dict[str, nn.Module] = {
+        "SpatialDropout2d": sd.SpatialDropout2d(P),
+        "GaussianSpatialDropout2d": sd.GaussianSpatialDropout2d(P),
+        "AlphaSpatialDropout2d": sd.AlphaSpatialDropout2d(P),
+        "DropBlock2d": sd.DropBlock2d(0.3, 3),
+        "DropPath": sd.DropPath(P),
+        "ResidualDropPath": sd.ResidualDropPath(nn.ReLU(), P),
+    }
+
+    def step(layer: nn.Module, t: torch.Tensor, wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = t.detach().requires_grad_(True)
+        with sd.mask_context(step=KEY_STEP, sample_ids=ids):
+            y = layer(t)
+            (y * wt).sum().backward()
+        assert t.grad is not None
+        if hasattr(y, "full_tensor"):
+            return y.full_tensor().detach(), t.grad.full_tensor()
+        return y.detach(), t.grad
+
+    out: dict[str, Any] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name, layer in layers.items():
+            compiled = torch.compile(layer)
+            for keyed in (True, False):
+                sd.keyed_masks(layer, KEY_SEED if keyed else None)
+                for pl in (Shard(0), Shard(2), Replicate()) if keyed else (Shard(1),):
+                    dx = distribute_tensor(x, mesh, [pl], src_data_rank=None)
+                    dw = distribute_tensor(w, mesh, [pl], src_data_rank=None)
+                    torch.manual_seed(RANK0_SEED + 1000 * rank)
+                    got = step(compiled, dx, dw)
+                    torch.manual_seed(RANK0_SEED + 1000 * rank)
+                    want = step(layer, x, w) if keyed else step(layer, dx, dw)
+                    out[f"{name}-{keyed}-{pl}"] = (got, want)
+    # torch's own import of inductor warns (a torch.jit deprecation): not a warning of ours
+    out["x"] = x
+    out["warnings"] = [str(c.message) for c in caught if not issubclass(c.category, DeprecationWarning)]
+    return out
+
+
 def _call_keys(mesh: Any, rank: int) -> dict[str, Any]:
     """``call_key``, for ops whose noise is too large to broadcast (DropBlock): agreed keys."""
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -362,6 +432,7 @@ def _worker(rank: int, world: int) -> dict[str, Any]:
             ("checkpoint", lambda: _checkpointed(flat)),
             ("call_key", lambda: _call_keys(flat, rank)),
             ("edges", lambda: _edges(flat, rank)),
+            ("compiled", lambda: _compiled(flat, rank)),
         ):
             try:
                 results[what] = run()
@@ -493,6 +564,25 @@ def test_call_key_agrees_across_ranks_and_follows_the_generator(results: Any, wo
     assert torch.equal(first[1], again[1])
     assert first[1].tolist() == [(first[1][0] >> 32 << 32) + i for i in range(6)]  # positions 0..5
     assert _result(res, "call_key")["given"]  # a user's key is used as it is
+
+
+@pytest.mark.parametrize("world", _world_params())
+def test_compiled_layers_on_dtensors(results: Any, world: int) -> None:
+    """``torch.compile`` around a layer given DTensors: keyed, the unsharded eager bits (output
+    and gradient) for batch, spatial and replicated placements; unkeyed, the eager DTensor call's."""
+    for rank in range(world):
+        r = dict(_result(results(world), "compiled", rank))
+        assert r.pop("warnings") == [], "a compiled DTensor call warned"
+        x = r.pop("x")
+        assert len(r) == 6 * 4
+        for case, ((y, g), (y_ref, g_ref)) in r.items():
+            if case.startswith("ResidualDropPath"):  # x + relu(x) * factor, fused by inductor
+                torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6, msg=case)
+                torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-6, msg=case)
+                continue
+            assert torch.equal(y, y_ref), f"rank {rank}, {case}: output differs"
+            assert torch.equal(g, g_ref), f"rank {rank}, {case}: gradient differs"
+            assert not torch.equal(y, x), f"{case}: the layer did nothing"
 
 
 @pytest.mark.parametrize("world", _world_params())

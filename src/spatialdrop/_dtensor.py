@@ -46,11 +46,12 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import torch
 from torch import Tensor
 
+from ._compat import is_compiling
 from ._validation import Shown, fail
 from .keyed import MaskKey
 
@@ -65,6 +66,7 @@ __all__ = [
     "check_placements",
     "check_sharding",
     "draw_sharded",
+    "eager_under_compile",
     "from_local_like",
     "is_dtensor",
     "local_range",
@@ -79,6 +81,28 @@ __all__ = [
 #: word of the sample ids (31 bits), both tensors, so that nothing waits for the device.
 UNKEYED_SEED = 0x64_74_65_6E_73_6F_72
 UNKEYED_LAYER = 0x75_6E_6B_65_79_65_64
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def eager_under_compile(fn: F) -> F:
+    """``fn`` as it is eagerly; under ``torch.compile``, called through ``torch.compiler.disable``.
+
+    A DTensor call reads its shard's place from the DTensor's spec and the mesh (sizes, offsets,
+    process groups) and may communicate: dynamo cannot trace that (``SymNodeVariable() is not a
+    constant``), so the sharded draw runs eagerly, a graph break, and the model's other ops stay
+    compiled. ``torch.compiler.disable`` is looked up only when compiling: importing
+    :mod:`torch._dynamo` with spatialdrop would add over a second to every import.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if is_compiling():
+            return torch.compiler.disable(fn, recursive=True)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def is_dtensor(x: object) -> TypeGuard[DTensor]:
@@ -245,6 +269,7 @@ def local_rows(fn: str, key: MaskKey, x: DTensor) -> MaskKey:
     return key._replace(sample_ids=key.sample_ids[start : start + length])
 
 
+@eager_under_compile
 def draw_sharded(
     fn: str,
     x: DTensor,

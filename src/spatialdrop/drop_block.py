@@ -37,6 +37,7 @@ from ._dropblock.window import local_geometry, window_of
 from ._dtensor import (
     call_key,
     check_sharding,
+    eager_under_compile,
     from_local_like,
     is_dtensor,
     local_range,
@@ -222,6 +223,7 @@ def drop_block(
     return run(input, p, geo, seeding, scale, generator, key, inplace)
 
 
+@eager_under_compile
 def _sharded(
     x: Tensor,
     p: float,
