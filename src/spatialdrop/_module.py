@@ -87,7 +87,7 @@ class StructuredDropout(_DropoutNd):
         out = structured_forward(self, input)
         if self.keyed_seed is None or not isinstance(out, Tensor):
             return out
-        return guard_key(type(self).__name__, out, input, bool(getattr(self, "inplace", False)))
+        return guard_key(type(self).__name__, out, input, self.inplace)
 
     def dropout(self, input: Tensor) -> Tensor:
         """The layer's computation; subclasses implement it (see the class docstring)."""
