@@ -1,14 +1,15 @@
 """Where per-channel DropBlock's time goes on the CPU, against a bare ``x * 2.0`` (the memory limit).
 
 One thread, glibc's default allocator, a fresh gradient buffer each call (as for an activation in
-training). The two whole calls (forward + backward) are timed alternately; the steps of the
-sparse path are timed on their own, each as the path runs it:
+training). Three whole calls (forward + backward) are timed alternately: ``x * 2.0``, DropBlock
+with its fused C pass (the default), and DropBlock through the torch ops alone (the fused pass
+switched off: what ran before it). The steps are timed on their own, each as its path runs it:
 
 - seeds: drawing the seed grid (exact Bernoulli gaps);
-- plan: turning the seeds into the write plan (storage offsets of the dropped runs);
-- scaled copy: ``out = input * scale`` into a fresh output (what ``x * 2.0`` does);
-- zero writes: writing zeros at the plan's runs (``apply_plan``);
-- backward: the backward op (a scaled copy of the gradient and the zero writes again).
+- fused pass: ``out = input * scale`` with every seed's block zeroed, one sweep (C);
+- torch ops: the plan (storage offsets of the dropped runs), the scaled copy ``input * scale``
+  into a fresh output (what ``x * 2.0`` does), the zero writes at the plan's runs;
+- backward: the backward op (the fused pass on the gradient, or the scaled copy and zero writes).
 
     PYTHONPATH=src python benchmarks/profile_dropblock.py            # 2-D (32, 256, 28, 28), block 7
     PYTHONPATH=src python benchmarks/profile_dropblock.py --3d       # 3-D (8, 32, 32, 32, 32), block 5
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from spatialdrop._dropblock import geometry, scale
+from spatialdrop._dropblock import fused, geometry, scale
 from spatialdrop._dropblock import seeds as seed_draws
 from spatialdrop._dropblock.calibration import seed_rate
 from spatialdrop._dropblock.sparse import PLAN_EXACT, drop_block_backward, drop_block_op
@@ -38,17 +39,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dropblock import _median_ms
 
 
-def alternate(a: Callable[[], object], b: Callable[[], object], reps: int) -> tuple[float, float]:
+def alternate(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median thread CPU ms of each function, called in turn (A B C, C B A, ...)."""
     for _ in range(3):
-        a()
-        b()
-    ta, tb = [], []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns.items())
     for r in range(reps):
-        for fn, acc in ((a, ta), (b, tb)) if r % 2 == 0 else ((b, tb), (a, ta)):
+        for name, fn in order if r % 2 == 0 else order[::-1]:
             start = time.thread_time()
             fn()
-            acc.append(time.thread_time() - start)
-    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+            times[name].append(time.thread_time() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         x.grad = None
         drop_block(x, p, block).backward(g)
 
-    base, mine = alternate(multiply, ours, args.reps)
+    def torch_ops() -> None:
+        fused.ENABLED = False
+        try:
+            ours()
+        finally:
+            fused.ENABLED = True
+
+    whole = alternate({"x * 2.0": multiply, "fused": ours, "torch ops": torch_ops}, args.reps)
     xd = x.detach()
     blocks = (block,) * (xd.dim() - 2)
     geo = geometry.Geometry(xd.shape, 1, blocks, False, "uniform")
@@ -85,20 +95,37 @@ def main(argv: list[str] | None = None) -> int:
     p_t = torch.tensor(p, dtype=torch.float64)
     op_args = (torch.tensor(7), p_t, list(blocks), 1, False, "uniform", "expected", None, None, None)
     _, heads, info, fac = drop_block_op(xd, *op_args, PLAN_EXACT, None)
+    fused.ENABLED = False
+    _, t_heads, t_info, _ = drop_block_op(xd, *op_args, PLAN_EXACT, None)
+    fused.ENABLED = True
 
     def fresh_scaled() -> None:
         scale.scaled(xd, factor, torch.empty_like(xd))
+
+    def fused_pass() -> None:
+        fused.write(torch.empty_like(xd), xd, float(factor), seeds, geo)
+
+    def backward_torch_ops() -> None:
+        fused.ENABLED = False
+        try:
+            drop_block_backward(g, t_heads, t_info, fac, *op_args, None)
+        finally:
+            fused.ENABLED = True
 
     steps = {
         "seeds": _median_ms(
             lambda: seed_draws.draw_grid(geo.places, gamma, gen, xd.device, dense=False), args.reps
         ),
-        "plan": _median_ms(lambda: geometry.block_plan(seeds, geo, offsets, strides), args.reps),
-        "scaled copy (fresh output)": _median_ms(fresh_scaled, args.reps),
-        "zero writes": _median_ms(lambda: geometry.apply_plan(out, 0, plan, strides[-1]), args.reps),
-        "backward op": _median_ms(
+        "fused pass (fresh output)": _median_ms(fused_pass, args.reps),
+        "backward op, fused": _median_ms(
             lambda: drop_block_backward(g, heads, info, fac, *op_args, None), args.reps
         ),
+        "torch ops: plan": _median_ms(lambda: geometry.block_plan(seeds, geo, offsets, strides), args.reps),
+        "torch ops: scaled copy (fresh output)": _median_ms(fresh_scaled, args.reps),
+        "torch ops: zero writes": _median_ms(
+            lambda: geometry.apply_plan(out, 0, plan, strides[-1]), args.reps
+        ),
+        "backward op, torch ops": _median_ms(backward_torch_ops, args.reps),
         "x * 2.0 forward (fresh output)": _median_ms(lambda: xd * 2.0, args.reps),
     }
     runs = sum(h.numel() for _, h in plan)
@@ -108,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|")
     for name, ms in steps.items():
         print(f"| {name} | {ms:.2f} |")
-    print(f"\nfwd+bwd, alternated: x * 2.0 {base:.2f} ms, drop_block {mine:.2f} ms: ratio {mine / base:.2f}")
+    base, mine, old = whole["x * 2.0"], whole["fused"], whole["torch ops"]
+    print(
+        f"\nfwd+bwd, alternated: x * 2.0 {base:.2f} ms, fused {mine:.2f} ms ({mine / base:.2f}x), "
+        f"torch ops {old:.2f} ms ({old / base:.2f}x)"
+    )
     return 0
 
 

@@ -1,7 +1,9 @@
 """DropBlock's paths held to one reference, bit for bit, and its custom ops under ``opcheck``.
 
-The reference is the eager sparse path (CPU). In keyed mode every other path must give the same
-output *and* the same gradient, bit for bit: torch.func (``vjp``), the dense static-shape path
+The reference is the eager sparse path (CPU, with its fused C pass where it applies). In keyed
+mode every other path must give the same output *and* the same gradient, bit for bit: the
+sparse path's torch ops alone (the fused pass switched off), torch.func (``vjp``), the dense
+static-shape path
 (what export, meta tensors and devices without Triton run), the fused Triton kernels (run by
 Triton's interpreter on the CPU), and the compiled forms of the sparse and dense paths; over
 the contract table's modes (per-channel and shared masks, both seedings, every scale policy),
@@ -23,7 +25,7 @@ from torch import Tensor
 
 import spatialdrop as sd
 from optable import OPS_BY_NAME, Mode, nonzero_input
-from spatialdrop._dropblock import ops
+from spatialdrop._dropblock import fused, ops
 from spatialdrop._dropblock.dense import keyed_seed_grid, seed_rate_op
 from spatialdrop._dropblock.sparse import (
     PLAN_EXACT,
@@ -70,8 +72,10 @@ def key_for(x: Tensor) -> sd.MaskKey:
 @contextlib.contextmanager
 def path(name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Route ``drop_block`` on CPU input through the named path."""
-    if name in ("sparse", "func", "compiled-sparse"):
+    if name in ("sparse", "func", "compiled-sparse", "torch-ops"):
         monkeypatch.setattr(ops, "FORCE_STATIC_PATH", False)
+        # torch-ops: the sparse path without the fused C pass (its write plans, torch's multiply)
+        monkeypatch.setattr(fused, "ENABLED", name != "torch-ops")
         yield
         return
     monkeypatch.setattr(ops, "FORCE_STATIC_PATH", True)
@@ -125,7 +129,7 @@ def check_paths(
         assert y.stride() == ref_y.stride(), (name, "layout", y.stride(), ref_y.stride())
 
 
-EAGER_PATHS = ["func", "dense"] + (["triton"] if HAVE_TRITON else [])
+EAGER_PATHS = ["torch-ops", "func", "dense"] + (["triton"] if HAVE_TRITON else [])
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # channels-last memory formats exist for 2-D and 3-D maps only (rank 1 is the contiguous case)
 CASES = [(r, lay) for r in (1, 2, 3) for lay in LAYOUTS if not (r == 1 and lay == "channels_last")]
@@ -138,7 +142,7 @@ def test_eager_paths_equal_the_reference(
     monkeypatch: pytest.MonkeyPatch, mode: Mode, rank: int, layout: str, dtype: torch.dtype
 ) -> None:
     # the Triton kernel's dtype handling (float16, float64) is covered in tests/test_triton.py
-    paths = EAGER_PATHS if dtype in (torch.float32, torch.bfloat16) else ["func", "dense"]
+    paths = EAGER_PATHS if dtype in (torch.float32, torch.bfloat16) else ["torch-ops", "func", "dense"]
     check_paths(monkeypatch, paths, mode, rank, layout, dtype)
 
 

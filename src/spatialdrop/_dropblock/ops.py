@@ -36,7 +36,7 @@ from torch import Tensor
 from .._compat import is_compiling
 from .._philox import MASK32
 from ..keyed import MaskKey
-from .autograd import InplaceFunction, call_forward, functorch_active
+from .autograd import EagerFunction, InplaceFunction, call_forward, direct_call_ok, functorch_active
 from .calibration import p_tensor
 from .dense import drop_block_dense
 from .geometry import Geometry, is_dense
@@ -120,6 +120,9 @@ def run(
     if inplace and plan != PLAN_STATIC and not functorch_active() and is_dense(input):
         written: Tensor = InplaceFunction.apply(*args, words, step, ids, plan, window)
         return written
+    if plan == PLAN_EXACT and direct_call_ok(input):
+        result: Tensor = EagerFunction.apply(*args, words, step, ids, plan, window)
+        return _copied(input, result, inplace)
     return _copied(input, call_forward(*args, words, step, ids, plan, window)[0], inplace)
 
 

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .._philox import MASK32
 from ..keyed import MaskKey
+from . import fused
 from . import seeds as _seeds
 from .calibration import seed_rate
 from .geometry import Geometry, Plan, apply_plan, block_plan, map_offsets, paint_blocks, run_lengths
@@ -48,14 +49,19 @@ __all__ = [
     "PLAN_EXACT",
     "PLAN_NONE",
     "PLAN_STATIC",
+    "backward_impl",
     "drop_block_backward",
     "drop_block_op",
+    "forward_impl",
     "plan_capacity",
     "plan_slots",
     "write_sparse",
 ]
 
 PLAN_NONE, PLAN_EXACT, PLAN_STATIC = 0, 1, 2
+
+# The width that marks a plan of seeds (the fused pass's, :mod:`.fused`) instead of runs.
+SEEDS = 0
 
 
 def plan_capacity(input: Tensor) -> int:
@@ -108,6 +114,15 @@ def write_sparse(
         gamma = seed_rate(p, geo_g.sizes, geo_g.blocks, seeding)
         drawn = _seeds.draw_grid(geo_g.places, gamma, generator, input.device, dense=False, key=key)
         seeds = localize_sparse(drawn, geo_g, geo, window)
+    if not geo.shared and scale != "realized" and fused.available(out, geo):
+        factor = scale_factor(scale, p, None, 0, input)
+        fac = None if factor is None else float(factor)
+        if input is out or fused.same_layout(input, out):
+            fused.write(out, input, fac, seeds, geo)
+        else:  # a strided or expanded input: the multiply by torch, the zeros fused
+            scaled(input, factor, out)
+            fused.write(out, None, None, seeds, geo)
+        return [(SEEDS, seeds)], factor
     if not geo.shared:
         strides = [out.stride(d) for d in geo.spatial]
         plan = block_plan(seeds, geo, map_offsets(out, geo), strides)
@@ -141,8 +156,7 @@ def _key_of(
     return op_key(key_words, step, ids)
 
 
-@torch.library.custom_op("spatialdrop::drop_block", mutates_args=())
-def drop_block_op(
+def forward_impl(
     input: Tensor,
     seed: Optional[Tensor],
     p: Tensor,
@@ -173,6 +187,11 @@ def drop_block_op(
     return (out, *package_plan(kept, factor, out, geo, scale, plan))
 
 
+# The op over the plain function, which eager autograd also calls directly (``autograd.EagerFunction``:
+# the dispatcher's round trip costs more than the rest of a small call).
+drop_block_op = torch.library.custom_op("spatialdrop::drop_block", mutates_args=())(forward_impl)
+
+
 def _geometry(
     input: Tensor,
     channel_dim: int,
@@ -195,13 +214,13 @@ def package_plan(
     input); it is kept as ``plan`` says when it takes at most :func:`plan_capacity` offsets.
     """
     slots = plan_slots(list(geo.blocks))
+    if kept is not None and kept[0][0] == SEEDS and plan != PLAN_NONE:
+        return _package_seeds(kept[0][1], factor, out, geo, scale, plan, slots)
     info = torch.full((out.dim() + slots,), -1, dtype=torch.int64)
     info[: out.dim()] = torch.tensor(out.stride(), dtype=torch.int64)
     # a static plan's buffer: the plan in its first entries, zeros after (a deterministic output)
     heads = torch.zeros(plan_capacity(out) if plan == PLAN_STATIC else 0, dtype=torch.int32)
-    factors = torch.zeros(factor_shape(scale, out.shape[0]), dtype=acc_dtype(out))
-    if factor is not None:
-        factors.copy_(factor.view(factors.shape))
+    factors = _factors(factor, out, scale)
     if kept is None or plan == PLAN_NONE:
         return heads, info, factors
     total = sum(h.numel() for _, h in kept)
@@ -218,6 +237,36 @@ def package_plan(
     return heads, info, factors
 
 
+def _factors(factor: Optional[Tensor], out: Tensor, scale: str) -> Tensor:
+    shape, dtype = factor_shape(scale, out.shape[0]), acc_dtype(out)
+    if factor is not None and factor.shape == shape and factor.dtype == dtype:
+        return factor  # made by scale_factor for this call: already the op's own tensor
+    factors = torch.zeros(shape, dtype=dtype)
+    if factor is not None:
+        factors.copy_(factor.view(factors.shape))
+    return factors
+
+
+def _package_seeds(
+    seeds: Tensor, factor: Optional[Tensor], out: Tensor, geo: Geometry, scale: str, plan: int, slots: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(heads, info, factor)`` for the fused pass: the seeds themselves, as int32 grid indices.
+
+    ``info``'s first count is ``-2 - len(seeds)`` (the seeds, any layout), or ``-1`` when they
+    do not fit (more than 2**31 places, or past :func:`plan_capacity`): backward draws them again.
+    """
+    total = seeds.numel()
+    fits = geo.places < 2**31 and total <= plan_capacity(out)
+    info = torch.tensor([*out.stride(), -2 - total if fits else -1] + [0] * (slots - 1), dtype=torch.int64)
+    if plan == PLAN_STATIC:
+        heads = torch.zeros(plan_capacity(out), dtype=torch.int32)
+        if fits:
+            heads.narrow(0, 0, total).copy_(seeds)
+    else:
+        heads = seeds.to(torch.int32) if fits else torch.zeros(0, dtype=torch.int32)
+    return heads, info, _factors(factor, out, scale)
+
+
 @drop_block_op.register_fake
 def _(input: Tensor, seed: object, p: object, block_size: list[int], *args: object) -> tuple[Tensor, ...]:
     scale, plan = args[3], args[7]  # of channel_dim, shared, seeding, scale, words, step, ids, plan, window
@@ -231,8 +280,7 @@ def _(input: Tensor, seed: object, p: object, block_size: list[int], *args: obje
     return torch.empty_like(input), heads, info, factor
 
 
-@torch.library.custom_op("spatialdrop::drop_block_backward", mutates_args=())
-def drop_block_backward(
+def backward_impl(
     grad: Tensor,
     heads: Tensor,
     info: Tensor,
@@ -257,6 +305,18 @@ def drop_block_backward(
     values = info.tolist()
     strides, counts = values[:ndim], values[ndim:]
     geo = _geometry(grad, channel_dim, block_size, shared, seeding, window)
+    if counts[0] <= -2:  # the forward's seeds (the fused pass): any layout
+        seeds = heads.narrow(0, 0, -2 - counts[0]).long()
+        fac = float(factor) if factor.numel() else None
+        if fused.available(g, geo) and fused.same_layout(grad, g):
+            fused.write(g, grad, fac, seeds, geo)
+        elif fused.available(g, geo):
+            scaled(grad, factor if factor.numel() else None, g)
+            fused.write(g, None, None, seeds, geo)
+        else:  # fused was switched off between forward and backward (tests): plan the seeds
+            scaled(grad, factor if factor.numel() else None, g)
+            paint_blocks(g, 0, seeds, geo)
+        return g
     if counts[0] >= 0 and tuple(strides) == g.stride():  # the kept plan addresses this layout
         widths = run_lengths(min(geo.blocks[-1], geo.sizes[-1]))
         counts = counts[: len(widths)]
@@ -266,6 +326,11 @@ def drop_block_backward(
         return g
     write_sparse(grad, g, geo, float(p), seeding, scale, seed, _key_of(key_words, step, sample_ids), window)
     return g
+
+
+drop_block_backward = torch.library.custom_op("spatialdrop::drop_block_backward", mutates_args=())(
+    backward_impl
+)
 
 
 @drop_block_backward.register_fake

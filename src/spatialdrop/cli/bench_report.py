@@ -101,9 +101,10 @@ def goals(rows: list[Row]) -> list[Goal]:
     """The targets that the measured rows can check (on medians), each named by what it measures.
 
     Channel dropout: at least as fast as torch's (within 5 %) and at most 1.2x a bare multiply.
-    DropBlock per channel (2-D): fwd+bwd at most 4x a bare multiply, at least 20x torchvision's,
-    at most a quarter of the input's bytes saved for backward; shared (2-D): at most 2x a bare
-    multiply; per channel (3-D): at least 20x torchvision's. Compiled layers: fwd+bwd at most
+    DropBlock per channel (2-D): fwd+bwd at most 1.3x a bare multiply (the memory limit is 1x:
+    both read and write the tensor once each way), at least 20x torchvision's, at most a quarter
+    of the input's bytes saved for backward; shared (2-D): at most 2x a bare multiply; per
+    channel (3-D): at most 1.3x a bare multiply, at least 20x torchvision's. Compiled layers: fwd+bwd at most
     1.1x the eager layer's. DropPath residual (the branch on the kept samples only) against ``x +
     DropPath(p)(branch(x))``: at least 1.25x faster fwd+bwd for the ViT MLP branch at p = 0.3,
     and for every branch and p a speed-up within 15 % of the ``1 / (1 - p)`` that the skipped
@@ -130,7 +131,7 @@ def goals(rows: list[Row]) -> list[Goal]:
     per2 = _find(rows, "2-D, block 7, a mask per channel", "drop_block(")
     if per2 is not None and per2.fwd_bwd_ratio is not None:
         where = f"DropBlock 2-D per channel {per2.shape}"
-        out.append(Goal(f"{where}: fwd+bwd time / {REFERENCE}", per2.fwd_bwd_ratio, 4, False))
+        out.append(Goal(f"{where}: fwd+bwd time / {REFERENCE}", per2.fwd_bwd_ratio, 1.3, False))
         if per2.vs_torchvision is not None:
             out.append(Goal(f"{where}: torchvision's fwd+bwd time / ours", per2.vs_torchvision, 20, True))
         if per2.saved_fraction is not None:
@@ -142,6 +143,9 @@ def goals(rows: list[Row]) -> list[Goal]:
         what = f"DropBlock 2-D shared {shared2.shape}: fwd+bwd time / {REFERENCE}"
         out.append(Goal(what, shared2.fwd_bwd_ratio, 2, False))
     per3 = _find(rows, "3-D, block 5, a mask per channel", "drop_block(")
+    if per3 is not None and per3.fwd_bwd_ratio is not None:
+        what = f"DropBlock 3-D per channel {per3.shape}: fwd+bwd time / {REFERENCE}"
+        out.append(Goal(what, per3.fwd_bwd_ratio, 1.3, False))
     if per3 is not None and per3.vs_torchvision is not None:
         what = f"DropBlock 3-D per channel {per3.shape}: torchvision's fwd+bwd time / ours"
         out.append(Goal(what, per3.vs_torchvision, 20, True))

@@ -1,0 +1,204 @@
+"""DropBlock's fused CPU pass (``spatialdrop/_dropblock/_cfused.c``) against the torch ops it replaces.
+
+The fused pass writes ``input * scale`` and zeroes each seed's block in one sweep, and backward
+reuses the forward's seeds. Everything here is compared bit for bit with the same call through
+the sparse path's torch ops (``fused.ENABLED = False``): output, gradient, in place, keyed and
+unkeyed, over ranks, layouts, dtypes, block shapes, both seedings, and the storage ranges that
+more than one thread splits the sweep into (blocks that straddle two ranges included).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import spatialdrop as sd
+from spatialdrop._dropblock import fused, sampling
+from spatialdrop.functional import drop_block
+
+
+def test_the_extension_is_built() -> None:
+    # pip install builds it (a C compiler is needed); without it every call takes the torch ops
+    assert fused.built(), "spatialdrop._dropblock._cfused is missing: reinstall with a C compiler"
+
+
+def _input(shape: tuple[int, ...], layout: str, dtype: torch.dtype) -> tuple[Tensor, int]:
+    gen = torch.Generator().manual_seed(3)
+    if layout == "channel_dim=-1":
+        x = torch.randn(shape[0], *shape[2:], shape[1], generator=gen, dtype=torch.float64)
+        return x.to(dtype).requires_grad_(), -1
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    if layout == "channels_last":
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=-1)[..., ::2]
+    elif layout == "permuted":  # dense, but the batch dim is not outermost
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    return x.detach().requires_grad_(), 1
+
+
+def _both(fn: Any, x: Tensor, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Tensor, Tensor]]:
+    """``(output, gradient)`` with the fused pass and with the torch ops, from the same randomness."""
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(x.dtype)
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", enabled)
+        xi = x.detach().clone().requires_grad_()
+        y = fn(xi)
+        y.backward(w)
+        assert xi.grad is not None
+        results.append((y.detach(), xi.grad))
+    return results
+
+
+def _assert_equal(results: list[tuple[Tensor, Tensor]]) -> None:
+    (y1, g1), (y2, g2) = results
+    assert torch.equal(y1, y2), "output"
+    assert torch.equal(g1, g2), "gradient"
+    assert y1.stride() == y2.stride()
+    dropped = y1 == 0
+    assert dropped.any()
+    assert not dropped.all()
+
+
+SHAPES = [(3, 5, 37), (2, 4, 9, 13), (2, 3, 6, 7, 5)]
+LAYOUTS = ["contiguous", "channels_last", "channel_dim=-1", "strided", "permuted"]
+
+
+# channels-last memory formats exist for 2-D and 3-D maps (1-D maps: the contiguous case)
+CASES = [(s, lay) for s in SHAPES for lay in LAYOUTS if not (len(s) == 3 and lay == "channels_last")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(("shape", "layout"), CASES, ids=[f"{len(s) - 2}d-{lay}" for s, lay in CASES])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"block_size": 3},
+        {"block_size": 7, "seeding": "valid"},
+        {"block_size": 1, "scale": "none"},
+        {"block_size": (2, 3, 1)},
+        {"block_size": 20},  # larger than some maps: blocks cut by the borders
+    ],
+    ids=["b3", "b7-valid", "b1-none", "rect", "b20"],
+)
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
+def test_fused_equals_the_torch_ops(
+    monkeypatch: pytest.MonkeyPatch,
+    shape: tuple[int, ...],
+    layout: str,
+    dtype: torch.dtype,
+    options: dict[str, Any],
+    keyed: bool,
+) -> None:
+    rank = len(shape) - 2
+    kw = dict(options)
+    if isinstance(kw["block_size"], tuple):
+        kw["block_size"] = kw["block_size"][:rank]
+    if kw.get("seeding") == "valid" and min(shape[2:]) < 7:
+        kw["block_size"] = 2
+    x, cd = _input(shape, layout, dtype)
+    key = sd.MaskKey(5, 2, 8, torch.arange(shape[0])) if keyed else None
+
+    def fn(t: Tensor) -> Tensor:
+        gen = None if keyed else torch.Generator().manual_seed(17)
+        return drop_block(t, 0.3, channel_dim=cd, generator=gen, key=key, **kw)
+
+    _assert_equal(_both(fn, x, monkeypatch))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("ranges", [1, 40])
+def test_ranges_split_over_threads_give_the_same_bits(
+    monkeypatch: pytest.MonkeyPatch, threads: int, layout: str, ranges: int
+) -> None:
+    # 40 ranges a thread, a few hundred elements each: blocks straddling ranges are the rule
+    monkeypatch.setattr(fused, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(fused, "_RANGES_PER_THREAD", ranges)
+    monkeypatch.setattr(fused, "_CHUNK_BYTES", 64)
+    x, _ = _input((4, 6, 30, 30), layout, torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = _both(
+            lambda t: drop_block(t, 0.2, 5, generator=torch.Generator().manual_seed(1)), x, monkeypatch
+        )
+    finally:
+        torch.set_num_threads(before)
+    _assert_equal(results)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "options"),
+    [
+        (torch.bfloat16, {}),
+        (torch.float16, {}),
+        (torch.float32, {"scale": "realized"}),
+        (torch.float32, {"shared_channels": True}),
+    ],
+    ids=["bfloat16", "float16", "realized", "shared"],
+)
+def test_other_calls_take_the_torch_ops(dtype: torch.dtype, options: dict[str, Any]) -> None:
+    # what the fused pass does not take: no call reaches it (a spy), and the torch ops run
+    calls: list[int] = []
+    real = fused.write
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "write", lambda *a: calls.append(1) or real(*a))
+        x, _ = _input((2, 4, 12, 12), "contiguous", dtype)
+        y = drop_block(x, 0.3, 3, generator=torch.Generator().manual_seed(0), **options)
+        y.backward(torch.ones_like(y))
+        assert not calls
+        drop_block(x.detach().float(), 0.3, 3)
+        assert calls  # the spy sees a call that does take it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_in_place_equals_out_of_place(dtype: torch.dtype) -> None:
+    x, _ = _input((2, 8, 21, 21), "contiguous", dtype)
+    key = sd.MaskKey(1, 1, 1, torch.arange(2))
+    ref = drop_block(x.detach(), 0.2, 5, key=key)
+    y = x.detach().clone()
+    out = drop_block(y, 0.2, 5, key=key, inplace=True)
+    assert out.data_ptr() == y.data_ptr()
+    assert torch.equal(out, ref)
+
+
+def test_backward_keeps_only_the_seeds() -> None:
+    x = torch.randn(8, 64, 28, 28, requires_grad=True)
+    saved: list[Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = drop_block(x, 0.1, 7, generator=torch.Generator().manual_seed(0))
+    seeds = [t for t in saved if t.dtype == torch.int32]
+    assert len(seeds) == 1
+    # about gamma * places seeds (binomial: within 6 standard deviations), 4 bytes each
+    gamma = sd._dropblock.calibration.seed_rate(0.1, (28, 28), (7, 7), "uniform")
+    places = 8 * 64 * 34 * 34
+    mean = gamma * places
+    assert abs(seeds[0].numel() - mean) < 6 * math.sqrt(mean)
+    # and they are the seeds: their blocks are exactly the zeros
+    keep = (y != 0).float()
+    (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(g, keep / 0.9)
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_seed_sampler_in_c_equals_the_torch_ops(trial: int) -> None:
+    gen = torch.Generator().manual_seed(trial)
+    numel = int(torch.randint(1, 5_000_000, (1,), generator=gen))
+    gamma = float(torch.rand((), generator=gen)) ** 3 * 0.9 + 1e-7
+    if trial == 0:
+        numel, gamma = 10, 0.999  # tops up: the first draw's gaps fall short of the grid's end
+    state = gen.get_state()
+    in_c = sampling._draw_seeds_c(numel, gamma, gen)
+    gen.set_state(state)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sampling, "_cgaps", None)
+        in_torch = sampling.draw_seeds(numel, gamma, gen, torch.device("cpu"), dense=False)
+    assert in_c.dtype == in_torch.dtype == torch.int64
+    assert torch.equal(in_c, in_torch)
