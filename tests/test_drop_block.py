@@ -53,7 +53,14 @@ def patch_seeds(monkeypatch: pytest.MonkeyPatch, grid: torch.Tensor) -> None:
     """Make drop_block use the given bool seed grid (maps, *grid) instead of random seeds."""
 
     def fake(
-        numel: int, gamma: float, generator: object, device: object, *, dense: bool, key: object = None
+        numel: int,
+        gamma: float,
+        generator: object,
+        device: object,
+        *,
+        dense: bool,
+        key: object = None,
+        small: bool = False,
     ) -> torch.Tensor:
         assert numel == grid.numel()
         flat = grid.reshape(-1)

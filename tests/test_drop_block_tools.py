@@ -157,7 +157,14 @@ def test_every_path_gives_the_same_bits_for_the_same_seeds(
     }
 
     def fake(
-        numel: int, gamma: float, generator: object, device: object, *, dense: bool, key: object = None
+        numel: int,
+        gamma: float,
+        generator: object,
+        device: object,
+        *,
+        dense: bool,
+        key: object = None,
+        small: bool = False,
     ) -> torch.Tensor:
         flat = next(g for g in grids.values() if g.numel() == numel).reshape(-1)
         return flat.clone() if dense else flat.nonzero().squeeze(1)

@@ -202,3 +202,38 @@ def test_seed_sampler_in_c_equals_the_torch_ops(trial: int) -> None:
         in_torch = sampling.draw_seeds(numel, gamma, gen, torch.device("cpu"), dense=False)
     assert in_c.dtype == in_torch.dtype == torch.int64
     assert torch.equal(in_c, in_torch)
+    gen.set_state(state)
+    small = sampling._draw_seeds_c(numel, gamma, gen, int32=True)  # what the fused pass keeps
+    assert small.dtype == torch.int32
+    assert torch.equal(small.long(), in_torch)
+
+
+def test_a_forked_child_makes_its_own_thread_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a fork copies the pool object but not its threads: a process with another pid (a forked
+    # child, simulated here: a real fork of this test process can hang in OpenMP) gets a new pool
+    monkeypatch.setattr(fused, "_PARALLEL_MIN", 1)
+    x = torch.arange(4 * 6 * 30 * 30, dtype=torch.float32).reshape(4, 6, 30, 30)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref = drop_block(x, 0.2, 5, generator=torch.Generator().manual_seed(1))
+        parent_pool = fused._pool
+        assert parent_pool is not None
+        pid = fused.os.getpid()
+        monkeypatch.setattr(fused.os, "getpid", lambda: pid + 1)
+        got = drop_block(x, 0.2, 5, generator=torch.Generator().manual_seed(1))
+        assert fused._pool is not None
+        assert fused._pool is not parent_pool
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_no_seed_drawn_scales_everything(dtype: torch.dtype) -> None:
+    # p so small that no seed falls (the fused pass, and the torch ops' empty plan for bfloat16)
+    x, _ = _input((2, 3, 5, 5), "contiguous", dtype)
+    y = drop_block(x, 1e-9, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(y, x.detach() * (1 / (1 - 1e-9)))
+    (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(g, torch.full_like(g, 1 / (1 - 1e-9)))

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # what a checkout holds beside the sources, never part of an sdist build's input
 NOT_SOURCES = shutil.ignore_patterns(
-    ".*", "__pycache__", "*.egg-info", "build", "dist", "venv", "spatialdrop-demo", "*.png"
+    ".*", "__pycache__", "*.egg-info", "build", "dist", "venv", "spatialdrop-demo", "*.png", "*.so"
 )
 
 
@@ -60,6 +60,9 @@ def test_the_sdist_holds_everything_its_tests_need(sdist: Path) -> None:
     # test_readme runs README.md's code blocks; the package and its type marker
     assert {"README.md", "LICENSE", "pyproject.toml", "src/spatialdrop/py.typed"} <= names
     assert all("__pycache__" not in n and not n.endswith(".pyc") for n in names)
+    # the fused DropBlock pass's C source (built by pip install), never a built library
+    assert "src/spatialdrop/_dropblock/_cfused.c" in names
+    assert not any(n.endswith((".so", ".pyd")) for n in names)
 
 
 def test_the_sdist_states_the_license_as_an_spdx_expression(sdist: Path) -> None:

@@ -12,7 +12,8 @@
 - :mod:`.scale`: the one scale policy (``expected``, ``realized``, ``none``).
 - :mod:`.sparse`: the CPU path's custom ops ``spatialdrop::drop_block`` and
   ``spatialdrop::drop_block_backward``; :mod:`.autograd`: their one formula each, vmap rules and
-  torch.func form.
+  torch.func form. :mod:`.fused` (over the C extension ``_cfused.c``): the CPU path's one-sweep
+  multiply-and-zero for per-channel masks, and the seed sampler's float64 tail.
 - :mod:`.dense`: the static-shape path of torch ops.
 - :mod:`.triton_kernels` (launcher and op ``spatialdrop::drop_block_triton``) and
   :mod:`.triton_jit` (the kernels).

@@ -34,6 +34,7 @@ enum {
     P_HI,
     P_PASS,     /* 0: multiply the range and zero the blocks inside it; 1: zero the blocks that
                    end in the range but start before it (after every range's pass 0) */
+    P_SEED_BYTES, /* 8: the seeds are int64; 4: int32 (as backward keeps them) */
     P_SIZES,    /* 3 map sizes */
     P_BLOCKS = P_SIZES + 3,  /* 3 block sides */
     P_GRID = P_BLOCKS + 3,   /* 3 seed grid sides */
@@ -68,7 +69,14 @@ static void locate(int64_t seed, const int64_t *P, block_t *b) {
             rest /= P[P_GRID + d];
         }
     }
-    int64_t n = rest / P[P_CHANNELS], c = rest % P[P_CHANNELS];
+    int64_t n, c;
+    if (rest < ((int64_t)1 << 32) && P[P_CHANNELS] < ((int64_t)1 << 32)) {
+        n = (uint32_t)rest / (uint32_t)P[P_CHANNELS];
+        c = (uint32_t)rest % (uint32_t)P[P_CHANNELS];
+    } else {
+        n = rest / P[P_CHANNELS];
+        c = rest % P[P_CHANNELS];
+    }
     int64_t first = n * P[P_STRIDE_N] + c * P[P_STRIDE_C], last = first;
     for (int d = 0; d < 3; d++) {
         int64_t j = coord[d] + P[P_SHIFT + d]; /* drops [j - b + 1, j] cut to [0, L) */
@@ -129,38 +137,50 @@ static void multiply(char *dst, const char *src, int dtype, double factor, int64
 }
 
 /* Returns 0, or -1 when out of memory. */
-static int run(char *dst, const char *src, int dtype, int scale, double factor, const int64_t *seeds,
+#define SEED(i) (P[P_SEED_BYTES] == 4 ? (int64_t)((const int32_t *)seeds)[i] : ((const int64_t *)seeds)[i])
+
+static int run(char *dst, const char *src, int dtype, int scale, double factor, const void *seeds,
                const int64_t *P) {
     const int64_t esize = dtype == 0 ? 4 : 8, chunk = CHUNK_BYTES / esize;
     const int64_t lo = P[P_LO], hi = P[P_HI], nseeds = P[P_NSEEDS];
     if (P[P_PASS] == 1) {
         for (int64_t i = 0; i < nseeds; i++) {
             block_t b;
-            locate(seeds[i], P, &b);
+            locate(SEED(i), P, &b);
             if (b.last >= lo && b.last < hi && b.first < lo) zero_block(dst, esize, &b, P);
         }
         return 0;
     }
     const int64_t nchunks = (hi - lo + chunk - 1) / chunk;
     block_t *blocks = malloc(sizeof(block_t) * (size_t)(nseeds ? nseeds : 1));
-    int64_t *start = calloc((size_t)nchunks + 2, sizeof(int64_t));
-    int64_t *order = malloc(sizeof(int64_t) * (size_t)(nseeds ? nseeds : 1));
-    if (!blocks || !start || !order) {
-        free(blocks);
-        free(start);
-        free(order);
-        return -1;
-    }
-    /* bucket the blocks that lie wholly in [lo, hi) by the chunk of their last element */
+    int64_t *start = NULL, *order = NULL;
+    if (!blocks) return -1;
+    /* the blocks that lie wholly in [lo, hi), in seed order; in the usual layouts (maps one after
+       another, each row-major) their last elements ascend and need no sorting */
+    int64_t m = 0;
+    int sorted = 1;
     for (int64_t i = 0; i < nseeds; i++) {
-        locate(seeds[i], P, &blocks[i]);
-        if (blocks[i].first >= lo && blocks[i].last < hi) start[(blocks[i].last - lo) / chunk + 2]++;
+        locate(SEED(i), P, &blocks[m]);
+        if (blocks[m].first >= lo && blocks[m].last < hi) {
+            if (m && blocks[m].last < blocks[m - 1].last) sorted = 0;
+            m++;
+        }
     }
-    for (int64_t k = 2; k < nchunks + 2; k++) start[k] += start[k - 1];
-    for (int64_t i = 0; i < nseeds; i++) {
-        if (blocks[i].first >= lo && blocks[i].last < hi) order[start[(blocks[i].last - lo) / chunk + 1]++] = i;
+    if (!sorted) { /* bucket them by the chunk of their last element (a counting sort) */
+        start = calloc((size_t)nchunks + 2, sizeof(int64_t));
+        order = malloc(sizeof(int64_t) * (size_t)(m ? m : 1));
+        if (!start || !order) {
+            free(blocks);
+            free(start);
+            free(order);
+            return -1;
+        }
+        for (int64_t i = 0; i < m; i++) start[(blocks[i].last - lo) / chunk + 2]++;
+        for (int64_t k = 2; k < nchunks + 2; k++) start[k] += start[k - 1];
+        for (int64_t i = 0; i < m; i++) order[start[(blocks[i].last - lo) / chunk + 1]++] = i;
+        /* now start[k] .. start[k + 1] index the blocks of chunk k */
     }
-    /* now start[k] .. start[k + 1] index the blocks of chunk k */
+    int64_t next = 0; /* sorted: the first block not yet zeroed */
     for (int64_t k = 0; k < nchunks; k++) {
         int64_t a = lo + k * chunk, e = a + chunk < hi ? a + chunk : hi;
         if (scale) {
@@ -168,7 +188,11 @@ static int run(char *dst, const char *src, int dtype, int scale, double factor, 
         } else if (src != dst) {
             memcpy(dst + a * esize, src + a * esize, (size_t)((e - a) * esize));
         }
-        for (int64_t j = start[k]; j < start[k + 1]; j++) zero_block(dst, esize, &blocks[order[j]], P);
+        if (sorted) {
+            for (; next < m && blocks[next].last < e; next++) zero_block(dst, esize, &blocks[next], P);
+        } else {
+            for (int64_t j = start[k]; j < start[k + 1]; j++) zero_block(dst, esize, &blocks[order[j]], P);
+        }
     }
     free(blocks);
     free(start);
@@ -190,33 +214,48 @@ static PyObject *fused(PyObject *self, PyObject *args) {
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = run((char *)(uintptr_t)dst, src ? (const char *)(uintptr_t)src : (const char *)(uintptr_t)dst,
-             dtype, src ? scale : 0, factor, (const int64_t *)(uintptr_t)seeds,
+             dtype, src ? scale : 0, factor, (const void *)(uintptr_t)seeds,
              (const int64_t *)(uintptr_t)params);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
-/* gaps(logs, n, log_q, base, numel, out) -> (count, end): the tail of sampling.gap_positions.
+/* gaps(logs, n, log_q, base, numel, out, out_bytes) -> (count, end): the tail of
+   sampling.gap_positions.
 
    ``logs`` holds ``log1p(-u)`` for ``n`` uniforms (float64, computed by torch); seed i is at
    ``(cumsum_i(floor(logs / log_q) + 1) - 1) + base``, the same float64 operations in the same
    order as the torch ops (so the same bits). Writes the positions below ``numel`` to ``out``
-   (int64; they are a prefix, ascending) and returns their count and the last position. */
+   (int64, or int32 with ``out_bytes`` 4; they are a prefix, ascending) and returns their count
+   and the last position. */
 static PyObject *gaps(PyObject *self, PyObject *args) {
     unsigned long long logs_addr, out_addr;
     long long n;
     double log_q, base, numel;
-    if (!PyArg_ParseTuple(args, "KLdddK", &logs_addr, &n, &log_q, &base, &numel, &out_addr)) return NULL;
+    int out_bytes;
+    if (!PyArg_ParseTuple(args, "KLdddKi", &logs_addr, &n, &log_q, &base, &numel, &out_addr, &out_bytes))
+        return NULL;
+    if (out_bytes == 4 && numel > 2147483648.0) {
+        PyErr_SetString(PyExc_ValueError, "gaps: int32 output needs at most 2**31 places");
+        return NULL;
+    }
     const double *logs = (const double *)(uintptr_t)logs_addr;
     int64_t *out = (int64_t *)(uintptr_t)out_addr;
+    int32_t *out32 = (int32_t *)(uintptr_t)out_addr;
     double acc = 0.0, pos = base - 1.0;
     long long count = 0;
     Py_BEGIN_ALLOW_THREADS
     for (long long i = 0; i < n; i++) {
         acc += floor(logs[i] / log_q) + 1.0;
         pos = (acc - 1.0) + base;
-        if (pos < numel) out[count++] = (int64_t)pos;
+        if (pos < numel) {
+            if (out_bytes == 4) {
+                out32[count++] = (int32_t)pos;
+            } else {
+                out[count++] = (int64_t)pos;
+            }
+        }
     }
     Py_END_ALLOW_THREADS
     return Py_BuildValue("Ld", count, pos);

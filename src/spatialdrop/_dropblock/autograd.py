@@ -29,13 +29,14 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from .._compat import is_compiling
+from . import fused
 from .geometry import Geometry
 from .sparse import (
     PLAN_NONE,
     backward_impl,
     drop_block_backward,
     drop_block_op,
-    forward_impl,
+    forward_parts,
     op_key,
     package_plan,
     write_sparse,
@@ -171,12 +172,21 @@ class EagerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, *args: Any) -> Tensor:
-        output = forward_impl(*args)
+        output, ctx.fused_seeds = forward_parts(*args)  # kept seeds: backward's short way (below)
         _setup_forward(ctx, args, output)
         return output[0]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        if ctx.fused_seeds is not None and not torch.is_grad_enabled() and direct_call_ok(grad):
+            # the formula's own arithmetic (backward_impl with kept seeds), without its dispatch
+            seeds, factor = ctx.fused_seeds
+            blocks, channel_dim, shared, seeding = ctx.options[:4]
+            geo = Geometry(grad.shape, channel_dim, blocks, shared, seeding)
+            g = torch.empty_like(grad)
+            if fused.available(g, geo) and fused.same_layout(grad, g):
+                fused.write(g, grad, factor, seeds, geo)
+                return (g,) + (None,) * (_FORWARD_ARGS - 1)
         return _forward_grads(ctx, grad)
 
 

@@ -15,6 +15,7 @@ is released); blocks that straddle two ranges are zeroed after all ranges are wr
 
 from __future__ import annotations
 
+import os
 import threading
 from array import array
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ _CHUNK_BYTES = 4096  # as in _cfused.c: ranges split at chunk boundaries
 _PARALLEL_MIN = 1 << 20  # elements below which one thread does it all
 _RANGES_PER_THREAD = 1  # storage ranges per thread (more in tests: more straddling blocks)
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_key = (0, 0)  # (pid, threads) the pool was made for
 _pool_lock = threading.Lock()
 
 
@@ -48,15 +50,18 @@ def built() -> bool:
     return _cfused is not None
 
 
-def available(out: Tensor, geo: Geometry) -> bool:
-    """Whether :func:`write` takes ``out`` (a dense float32/float64 CPU tensor, per-channel masks)."""
+def available(out: Tensor, geo: Geometry, require_dense: bool = True) -> bool:
+    """Whether :func:`write` takes ``out`` (a dense float32/float64 CPU tensor, per-channel masks).
+
+    ``require_dense=False``: for a tensor ``empty_like`` of which is ``out`` (always dense).
+    """
     return (
         ENABLED
         and _cfused is not None
         and not geo.shared
         and out.device.type == "cpu"
         and out.dtype in _DTYPES
-        and is_dense(out)
+        and (not require_dense or is_dense(out))
     )
 
 
@@ -78,6 +83,7 @@ def _params(out: Tensor, seeds: Tensor, geo: Geometry, lo: int, hi: int, pass_: 
         lo,
         hi,
         pass_,
+        seeds.element_size(),
         *([1] * pad + list(geo.sizes)),
         *([1] * pad + list(geo.blocks)),
         *([1] * pad + list(geo.grid)),
@@ -88,12 +94,15 @@ def _params(out: Tensor, seeds: Tensor, geo: Geometry, lo: int, hi: int, pass_: 
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
-    global _pool
+    """This process's pool of ``threads`` workers (a forked child makes its own: threads do not fork)."""
+    global _pool, _pool_key
     with _pool_lock:
-        if _pool is None or _pool._max_workers != threads:
-            if _pool is not None:
+        key = (os.getpid(), threads)
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[0] == key[0]:
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spatialdrop-fused")
+            _pool_key = key
         return _pool
 
 
@@ -105,10 +114,11 @@ def write(out: Tensor, src: Optional[Tensor], factor: Optional[float], seeds: Te
         src: ``out`` itself (in place), a tensor laid out like it (:func:`same_layout`), or
             ``None`` when ``out`` already holds the values (only the zeros are written).
         factor: the scale (``None``: copy).
-        seeds: flat indices into the seed grid ``(maps, *geo.grid)``, int64.
+        seeds: flat indices into the seed grid ``(maps, *geo.grid)``, int64 or int32.
         geo: the per-channel geometry of ``out``.
     """
     assert _cfused is not None, "fused.write: the extension is not built"
+    assert seeds.dtype in (torch.int32, torch.int64), "fused.write: seeds are int32 or int64"
     seeds = seeds.contiguous()
     dtype = _DTYPES[out.dtype]
     dst_ptr = out.data_ptr()

@@ -6,11 +6,13 @@ same output, forward and backward: ``tests/test_drop_block_paths.py``):
 =======  ==============================  ==================================  ==========================
 path     runs for                        forward                             saved for backward
 =======  ==============================  ==================================  ==========================
-sparse   CPU input: eager,               ``spatialdrop::drop_block``:        the write plan (int32, at
-         ``torch.compile`` (one opaque   seeds drawn sparsely, only the      most 1/32 of the input's
-         op, any shapes), torch.func     dropped positions written           bytes) or nothing; the
-         (:mod:`.autograd`)              (:mod:`.sparse`)                    seed or key, ``p``, the
-                                                                             scale. Backward: the op
+sparse   CPU input: eager,               ``spatialdrop::drop_block``:        the seeds (int32, fused
+         ``torch.compile`` (one opaque   seeds drawn sparsely; per channel   pass) or the write plan,
+         op, any shapes), torch.func     (float32/64) one C sweep            at most 1/32 of the
+         (:mod:`.autograd`)              multiplies and zeroes the blocks    input's bytes, or
+                                         (:mod:`.fused`), else torch ops     nothing; the seed or
+                                         write the dropped positions         key, ``p``, the scale.
+                                         (:mod:`.sparse`)                    Backward: the op
                                                                              ``drop_block_backward``
 dense    ``torch.export``/ONNX, meta,    torch ops: a dense seed grid,       the bool keep mask
          devices without Triton, CPU     blocks grown by windowed ORs        (autograd of
@@ -20,6 +22,10 @@ Triton   CUDA input with triton (CPU     ``spatialdrop::drop_block_triton``  the
          the tests)                      packed seed-bit grid, one fused     kernels on the gradient
                                          write
 =======  ==============================  ==================================  ==========================
+
+In eager mode a plain tensor's call runs the sparse op's function under an ``autograd.Function``
+(:class:`~.autograd.EagerFunction`) rather than through the dispatcher, whose round trip cost
+more than the rest of a small call; the same function and formula, so the same bits.
 
 The export check comes first, so exported programs never hold a custom op. Every path takes
 its ``Geometry`` from :mod:`.geometry`, its seed rate from :mod:`.calibration` and its scale

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import Tensor
@@ -49,7 +50,13 @@ def gap_positions(u: Tensor, gamma: float) -> Tensor:
 
 
 def draw_seeds(
-    numel: int, gamma: float, generator: torch.Generator | None, device: torch.device, *, dense: bool
+    numel: int,
+    gamma: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+    *,
+    dense: bool,
+    small: bool = False,
 ) -> Tensor:
     """Draw a flat Bernoulli(``gamma``) seed grid of ``numel`` places (unkeyed).
 
@@ -60,6 +67,8 @@ def draw_seeds(
         device: where to draw.
         dense: return a bool tensor of ``numel`` places (one uniform per place, static shape)
             instead of the sorted int64 indices of the seeds.
+        small: the sparse indices as int32 when the C sampler draws them and ``numel`` is at
+            most ``2**31`` (what the fused pass and backward keep); the same values.
 
     Returns:
         With ``dense``, a bool tensor of shape ``(numel,)``; else the sorted indices of the
@@ -73,7 +82,7 @@ def draw_seeds(
     # Draw the expected number of gaps plus a margin at once, and top up in the rare case the
     # running sum falls short of the end.
     if _cgaps is not None and device.type == "cpu":
-        return _draw_seeds_c(numel, gamma, generator)
+        return _draw_seeds_c(numel, gamma, generator, int32=small and numel <= 2**31)
     parts: list[Tensor] = []
     last = -1.0  # index of the last seed placed (or -1)
     while True:
@@ -90,7 +99,7 @@ def draw_seeds(
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).long()
 
 
-def _draw_seeds_c(numel: int, gamma: float, generator: torch.Generator | None) -> Tensor:
+def _draw_seeds_c(numel: int, gamma: float, generator: torch.Generator | None, int32: bool = False) -> Tensor:
     """:func:`draw_seeds`'s sparse draw with the float64 tail of :func:`gap_positions` in C.
 
     The same uniforms and ``log1p`` (torch's), then the division, floor, running sum and cut of
@@ -104,12 +113,30 @@ def _draw_seeds_c(numel: int, gamma: float, generator: torch.Generator | None) -
     while True:
         mean = (numel - 1 - last) * gamma
         count = int(mean + 6.0 * math.sqrt(mean) + 16.0)
-        u = torch.rand(count, dtype=torch.float64, generator=generator)
-        logs = torch.log1p(u.neg_())
-        out = torch.empty(count, dtype=torch.int64)
-        kept, end = _cgaps(logs.data_ptr(), count, log_q, last + 1.0, float(numel), out.data_ptr())
+        logs = _scratch(count)  # the uniforms, then log1p(-u) in place: no allocation per call
+        torch.rand(count, dtype=torch.float64, generator=generator, out=logs)
+        logs.neg_().log1p_()
+        out = torch.empty(count, dtype=torch.int32 if int32 else torch.int64)
+        kept, end = _cgaps(
+            logs.data_ptr(), count, log_q, last + 1.0, float(numel), out.data_ptr(), out.element_size()
+        )
         parts.append(out.narrow(0, 0, kept))
         if end >= numel:
             break
         last = end
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+_local = threading.local()
+_SCRATCH_MAX = 1 << 20  # float64 elements (8 MiB) kept per thread at most
+
+
+def _scratch(count: int) -> Tensor:
+    """A float64 buffer of ``count`` elements, reused by this thread's draws (small ones)."""
+    if count > _SCRATCH_MAX:
+        return torch.empty(count, dtype=torch.float64)
+    buf: Tensor | None = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < count:
+        buf = torch.empty(max(count, 4096), dtype=torch.float64)
+        _local.buf = buf
+    return buf.narrow(0, 0, count)

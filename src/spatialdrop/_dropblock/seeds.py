@@ -20,8 +20,12 @@ def draw_grid(
     *,
     dense: bool,
     key: MaskKey | None = None,
+    small: bool = False,
 ) -> Tensor:
-    """The one place DropBlock draws its seed grid: keyed (:mod:`.keyed_seeds`) or not (:mod:`.sampling`)."""
+    """The one place DropBlock draws its seed grid: keyed (:mod:`.keyed_seeds`) or not (:mod:`.sampling`).
+
+    ``small``: sparse indices may come as int32 (see :func:`~.sampling.draw_seeds`).
+    """
     if key is not None:
         return draw_keyed_seeds(numel, gamma, key, device, dense=dense)
-    return draw_seeds(numel, gamma, generator, device, dense=dense)
+    return draw_seeds(numel, gamma, generator, device, dense=dense, small=small)

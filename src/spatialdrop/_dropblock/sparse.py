@@ -7,25 +7,30 @@ the eager code. Randomness comes in as an int64 ``seed`` tensor (drawn by the ca
 
 ``spatialdrop::drop_block`` returns ``(output, heads, info, factor)``:
 
-- ``heads`` (int32) is the per-channel *write plan*: the storage offsets in ``output`` where runs of
-  dropped positions start, grouped by run width. Re-creating a per-channel mask costs about as
-  much as the multiply, so the forward keeps its plan for backward when it takes at most 1/32 of
-  the input's bytes (a bit per element). ``plan`` says how: :data:`PLAN_NONE` (keep nothing:
-  shared masks, torch.func), :data:`PLAN_EXACT` (a plan of data-dependent length: eager) or
-  :data:`PLAN_STATIC` (a buffer of static length :func:`plan_capacity`, the plan in its first
-  entries: ``torch.compile``, where a data-dependent length would break the graph).
+- ``heads`` (int32) is what the forward keeps of a per-channel mask for backward: the seeds
+  themselves (flat seed-grid indices) when the fused pass wrote the output (:mod:`.fused`: dense
+  float32/float64 output, scale ``"expected"`` or ``"none"``), else the *write plan*: the storage
+  offsets in ``output`` where runs of dropped positions start, grouped by run width.
+  Re-creating a per-channel mask costs about as much as the multiply, so either is kept when it
+  takes at most 1/32 of the input's bytes (a bit per element). ``plan`` says how:
+  :data:`PLAN_NONE` (keep nothing: shared masks, torch.func), :data:`PLAN_EXACT` (a plan of
+  data-dependent length: eager) or :data:`PLAN_STATIC` (a buffer of static length
+  :func:`plan_capacity`, the plan in its first entries: ``torch.compile``, where a
+  data-dependent length would break the graph).
 - ``info`` (int64, CPU) holds the output's strides (``ndim`` entries: the layout the plan's
   offsets address), then the number of runs of each width (:func:`plan_slots` entries); the
-  counts are all ``-1`` when no plan is kept.
+  counts are all ``-1`` when no plan is kept, and the first is ``-2 - len(seeds)`` when
+  ``heads`` holds seeds (which address any layout).
 - ``factor`` is the scale of the kept elements: ``(1,)`` for ``"expected"``, ``(N,)`` for
   ``"realized"``, ``(0,)`` for ``"none"`` (float32, float64 for float64 input).
 
 ``spatialdrop::drop_block_backward`` multiplies a gradient by the forward's mask and scale. It
-allocates its result like the gradient (``empty_like``), and uses the kept plan only when that
-layout is the one the plan addresses (``info``'s strides); otherwise (no plan kept, or a
-gradient in another layout, as ``torch.compile`` may hand it) it re-creates the mask from the
-seed (or key) for its own layout. Every op allocates and addresses its outputs from their own
-sizes and strides, and the fake (meta) functions return exactly what the real ones return.
+allocates its result like the gradient (``empty_like``); it uses kept seeds in any layout, and a
+kept plan only when that layout is the one the plan addresses (``info``'s strides); otherwise
+(nothing kept, or a gradient in another layout, as ``torch.compile`` may hand it) it re-creates
+the mask from the seed (or key) for its own layout. Every op allocates and addresses its
+outputs from their own sizes and strides, and the fake (meta) functions return exactly what the
+real ones return.
 """
 
 from __future__ import annotations
@@ -50,9 +55,11 @@ __all__ = [
     "PLAN_NONE",
     "PLAN_STATIC",
     "backward_impl",
+    "draw_sparse",
     "drop_block_backward",
     "drop_block_op",
     "forward_impl",
+    "forward_parts",
     "plan_capacity",
     "plan_slots",
     "write_sparse",
@@ -85,6 +92,33 @@ def op_key(key_words: list[int], step: Tensor, sample_ids: Tensor) -> MaskKey:
     return MaskKey(seed, int(step) & MASK32, layer, sample_ids)
 
 
+def draw_sparse(
+    input: Tensor,
+    geo: Geometry,
+    p: float,
+    seeding: str,
+    seed: Optional[Tensor],
+    key: Optional[MaskKey],
+    window: Optional[list[int]] = None,
+    small: bool = False,
+) -> Tensor:
+    """The flat seed indices into ``geo``'s seed grid, from ``seed`` or ``key`` (see :func:`write_sparse`).
+
+    ``small``: int32 indices where the C sampler draws them (what the fused pass keeps).
+    """
+    generator = None
+    if key is None:
+        assert seed is not None, "write_sparse: an unkeyed draw needs a seed"
+        generator = torch.Generator(device=input.device).manual_seed(int(seed))
+    if window is None:
+        gamma = seed_rate(p, geo.sizes, geo.blocks, seeding)
+        return _seeds.draw_grid(geo.places, gamma, generator, input.device, dense=False, key=key, small=small)
+    geo_g = global_geometry(input.shape, geo.channel_dim, geo.blocks, geo.shared, seeding, window)
+    gamma = seed_rate(p, geo_g.sizes, geo_g.blocks, seeding)
+    drawn = _seeds.draw_grid(geo_g.places, gamma, generator, input.device, dense=False, key=key)
+    return localize_sparse(drawn, geo_g, geo, window)
+
+
 def write_sparse(
     input: Tensor,
     out: Tensor,
@@ -95,26 +129,19 @@ def write_sparse(
     seed: Optional[Tensor],
     key: Optional[MaskKey],
     window: Optional[list[int]] = None,
+    seeds: Optional[Tensor] = None,
 ) -> tuple[Optional[Plan], Optional[Tensor]]:
     """Write ``input * scale`` with every seed's block zeroed into ``out`` (dense, input's shape).
 
     Returns the per-channel write plan (``None`` for shared masks) and the scale factor. With a
     ``window`` (see :mod:`.window`) ``input`` is a window of larger maps and ``geo`` its local
     geometry (:func:`~.window.local_geometry`): the seeds are drawn for the global maps.
+    ``seeds``: already drawn by :func:`draw_sparse` (else drawn here).
     """
-    generator = None
-    if key is None:
-        assert seed is not None, "write_sparse: an unkeyed draw needs a seed"
-        generator = torch.Generator(device=input.device).manual_seed(int(seed))
-    if window is None:
-        gamma = seed_rate(p, geo.sizes, geo.blocks, seeding)
-        seeds = _seeds.draw_grid(geo.places, gamma, generator, input.device, dense=False, key=key)
-    else:
-        geo_g = global_geometry(input.shape, geo.channel_dim, geo.blocks, geo.shared, seeding, window)
-        gamma = seed_rate(p, geo_g.sizes, geo_g.blocks, seeding)
-        drawn = _seeds.draw_grid(geo_g.places, gamma, generator, input.device, dense=False, key=key)
-        seeds = localize_sparse(drawn, geo_g, geo, window)
-    if not geo.shared and scale != "realized" and fused.available(out, geo):
+    use_fused = not geo.shared and scale != "realized" and fused.available(out, geo)
+    if seeds is None:
+        seeds = draw_sparse(input, geo, p, seeding, seed, key, window, small=use_fused)
+    if use_fused:
         factor = scale_factor(scale, p, None, 0, input)
         fac = None if factor is None else float(factor)
         if input is out or fused.same_layout(input, out):
@@ -178,13 +205,58 @@ def forward_impl(
     (keyed) give the randomness. ``window``: ``input`` is a window of larger maps (a DTensor
     shard, see :mod:`.window`).
     """
-    out = torch.empty_like(input)
+    return forward_parts(
+        input,
+        seed,
+        p,
+        block_size,
+        channel_dim,
+        shared,
+        seeding,
+        scale,
+        key_words,
+        step,
+        sample_ids,
+        plan,
+        window,
+    )[0]
+
+
+def forward_parts(
+    input: Tensor,
+    seed: Optional[Tensor],
+    p: Tensor,
+    block_size: list[int],
+    channel_dim: int,
+    shared: bool,
+    seeding: str,
+    scale: str,
+    key_words: Optional[list[int]],
+    step: Optional[Tensor],
+    sample_ids: Optional[Tensor],
+    plan: int,
+    window: Optional[list[int]] = None,
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Optional[tuple[Tensor, Optional[float]]]]:
+    """:func:`forward_impl`'s outputs, and the kept seeds and scale when the fused pass ran.
+
+    The second item, ``(seeds, factor)`` (int32 seeds, the scale as a float or ``None``), is
+    what eager autograd's backward needs to run the fused pass on the gradient directly.
+    """
     geo = _geometry(input, channel_dim, block_size, shared, seeding, window)
-    if out.numel() == 0:
-        return (out, *package_plan(None, None, out, geo, scale, plan))
+    if input.numel() == 0:
+        out = torch.empty_like(input)
+        return (out, *package_plan(None, None, out, geo, scale, plan)), None
     key = _key_of(key_words, step, sample_ids)
-    kept, factor = write_sparse(input, out, geo, float(p), seeding, scale, seed, key, window)
-    return (out, *package_plan(kept, factor, out, geo, scale, plan))
+    # the seeds as int32 when the fused pass takes the output (``empty_like(input)``, dense)
+    small = not shared and scale != "realized" and fused.available(input, geo, require_dense=False)
+    seeds = draw_sparse(input, geo, float(p), seeding, seed, key, window, small=small)
+    out = torch.empty_like(input)
+    kept, factor = write_sparse(input, out, geo, float(p), seeding, scale, seed, key, window, seeds)
+    outputs = (out, *package_plan(kept, factor, out, geo, scale, plan))
+    heads = outputs[1]
+    if kept and kept[0][0] == SEEDS and window is None and heads.numel() == kept[0][1].numel():
+        return outputs, (heads, None if factor is None else float(factor))
+    return outputs, None
 
 
 # The op over the plain function, which eager autograd also calls directly (``autograd.EagerFunction``:
@@ -214,7 +286,7 @@ def package_plan(
     input); it is kept as ``plan`` says when it takes at most :func:`plan_capacity` offsets.
     """
     slots = plan_slots(list(geo.blocks))
-    if kept is not None and kept[0][0] == SEEDS and plan != PLAN_NONE:
+    if kept and kept[0][0] == SEEDS and plan != PLAN_NONE:
         return _package_seeds(kept[0][1], factor, out, geo, scale, plan, slots)
     info = torch.full((out.dim() + slots,), -1, dtype=torch.int64)
     info[: out.dim()] = torch.tensor(out.stride(), dtype=torch.int64)
@@ -306,7 +378,7 @@ def backward_impl(
     strides, counts = values[:ndim], values[ndim:]
     geo = _geometry(grad, channel_dim, block_size, shared, seeding, window)
     if counts[0] <= -2:  # the forward's seeds (the fused pass): any layout
-        seeds = heads.narrow(0, 0, -2 - counts[0]).long()
+        seeds = heads.narrow(0, 0, -2 - counts[0])  # int32, read as such by the fused pass
         fac = float(factor) if factor.numel() else None
         if fused.available(g, geo) and fused.same_layout(grad, g):
             fused.write(g, grad, fac, seeds, geo)
@@ -315,7 +387,7 @@ def backward_impl(
             fused.write(g, None, None, seeds, geo)
         else:  # fused was switched off between forward and backward (tests): plan the seeds
             scaled(grad, factor if factor.numel() else None, g)
-            paint_blocks(g, 0, seeds, geo)
+            paint_blocks(g, 0, seeds.long(), geo)
         return g
     if counts[0] >= 0 and tuple(strides) == g.stride():  # the kept plan addresses this layout
         widths = run_lengths(min(geo.blocks[-1], geo.sizes[-1]))
