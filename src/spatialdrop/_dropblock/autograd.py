@@ -29,7 +29,6 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from .._compat import is_compiling
-from . import fused
 from .geometry import Geometry
 from .sparse import (
     PLAN_NONE,
@@ -39,6 +38,7 @@ from .sparse import (
     forward_parts,
     op_key,
     package_plan,
+    seeds_backward,
     write_sparse,
 )
 from .window import local_geometry
@@ -180,13 +180,11 @@ class EagerFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         if ctx.fused_seeds is not None and not torch.is_grad_enabled() and direct_call_ok(grad):
             # the formula's own arithmetic (backward_impl with kept seeds), without its dispatch
-            seeds, factor = ctx.fused_seeds
             blocks, channel_dim, shared, seeding = ctx.options[:4]
             geo = Geometry(grad.shape, channel_dim, blocks, shared, seeding)
-            g = torch.empty_like(grad)
-            if fused.available(g, geo) and fused.same_layout(grad, g):
-                fused.write(g, grad, factor, seeds, geo)
-                return (g,) + (None,) * (_FORWARD_ARGS - 1)
+            seeds, factor = ctx.fused_seeds
+            g = seeds_backward(grad, seeds, factor, geo)
+            return (g,) + (None,) * (_FORWARD_ARGS - 1)
         return _forward_grads(ctx, grad)
 
 

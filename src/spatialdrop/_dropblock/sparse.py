@@ -36,7 +36,7 @@ real ones return.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -60,8 +60,10 @@ __all__ = [
     "drop_block_op",
     "forward_impl",
     "forward_parts",
+    "fused_takes",
     "plan_capacity",
     "plan_slots",
+    "seeds_backward",
     "write_sparse",
 ]
 
@@ -90,6 +92,36 @@ def op_key(key_words: list[int], step: Tensor, sample_ids: Tensor) -> MaskKey:
     seed = key_words[0] | (key_words[1] << 32)
     layer = key_words[2] | (key_words[3] << 32)
     return MaskKey(seed, int(step) & MASK32, layer, sample_ids)
+
+
+def fused_takes(out: Tensor, geo: Geometry, scale: str, require_dense: bool = True) -> bool:
+    """Whether :func:`write_sparse` writes ``out`` by the fused pass (see :func:`.fused.available`).
+
+    Not for the realized scale, which needs the union of the blocks before the multiply.
+    """
+    return scale != "realized" and fused.available(out, geo, require_dense)
+
+
+def seeds_backward(grad: Tensor, seeds: Tensor, factor: Optional[float], geo: Geometry) -> Tensor:
+    """``grad`` times the mask of the forward's kept ``seeds`` and ``factor``, laid out like ``grad``.
+
+    The fused pass on the gradient (any layout: seeds address none); a gradient laid out unlike
+    its ``empty_like`` is multiplied by torch first; without the pass (switched off between
+    forward and backward, in tests) the torch ops write the seeds' blocks.
+    """
+    g = torch.empty_like(grad)
+    if fused.available(g, geo) and fused.same_layout(grad, g):
+        fused.write(g, grad, factor, seeds, geo)
+        return g
+    if factor is None:
+        g.copy_(grad)
+    else:  # what ``scaled`` computes for a one-element factor on the CPU
+        torch.mul(grad, factor, out=g)
+    if fused.available(g, geo):
+        fused.write(g, None, None, seeds, geo)
+    else:
+        paint_blocks(g, 0, seeds.long(), geo)
+    return g
 
 
 def draw_sparse(
@@ -138,7 +170,7 @@ def write_sparse(
     geometry (:func:`~.window.local_geometry`): the seeds are drawn for the global maps.
     ``seeds``: already drawn by :func:`draw_sparse` (else drawn here).
     """
-    use_fused = not geo.shared and scale != "realized" and fused.available(out, geo)
+    use_fused = fused_takes(out, geo, scale)
     if seeds is None:
         seeds = draw_sparse(input, geo, p, seeding, seed, key, window, small=use_fused)
     if use_fused:
@@ -223,32 +255,36 @@ def forward_impl(
 
 
 def forward_parts(
-    input: Tensor,
-    seed: Optional[Tensor],
-    p: Tensor,
-    block_size: list[int],
-    channel_dim: int,
-    shared: bool,
-    seeding: str,
-    scale: str,
-    key_words: Optional[list[int]],
-    step: Optional[Tensor],
-    sample_ids: Optional[Tensor],
-    plan: int,
-    window: Optional[list[int]] = None,
+    *args: Any,
 ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Optional[tuple[Tensor, Optional[float]]]]:
     """:func:`forward_impl`'s outputs, and the kept seeds and scale when the fused pass ran.
 
     The second item, ``(seeds, factor)`` (int32 seeds, the scale as a float or ``None``), is
     what eager autograd's backward needs to run the fused pass on the gradient directly.
+    ``args``: :func:`forward_impl`'s thirteen, in its order.
     """
+    (
+        input,
+        seed,
+        p,
+        block_size,
+        channel_dim,
+        shared,
+        seeding,
+        scale,
+        key_words,
+        step,
+        sample_ids,
+        plan,
+        window,
+    ) = args
     geo = _geometry(input, channel_dim, block_size, shared, seeding, window)
     if input.numel() == 0:
         out = torch.empty_like(input)
         return (out, *package_plan(None, None, out, geo, scale, plan)), None
     key = _key_of(key_words, step, sample_ids)
     # the seeds as int32 when the fused pass takes the output (``empty_like(input)``, dense)
-    small = not shared and scale != "realized" and fused.available(input, geo, require_dense=False)
+    small = fused_takes(input, geo, scale, require_dense=False)
     seeds = draw_sparse(input, geo, float(p), seeding, seed, key, window, small=small)
     out = torch.empty_like(input)
     kept, factor = write_sparse(input, out, geo, float(p), seeding, scale, seed, key, window, seeds)
@@ -379,16 +415,7 @@ def backward_impl(
     geo = _geometry(grad, channel_dim, block_size, shared, seeding, window)
     if counts[0] <= -2:  # the forward's seeds (the fused pass): any layout
         seeds = heads.narrow(0, 0, -2 - counts[0])  # int32, read as such by the fused pass
-        fac = float(factor) if factor.numel() else None
-        if fused.available(g, geo) and fused.same_layout(grad, g):
-            fused.write(g, grad, fac, seeds, geo)
-        elif fused.available(g, geo):
-            scaled(grad, factor if factor.numel() else None, g)
-            fused.write(g, None, None, seeds, geo)
-        else:  # fused was switched off between forward and backward (tests): plan the seeds
-            scaled(grad, factor if factor.numel() else None, g)
-            paint_blocks(g, 0, seeds.long(), geo)
-        return g
+        return seeds_backward(grad, seeds, float(factor) if factor.numel() else None, geo)
     if counts[0] >= 0 and tuple(strides) == g.stride():  # the kept plan addresses this layout
         widths = run_lengths(min(geo.blocks[-1], geo.sizes[-1]))
         counts = counts[: len(widths)]
