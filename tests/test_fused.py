@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 import spatialdrop as sd
-from spatialdrop._dropblock import fused, sampling
+from spatialdrop._dropblock import autograd, fused, sampling
+from spatialdrop._dropblock.geometry import Geometry
+from spatialdrop._dropblock.scale import expected_factor
 from spatialdrop.functional import drop_block
 
 
@@ -237,3 +239,171 @@ def test_no_seed_drawn_scales_everything(dtype: torch.dtype) -> None:
     assert torch.equal(y, x.detach() * (1 / (1 - 1e-9)))
     (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
     assert torch.equal(g, torch.full_like(g, 1 / (1 - 1e-9)))
+
+
+def _reference(x: Tensor, factor: float, seeds: list[int], geo: Geometry) -> Tensor:
+    """``x * factor`` with each seed's block zeroed, by a slow loop over the seeds (the rule itself).
+
+    A flat seed index names a map ``m`` and a grid place per spatial dim; the seed at uniform
+    index ``j = place + shift`` drops ``[j - b + 1, j]`` cut to ``[0, L)``.
+    """
+    keep = torch.ones((geo.maps, *geo.sizes), dtype=torch.bool)
+    for seed in seeds:
+        rest, coords = seed, []
+        for g in reversed(geo.grid):
+            coords.append(rest % g)
+            rest //= g
+        index: list[Any] = [rest]
+        for c, shift, b, size in zip(reversed(coords), geo.shift, geo.blocks, geo.sizes):
+            j = c + shift
+            index.append(slice(max(j - b + 1, 0), min(j, size - 1) + 1))
+        keep[tuple(index)] = False
+    mask = keep.view(geo.batch, geo.channels, *geo.sizes)
+    return torch.where(mask, x * factor, torch.zeros((), dtype=x.dtype))
+
+
+SWEEP_CASES = [
+    ((2, 3, 9000), (7,), "uniform"),  # maps of 36 kB: longer than a sweep's chunk
+    ((2, 3, 70, 70), (7, 7), "uniform"),
+    ((2, 3, 70, 70), (3, 20), "valid"),
+    ((1, 2, 20, 20, 20), (5, 5, 5), "uniform"),
+    ((2, 2, 5, 6), (9, 9), "uniform"),  # blocks larger than the maps
+]
+
+
+@pytest.mark.parametrize("order", ["ascending", "shuffled"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    ("shape", "blocks", "seeding"), SWEEP_CASES, ids=[f"{len(s) - 2}d-{b}-{sd}" for s, b, sd in SWEEP_CASES]
+)
+def test_the_sweep_equals_a_loop_over_the_seeds(
+    monkeypatch: pytest.MonkeyPatch,
+    shape: tuple[int, ...],
+    blocks: tuple[int, ...],
+    seeding: str,
+    dtype: torch.dtype,
+    threads: int,
+    order: str,
+) -> None:
+    # ascending seeds in contiguous maps take the streaming sweep (blocks located as it reaches
+    # them, those cut by a map's far border held back); shuffled ones the located-and-bucketed
+    # one. Both against the rule, with seeds forced onto every map's last grid places (where
+    # blocks are cut and end out of order) and, with two threads, in 64-byte storage ranges.
+    geo = Geometry(shape, 1, blocks, False, seeding)
+    gen = torch.Generator().manual_seed(len(shape) + blocks[-1])
+    drawn = torch.randperm(geo.places, generator=gen)[: max(4, geo.places // 200)]
+    per_map = geo.places // geo.maps
+    edges = torch.tensor([m * per_map + per_map - 1 - k for m in range(geo.maps) for k in (0, 1, 5)])
+    seeds = torch.unique(torch.cat([drawn, edges.clamp(min=0)]))  # ascending, no repeats
+    if order == "shuffled":
+        seeds = seeds[torch.randperm(seeds.numel(), generator=gen)]
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    factor = expected_factor(0.3, dtype)
+    want = _reference(x, factor, seeds.tolist(), geo)
+    monkeypatch.setattr(fused, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(fused, "_RANGES_PER_THREAD", 7)
+    monkeypatch.setattr(fused, "_CHUNK_BYTES", 64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for kept in (seeds, seeds.to(torch.int32)):
+            out = torch.full_like(x, float("nan"))  # every element must be written
+            fused.write(out, x, factor, kept, geo)
+            assert torch.equal(out, want)
+            in_place = x.clone()
+            fused.write(in_place, in_place, factor, kept, geo)
+            assert torch.equal(in_place, want)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_block_held_back_behind_one_that_leaves_the_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 10 x 10 map, block 3: seed A (grid 9, 11) ends at the map's last element (99); seed B
+    # (grid 11, 2), after A in seed order, is cut to the last row and ends at 92. Ranges of 32
+    # elements: B lies wholly in [64, 96) but the sweep reaches it only after A, which ends past
+    # 96: B must still be zeroed by its own range (A by the next one's straddling pass)
+    geo = Geometry((1, 1, 10, 10), 1, (3, 3), False, "uniform")
+    seeds = torch.tensor([9 * 12 + 11, 11 * 12 + 2])
+    x = torch.randn(1, 1, 10, 10, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(fused, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(fused, "_RANGES_PER_THREAD", 2)
+    monkeypatch.setattr(fused, "_CHUNK_BYTES", 32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = torch.empty_like(x)
+        fused.write(out, x, 2.0, seeds, geo)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out, _reference(x, 2.0, seeds.tolist(), geo))
+    assert (out[0, 0, 9, :3] == 0).all() and (out[0, 0, 7:, 9] == 0).all()
+
+
+def _fused_function_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A spy on the eager fused path's autograd function: one entry per forward it runs."""
+    calls: list[int] = []
+    real = autograd.FusedFunction.forward
+    monkeypatch.setattr(
+        autograd.FusedFunction, "forward", staticmethod(lambda *a: calls.append(1) or real(*a))
+    )
+    return calls
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
+def test_double_backward_through_the_fused_function(monkeypatch: pytest.MonkeyPatch, keyed: bool) -> None:
+    # a backward that records a graph takes the backward op (the one formula): the gradient of
+    # the gradient with respect to the incoming gradient is the mask times the scale again
+    calls = _fused_function_calls(monkeypatch)
+    x, _ = _input((2, 6, 15, 15), "contiguous", torch.float32)
+    key = sd.MaskKey(3, 1, 4, torch.arange(2)) if keyed else None
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", enabled)
+        gen = None if keyed else torch.Generator().manual_seed(5)
+        xi = x.detach().clone().requires_grad_()
+        y = drop_block(xi, 0.25, 5, generator=gen, key=key)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        (g,) = torch.autograd.grad(y, xi, w, create_graph=True)
+        v = torch.randn(g.shape, generator=torch.Generator().manual_seed(2))
+        (gw,) = torch.autograd.grad((g * v).sum(), w)
+        results.append((y.detach(), g.detach(), gw))
+    assert calls == [1]  # the fused run went through it, the torch-op run did not
+    (y1, g1, gw1), (y2, g2, gw2) = results
+    assert torch.equal(y1, y2) and torch.equal(g1, g2) and torch.equal(gw1, gw2)
+    keep, factor = y1 != 0, expected_factor(0.25, torch.float32)
+    zero = torch.zeros(())
+    assert torch.equal(g1, torch.where(keep, w.detach() * factor, zero))
+    assert torch.equal(gw1, torch.where(keep, v * factor, zero))  # w and v: the same in both runs
+
+
+def test_seeds_past_the_budget_are_drawn_again_in_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    # block 1 at p 0.5: a seed for every other element, far past 1/32 of the input's bytes, so
+    # the forward keeps nothing of per-element size and backward draws the same seeds again
+    calls = _fused_function_calls(monkeypatch)
+    x, _ = _input((2, 4, 16, 16), "contiguous", torch.float32)
+    saved: list[Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        drop_block(x, 0.5, 1, generator=torch.Generator().manual_seed(2))
+    assert calls and sum(t.numel() for t in saved) == 0
+    _assert_equal(
+        _both(lambda t: drop_block(t, 0.5, 1, generator=torch.Generator().manual_seed(2)), x, monkeypatch)
+    )
+
+
+def test_a_gradient_in_another_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a contiguous output's gradient handed over channels-last (as a compiled consumer may):
+    # the kept seeds address any layout, and the gradient keeps the layout it came in
+    calls = _fused_function_calls(monkeypatch)
+    x, _ = _input((2, 5, 9, 11), "contiguous", torch.float64)
+    w = torch.randn(x.shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", enabled)
+        xi = x.detach().clone().requires_grad_()
+        y = drop_block(xi, 0.3, 3, generator=torch.Generator().manual_seed(8))
+        (g,) = torch.autograd.grad(y, xi, w)
+        grads.append(g)
+    assert calls == [1]
+    assert torch.equal(grads[0], grads[1])
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
-from ._dropblock.geometry import Geometry, check_representable
+from ._dropblock.geometry import Geometry, check_representable, geometry
 from ._dropblock.ops import run
 from ._dropblock.scale import POLICIES, scale_factor
 from ._dropblock.window import local_geometry, window_of
@@ -206,7 +206,7 @@ def drop_block(
     check_choice(fn, "scale", scale, SCALES)
     check_generator(fn, generator)
     check_key_arg(fn, key, generator, input.shape[0])
-    geo = Geometry(input.shape, cd, blocks, shared_channels, seeding)
+    geo = geometry(input.shape, cd, blocks, shared_channels, seeding)
     if seeding == "valid" and any(b > s for b, s in zip(blocks, geo.sizes)):
         fail(
             fn,

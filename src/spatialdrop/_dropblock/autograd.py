@@ -29,15 +29,23 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from .._compat import is_compiling
-from .geometry import Geometry
+from ..keyed import MaskKey
+from . import fused
+from .calibration import p_tensor
+from .geometry import Geometry, geometry
+from .scale import acc_dtype, expected_factor
 from .sparse import (
+    PLAN_EXACT,
     PLAN_NONE,
+    SEEDS,
     backward_impl,
+    draw_sparse,
     drop_block_backward,
     drop_block_op,
     forward_parts,
     op_key,
     package_plan,
+    plan_capacity,
     seeds_backward,
     write_sparse,
 )
@@ -47,11 +55,13 @@ __all__ = [
     "BackwardFunction",
     "EagerFunction",
     "ForwardFunction",
+    "FusedFunction",
     "InplaceFunction",
     "call_backward",
     "call_forward",
     "direct_call_ok",
     "functorch_active",
+    "fused_eager_takes",
 ]
 
 # the ops' arguments: input, seed, p, block_size, channel_dim, shared, seeding, scale, words, step,
@@ -147,7 +157,7 @@ class InplaceFunction(torch.autograd.Function):
     def forward(ctx: Any, *args: Any) -> Tensor:
         input, seed, p, blocks, channel_dim, shared, seeding, scale, words, step, ids, plan, window = args
         if window is None:
-            geo = Geometry(input.shape, channel_dim, blocks, shared, seeding)
+            geo = geometry(input.shape, channel_dim, blocks, shared, seeding)
         else:
             geo = local_geometry(input.shape, channel_dim, blocks, shared)
         key = None if words is None else op_key(words, step, ids)
@@ -181,11 +191,74 @@ class EagerFunction(torch.autograd.Function):
         if ctx.fused_seeds is not None and not torch.is_grad_enabled() and direct_call_ok(grad):
             # the formula's own arithmetic (backward_impl with kept seeds), without its dispatch
             blocks, channel_dim, shared, seeding = ctx.options[:4]
-            geo = Geometry(grad.shape, channel_dim, blocks, shared, seeding)
+            geo = geometry(grad.shape, channel_dim, blocks, shared, seeding)
             seeds, factor = ctx.fused_seeds
             g = seeds_backward(grad, seeds, factor, geo)
             return (g,) + (None,) * (_FORWARD_ARGS - 1)
         return _forward_grads(ctx, grad)
+
+
+def fused_eager_takes(input: Tensor, geo: Geometry, scale: str) -> bool:
+    """Whether :class:`FusedFunction` takes a call that :func:`direct_call_ok` allows.
+
+    The fused pass on a dense input, per channel, scale ``"expected"`` or ``"none"``, a seed grid
+    that int32 indexes.
+    """
+    return scale != "realized" and geo.places < 2**31 and fused.available(input, geo)
+
+
+class FusedFunction(torch.autograd.Function):
+    """The eager sparse path's common case in one sweep each way, with nothing else around it.
+
+    What :class:`EagerFunction` runs for a dense float32/float64 input with per-channel masks
+    and the fused pass (:func:`fused_eager_takes`), without the op's packaging: the same seeds
+    (drawn by :func:`~.sparse.draw_sparse` from the same seed or key), the same sweep
+    (:func:`.fused.write`), the same bits. Forward keeps the int32 seeds when they take at most
+    1/32 of the input's bytes (else nothing: backward draws them again), and backward runs the
+    sweep on the gradient (:func:`~.sparse.seeds_backward`). A backward that records a graph
+    (double backward, gradient penalties) or gets a gradient that the direct call cannot take
+    goes through the backward op, with the ``heads``/``info``/``factor`` that the forward op
+    would have returned, built then: the op's one formula.
+
+    In a training step on a 25 MB activation the Python around the two sweeps costs about twice
+    what it costs on a small one (the sweeps leave the caches cold): each call and temporary
+    avoided here is worth that twice (BENCHMARKS.md, "the memory limit").
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: Tensor,
+        seed: Optional[Tensor],
+        p: float,
+        geo: Geometry,
+        seeding: str,
+        scale: str,
+        key: Optional[MaskKey],
+        randomness: tuple[Optional[list[int]], Optional[Tensor], Optional[Tensor]],
+    ) -> Tensor:
+        seeds = draw_sparse(input, geo, p, seeding, seed, key, None, small=True)
+        out = torch.empty_like(input)
+        factor = None if scale == "none" else expected_factor(p, input.dtype)
+        fused.write(out, input, factor, seeds, geo)
+        kept = seeds.numel() <= plan_capacity(out)
+        ctx.save_for_backward(seeds.to(torch.int32) if kept else None)
+        ctx.fused = (geo, p, seeding, scale, factor, seed, randomness)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        (seeds,) = ctx.saved_tensors
+        geo, p, seeding, scale, factor, seed, (words, step, ids) = ctx.fused
+        none = (None,) * 7
+        if seeds is not None and not torch.is_grad_enabled() and direct_call_ok(grad):
+            return (seeds_backward(grad, seeds, factor, geo), *none)
+        kept = None if seeds is None else [(SEEDS, seeds)]
+        fac = None if factor is None else torch.full((1,), factor, dtype=acc_dtype(grad))
+        heads, info, fac_t = package_plan(kept, fac, grad, geo, scale, PLAN_EXACT)
+        options = (list(geo.blocks), geo.channel_dim, geo.shared, seeding, scale)
+        g = call_backward(grad, heads, info, fac_t, seed, p_tensor(p), *options, words, step, ids, None)
+        return (g, *none)
 
 
 def direct_call_ok(input: Tensor) -> bool:

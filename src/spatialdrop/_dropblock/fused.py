@@ -37,7 +37,7 @@ __all__ = ["ENABLED", "available", "same_layout", "write"]
 ENABLED = True
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
-_CHUNK_BYTES = 4096  # as in _cfused.c: ranges split at chunk boundaries
+_CHUNK_BYTES = 16384  # as in _cfused.c: ranges split at chunk boundaries
 _PARALLEL_MIN = 1 << 20  # elements below which one thread does it all
 _RANGES_PER_THREAD = 1  # storage ranges per thread (more in tests: more straddling blocks)
 _pool: Optional[ThreadPoolExecutor] = None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from .._compat import is_compiling
 from .._validation import fail
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "apply_plan",
     "block_plan",
     "check_representable",
+    "geometry",
     "grid_coords",
     "grow_blocks",
     "is_dense",
@@ -85,6 +88,28 @@ class Geometry:
     def map_shape(self) -> tuple[int, ...]:
         """``(N, C or 1, *sizes)``: the mask's shape with the channel axis at dim 1."""
         return (self.batch, 1 if self.shared else self.channels, *self.sizes)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached(
+    shape: tuple[int, ...], channel_dim: int, blocks: tuple[int, ...], shared: bool, seeding: str
+) -> Geometry:
+    return Geometry(shape, channel_dim, blocks, shared, seeding)
+
+
+def geometry(
+    shape: Sequence[int], channel_dim: int, blocks: Sequence[int], shared: bool, seeding: str
+) -> Geometry:
+    """``Geometry(shape, ...)``, one object per distinct set of arguments (read it, never change it).
+
+    A training loop calls every layer on the same few shapes, and each call needs the geometry
+    two or three times (validation, forward, backward): built once, not each time. Not while
+    ``torch.compile`` traces (sizes may be symbolic, and dynamo does not trace through a cache):
+    a new object each call, which the compiled graph does not keep anyway.
+    """
+    if not is_compiling() and all(type(s) is int for s in shape) and all(type(b) is int for b in blocks):
+        return _cached(tuple(shape), channel_dim, tuple(blocks), shared, seeding)
+    return Geometry(shape, channel_dim, blocks, shared, seeding)
 
 
 def check_representable(fn: str, geo: Geometry, block_size: object) -> None:

@@ -42,7 +42,15 @@ from torch import Tensor
 from .._compat import is_compiling
 from .._philox import MASK32
 from ..keyed import MaskKey
-from .autograd import EagerFunction, InplaceFunction, call_forward, direct_call_ok, functorch_active
+from .autograd import (
+    EagerFunction,
+    FusedFunction,
+    InplaceFunction,
+    call_forward,
+    direct_call_ok,
+    functorch_active,
+    fused_eager_takes,
+)
 from .calibration import p_tensor
 from .dense import drop_block_dense
 from .geometry import Geometry, is_dense
@@ -117,6 +125,10 @@ def run(
             input, drop_block_dense(input, p, geo, seeding, scale, generator, key, window), inplace
         )
     seed, words, step, ids = _op_args(generator, key)
+    if window is None and not inplace and direct_call_ok(input) and fused_eager_takes(input, geo, scale):
+        # eager, per channel, the fused pass: its lean autograd function (the same bits)
+        fast: Tensor = FusedFunction.apply(input, seed, p, geo, seeding, scale, key, (words, step, ids))
+        return fast
     plan = PLAN_EXACT  # eager: keep the plan, of data-dependent length
     if geo.shared or functorch_active():
         plan = PLAN_NONE

@@ -8,6 +8,7 @@ dtype), so the paths agree to the last bit for the same seeds, whatever the dtyp
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -17,7 +18,7 @@ from .._compat import is_compiling
 from .._validation import float_dtype_of
 from .calibration import p_tensor
 
-__all__ = ["POLICIES", "acc_dtype", "factor_shape", "scale_factor", "scaled"]
+__all__ = ["POLICIES", "acc_dtype", "expected_factor", "factor_shape", "scale_factor", "scaled"]
 
 POLICIES = ("expected", "realized", "none")
 
@@ -58,6 +59,17 @@ def scale_factor(
     assert dropped is not None, "scale_factor: 'realized' needs the dropped counts"
     kept = (per_sample - dropped).to(acc)
     return torch.where(kept > 0, per_sample / kept.clamp(min=1), torch.zeros_like(kept))
+
+
+@functools.lru_cache(maxsize=256)
+def expected_factor(p: float, dtype: torch.dtype) -> float:
+    """The ``"expected"`` multiplier of an input of ``dtype`` as a Python float (the fused pass's).
+
+    ``float(scale_factor("expected", p, None, 0, x))``: ``1 / (1 - p)`` rounded once to float32
+    (float64 for float64 input).
+    """
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return float(torch.tensor(1.0 / (1.0 - p), dtype=acc))
 
 
 def scaled(src: Tensor, factor: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:

@@ -46,7 +46,16 @@ from ..keyed import MaskKey
 from . import fused
 from . import seeds as _seeds
 from .calibration import seed_rate
-from .geometry import Geometry, Plan, apply_plan, block_plan, map_offsets, paint_blocks, run_lengths
+from .geometry import (
+    Geometry,
+    Plan,
+    apply_plan,
+    block_plan,
+    geometry,
+    map_offsets,
+    paint_blocks,
+    run_lengths,
+)
 from .scale import acc_dtype, factor_shape, scale_factor, scaled
 from .window import global_geometry, local_geometry, localize_sparse
 
@@ -309,7 +318,7 @@ def _geometry(
     window: Optional[list[int]],
 ) -> Geometry:
     if window is None:
-        return Geometry(input.shape, channel_dim, block_size, shared, seeding)
+        return geometry(input.shape, channel_dim, block_size, shared, seeding)
     return local_geometry(input.shape, channel_dim, block_size, shared)
 
 
