@@ -7,6 +7,16 @@ half the op's time on a 25 MB activation). Here the destination is swept in chun
 are zeroed, while their rows are still in cache (a block's rows all lie at or before its last
 element, in the chunk or in the ones just written).
 
+Two ways to find the blocks of a chunk. Contiguous maps with ascending seeds (what the sampler
+draws, in the usual layout) are walked: each seed is located as the sweep reaches it, and
+nothing per seed is stored (``run_streaming``). Other layouts (channels-last, strided, permuted)
+locate every block first and bucket them by the chunk of their last element.
+
+Where the time goes, per seed (2-D (32, 256, 28, 28), block 7: 20 000 seeds, 140 000 block
+rows, against a multiply of 1.1 ms): mispredicted branches (where a block is cut by the border,
+which map a seed falls in) cost more than the arithmetic and the stores, so neither is decided
+by a branch where the CPU allows: the map by a multiply, the rows by masked stores (AVX-512).
+
 The seeds are flat indices into the per-channel seed grid ``(N * C, *grid)`` (see
 ``geometry.py``). No torch headers: the Python side passes raw addresses and an int64 parameter
 block, and this file builds with any C compiler as an ordinary extension module

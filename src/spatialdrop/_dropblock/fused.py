@@ -3,7 +3,7 @@
 The sparse path's torch ops multiply the whole tensor, then write the dropped runs; by then
 each run's cache line has been evicted, and those scattered writes cost as much as the multiply
 itself. The C extension ``_cfused`` (``_cfused.c``, built by ``pip install``; no torch headers)
-zeroes the blocks that end in each 64 kB stretch right after multiplying it, straight from the
+zeroes the blocks that end in each 16 kB stretch right after multiplying it, straight from the
 seed indices: no write plan is built, and backward needs only the seeds (4 bytes each).
 
 It takes a dense float32 or float64 CPU destination and per-channel masks; everything else

@@ -4,6 +4,16 @@ Timed implementations of a case run in one process, interleaved repeat by repeat
 moment of the machine slows all of them alike), after a warm-up; the rows hold medians. An
 implementation that raises (a compiler error, a peer that refuses a shape) gets a note instead of
 numbers, and the others are still measured.
+
+Page faults. With glibc's default allocator a large output sometimes comes back with fresh pages
+(the heap was trimmed by an earlier free), and on a small virtual machine the first touch of a
+25 MB output costs several times the op that writes it. Which call gets them depends on the
+state of the process's heap, not on the op: a bare ``x * 2.0`` timed against a copy of itself
+gets them in 10-30 % more or fewer of its calls at random (``benchmarks/page_faults.py``). Each
+timed call's minor faults are counted (``getrusage``), and beside the medians of all calls a row
+holds the median of its *clean* calls (those that faulted in less than an eighth of the
+output's pages) and the ratio of that to the reference's clean median: the op's own cost, which
+the memory-limit goals are checked on.
 """
 
 from __future__ import annotations
@@ -17,6 +27,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - not on Windows: faults are not counted there
+    resource = None  # type: ignore[assignment]
 
 import torch
 from torch import Tensor
@@ -33,6 +48,9 @@ class Row:
     ``fwd_vs_eager`` and ``fwd_bwd_vs_eager`` are set on compiled rows: their time over the eager
     implementation's time in the same case and run (below 1: compiling pays). ``vs_baseline``:
     in a case with a baseline implementation, the baseline's fwd+bwd time over this row's.
+    ``fwd_bwd_faults``: minor page faults per fwd+bwd call (mean); ``fwd_bwd_clean_ms``: the
+    median of the fwd+bwd calls that paid no fresh pages, ``clean_calls`` of them;
+    ``fwd_bwd_clean_ratio``: that over the reference's (see the module docstring).
     """
 
     kind: str
@@ -47,6 +65,11 @@ class Row:
     fwd_bwd_ms: float | None = None
     fwd_bwd_ratio: float | None = None
     fwd_bwd_best_ms: float | None = None
+    fwd_bwd_faults: float | None = None
+    fwd_bwd_clean_ms: float | None = None
+    fwd_bwd_clean_ratio: float | None = None
+    clean_calls: int | None = None
+    calls: int | None = None
     vs_torchvision: float | None = None
     vs_baseline: float | None = None
     fwd_vs_eager: float | None = None
@@ -157,10 +180,21 @@ def steady_malloc(enable: bool) -> bool:
         return False
 
 
+def _faults() -> int:
+    """Minor page faults of this process so far (0 where ``getrusage`` is missing)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
 def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def _clean_median(times: list[float], faults: list[int], limit: int) -> tuple[float | None, int]:
+    """The median of the times whose call faulted in fewer than ``limit`` pages, and their count."""
+    clean = [t for t, f in zip(times, faults) if f < limit]
+    return (statistics.median(clean) if clean else None), len(clean)
 
 
 def _shape_text(shape: tuple[int, ...]) -> str:
@@ -182,6 +216,9 @@ def measure(
     grad_out = torch.ones_like(x)
     fwd: dict[int, list[float]] = {id(i): [] for i in runnable}
     both: dict[int, list[float]] = {id(i): [] for i in runnable if i.grad}
+    both_faults: dict[int, list[int]] = {id(i): [] for i in runnable if i.grad}
+    # a call that faulted in an eighth of the output's pages got fresh memory from the allocator
+    fresh = max(16, x.numel() * x.element_size() // 4096 // 8)
 
     def forward(fn: Fn) -> Callable[[], Any]:
         return lambda: fn(x)
@@ -202,7 +239,9 @@ def measure(
                 assert impl.fn is not None
                 try:
                     t_fwd = _timed(forward(impl.fn))
+                    before = _faults()
                     t_both = _timed(forward_backward(impl.fn, impl.params)) if impl.grad else 0.0
+                    faulted = _faults() - before
                 except Exception as err:  # e.g. a compiler error: report it, time the others
                     failed[id(impl)] = _failure(err)
                     continue
@@ -210,6 +249,7 @@ def measure(
                     fwd[id(impl)].append(t_fwd)
                     if impl.grad:
                         both[id(impl)].append(t_both)
+                        both_faults[id(impl)].append(faulted)
             if tick is not None:
                 tick()
     finally:
@@ -217,6 +257,7 @@ def measure(
             gc.enable()
     ref_fwd = statistics.median(fwd[id(runnable[0])])
     ref_both = statistics.median(both[id(runnable[0])])
+    ref_clean, _ = _clean_median(both[id(runnable[0])], both_faults[id(runnable[0])], fresh)
     input_bytes = x.numel() * x.element_size()
     rows = []
     for impl in impls:
@@ -229,6 +270,14 @@ def measure(
                 b = statistics.median(both[id(impl)])
                 row.fwd_bwd_ms, row.fwd_bwd_ratio = b * 1e3, b / ref_both
                 row.fwd_bwd_best_ms = min(both[id(impl)]) * 1e3
+                row.calls = len(both[id(impl)])
+                if resource is not None:
+                    row.fwd_bwd_faults = statistics.mean(both_faults[id(impl)])
+                    clean, row.clean_calls = _clean_median(both[id(impl)], both_faults[id(impl)], fresh)
+                    if clean is not None:
+                        row.fwd_bwd_clean_ms = clean * 1e3
+                        if ref_clean is not None:
+                            row.fwd_bwd_clean_ratio = clean / ref_clean
                 try:
                     row.saved_bytes = saved_bytes(impl.fn, x)
                     row.saved_fraction = row.saved_bytes / input_bytes

@@ -97,12 +97,33 @@ def _find(rows: list[Row], case: str, call: str) -> Row | None:
     return next((r for r in rows if r.case.startswith(case) and r.call.startswith(call) and r.fwd_ms), None)
 
 
+def _memory_limit(rows: list[Row], r: Row) -> tuple[float, str]:
+    """The fwd+bwd ratio to the reference that a memory-limit goal checks, and what it is.
+
+    The median of the calls that got no fresh pages from the allocator, on both sides, when at
+    least 3 of each did (page faults fall on either side at random: see
+    :mod:`.bench_measure`); else the median of all calls (e.g. a 3-D case whose outputs are
+    above glibc's mmap threshold: every call of either side faults).
+    """
+    ref = next((t for t in rows if t.case == r.case and t.call == REFERENCE), None)
+    if (
+        ref is not None
+        and r.fwd_bwd_clean_ratio is not None
+        and (r.clean_calls or 0) >= 3
+        and (ref.clean_calls or 0) >= 3
+    ):
+        counts = f"{r.clean_calls} of ours and {ref.clean_calls} of {REFERENCE}'s {r.calls} calls"
+        return r.fwd_bwd_clean_ratio, f", calls that got no fresh pages ({counts})"
+    return r.fwd_bwd_ratio or 0.0, ", all calls"
+
+
 def goals(rows: list[Row]) -> list[Goal]:
     """The targets that the measured rows can check (on medians), each named by what it measures.
 
     Channel dropout: at least as fast as torch's (within 5 %) and at most 1.2x a bare multiply.
     DropBlock per channel (2-D): fwd+bwd at most 1.3x a bare multiply (the memory limit is 1x:
-    both read and write the tensor once each way), at least 20x torchvision's, at most a quarter
+    both read and write the tensor once each way; on the calls that paid no page faults, where
+    there are enough: :func:`_memory_limit`), at least 20x torchvision's, at most a quarter
     of the input's bytes saved for backward; shared (2-D): at most 2x a bare multiply; per
     channel (3-D): at most 1.3x a bare multiply, at least 20x torchvision's. Compiled layers: fwd+bwd at most
     1.1x the eager layer's. DropPath residual (the branch on the kept samples only) against ``x +
@@ -131,7 +152,8 @@ def goals(rows: list[Row]) -> list[Goal]:
     per2 = _find(rows, "2-D, block 7, a mask per channel", "drop_block(")
     if per2 is not None and per2.fwd_bwd_ratio is not None:
         where = f"DropBlock 2-D per channel {per2.shape}"
-        out.append(Goal(f"{where}: fwd+bwd time / {REFERENCE}", per2.fwd_bwd_ratio, 1.3, False))
+        ratio, which = _memory_limit(rows, per2)
+        out.append(Goal(f"{where}: fwd+bwd time / {REFERENCE}{which}", ratio, 1.3, False))
         if per2.vs_torchvision is not None:
             out.append(Goal(f"{where}: torchvision's fwd+bwd time / ours", per2.vs_torchvision, 20, True))
         if per2.saved_fraction is not None:
@@ -144,8 +166,9 @@ def goals(rows: list[Row]) -> list[Goal]:
         out.append(Goal(what, shared2.fwd_bwd_ratio, 2, False))
     per3 = _find(rows, "3-D, block 5, a mask per channel", "drop_block(")
     if per3 is not None and per3.fwd_bwd_ratio is not None:
-        what = f"DropBlock 3-D per channel {per3.shape}: fwd+bwd time / {REFERENCE}"
-        out.append(Goal(what, per3.fwd_bwd_ratio, 1.3, False))
+        ratio, which = _memory_limit(rows, per3)
+        what = f"DropBlock 3-D per channel {per3.shape}: fwd+bwd time / {REFERENCE}{which}"
+        out.append(Goal(what, ratio, 1.3, False))
     if per3 is not None and per3.vs_torchvision is not None:
         what = f"DropBlock 3-D per channel {per3.shape}: torchvision's fwd+bwd time / ours"
         out.append(Goal(what, per3.vs_torchvision, 20, True))
@@ -180,6 +203,9 @@ FULL_COLUMNS = [
     ("fwd_bwd_ms", "fwd+bwd ms"),
     ("fwd_bwd_ratio", f"fwd+bwd / {REFERENCE}"),
     ("fwd_bwd_best_ms", "fwd+bwd best ms"),
+    ("fwd_bwd_faults", "page faults per fwd+bwd"),
+    ("clean_calls", "fwd+bwd calls without fresh pages"),
+    ("fwd_bwd_clean_ratio", f"fwd+bwd / {REFERENCE}, calls without fresh pages"),
     ("vs_torchvision", "fwd+bwd speed-up vs torchvision"),
     ("vs_baseline", "fwd+bwd speed-up vs the case's baseline"),
     ("fwd_bwd_vs_eager", "fwd+bwd compiled / eager"),
@@ -247,6 +273,8 @@ def _cell(row: Row, key: str) -> str:
         return f"{100 * value:.1f}%"
     if key.endswith("_ms"):
         return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    if key == "fwd_bwd_faults":
+        return f"{value:.0f}"
     if key.endswith(("_ratio", "_vs_eager")) or key in ("vs_torchvision", "vs_baseline"):
         return f"{value:.2f}×" if value < 100 else f"{value:.0f}×"
     if key.startswith("drop_"):
