@@ -30,8 +30,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 
 from .._compat import is_compiling
 from ..keyed import MaskKey
-from . import fused
-from .calibration import p_tensor
+from . import fused, sampling
+from .calibration import p_tensor, seed_rate
 from .geometry import Geometry, geometry
 from .scale import acc_dtype, expected_factor
 from .sparse import (
@@ -237,7 +237,12 @@ class FusedFunction(torch.autograd.Function):
         key: Optional[MaskKey],
         randomness: tuple[Optional[list[int]], Optional[Tensor], Optional[Tensor]],
     ) -> Tensor:
-        seeds = draw_sparse(input, geo, p, seeding, seed, key, None, small=True)
+        if key is None and seed is not None:  # draw_sparse's own steps for this case, unwrapped
+            generator = torch.Generator().manual_seed(int(seed))
+            gamma = seed_rate(p, geo.sizes, geo.blocks, seeding)
+            seeds = sampling.draw_seeds(geo.places, gamma, generator, input.device, dense=False, small=True)
+        else:
+            seeds = draw_sparse(input, geo, p, seeding, seed, key, None, small=True)
         out = torch.empty_like(input)
         factor = None if scale == "none" else expected_factor(p, input.dtype)
         fused.write(out, input, factor, seeds, geo)

@@ -15,6 +15,7 @@ is released); blocks that straddle two ranges are zeroed after all ranges are wr
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from array import array
@@ -70,27 +71,39 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
     return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
 
 
-def _params(out: Tensor, seeds: Tensor, geo: Geometry, lo: int, hi: int, pass_: int) -> array:
-    """The C side's int64 parameter block (its order is ``_cfused.c``'s enum)."""
+@functools.lru_cache(maxsize=256)
+def _template(geo: Geometry, numel: int, strides: tuple[int, ...]) -> array:
+    """The parameter block's fixed part for a geometry and a layout; :func:`_params` fills in the rest.
+
+    ``geo`` is usually the one object of its shape (:func:`.geometry.geometry`), so a training
+    loop builds each block once.
+    """
     pad = 3 - len(geo.sizes)
-    strides = [out.stride(d) for d in geo.spatial]
+    spatial = [strides[d] for d in geo.spatial]
     values = [
-        out.numel(),
-        seeds.numel(),
+        numel,
+        0,
         geo.channels,
-        out.stride(0),
-        out.stride(geo.channel_dim),
-        lo,
-        hi,
-        pass_,
-        seeds.element_size(),
+        strides[0],
+        strides[geo.channel_dim],
+        0,
+        0,
+        0,
+        0,
         *([1] * pad + list(geo.sizes)),
         *([1] * pad + list(geo.blocks)),
         *([1] * pad + list(geo.grid)),
         *([0] * pad + list(geo.shift)),
-        *([0] * pad + strides),
+        *([0] * pad + spatial),
     ]
     return array("q", values)
+
+
+def _params(out: Tensor, seeds: Tensor, geo: Geometry, lo: int, hi: int, pass_: int) -> array:
+    """The C side's int64 parameter block (its order is ``_cfused.c``'s enum)."""
+    params = array("q", _template(geo, out.numel(), out.stride()))
+    params[1], params[5], params[6], params[7], params[8] = seeds.numel(), lo, hi, pass_, seeds.element_size()
+    return params
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
