@@ -30,8 +30,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 
 from .._compat import is_compiling
 from ..keyed import MaskKey
-from . import fused, sampling
-from .calibration import p_tensor, seed_rate
+from . import fused
+from .calibration import p_tensor
 from .geometry import Geometry, geometry
 from .scale import acc_dtype, expected_factor
 from .sparse import (
@@ -237,30 +237,26 @@ class FusedFunction(torch.autograd.Function):
         key: Optional[MaskKey],
         randomness: tuple[Optional[list[int]], Optional[Tensor], Optional[Tensor]],
     ) -> Tensor:
-        if key is None and seed is not None:  # draw_sparse's own steps for this case, unwrapped
-            generator = torch.Generator().manual_seed(int(seed))
-            gamma = seed_rate(p, geo.sizes, geo.blocks, seeding)
-            seeds = sampling.draw_seeds(geo.places, gamma, generator, input.device, dense=False, small=True)
-        else:
-            seeds = draw_sparse(input, geo, p, seeding, seed, key, None, small=True)
+        seeds = draw_sparse(input, geo, p, seeding, seed, key, None, small=True)
         out = torch.empty_like(input)
         factor = None if scale == "none" else expected_factor(p, input.dtype)
         fused.write(out, input, factor, seeds, geo)
         kept = seeds.numel() <= plan_capacity(out)
-        ctx.save_for_backward(seeds.to(torch.int32) if kept else None)
-        ctx.fused = (geo, p, seeding, scale, factor, seed, randomness)
+        # always one tensor (empty when not kept), so that a checkpoint's recompute saves as many
+        ctx.save_for_backward(seeds.to(torch.int32) if kept else seeds.new_empty(0, dtype=torch.int32))
+        ctx.fused = (geo, p, seeding, scale, factor, seed, randomness, kept)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         (seeds,) = ctx.saved_tensors
-        geo, p, seeding, scale, factor, seed, (words, step, ids) = ctx.fused
+        geo, p, seeding, scale, factor, seed, (words, step, ids), kept = ctx.fused
         none = (None,) * 7
-        if seeds is not None and not torch.is_grad_enabled() and direct_call_ok(grad):
+        if kept and not torch.is_grad_enabled() and direct_call_ok(grad):
             return (seeds_backward(grad, seeds, factor, geo), *none)
-        kept = None if seeds is None else [(SEEDS, seeds)]
+        plan = [(SEEDS, seeds)] if kept else None
         fac = None if factor is None else torch.full((1,), factor, dtype=acc_dtype(grad))
-        heads, info, fac_t = package_plan(kept, fac, grad, geo, scale, PLAN_EXACT)
+        heads, info, fac_t = package_plan(plan, fac, grad, geo, scale, PLAN_EXACT)
         options = (list(geo.blocks), geo.channel_dim, geo.shared, seeding, scale)
         g = call_backward(grad, heads, info, fac_t, seed, p_tensor(p), *options, words, step, ids, None)
         return (g, *none)
