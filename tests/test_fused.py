@@ -411,3 +411,20 @@ def test_a_gradient_in_another_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == [1]
     assert torch.equal(grads[0], grads[1])
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_seeds_past_32_bits_are_located_in_64() -> None:
+    # 62 000 maps of 3, block 70 000: 70 002 seed places a map, 4.3e9 in all, so the walker
+    # divides in 64 bits (the pass reads int64 seeds); where a seed sits in its map decides
+    # which of the 3 elements its block covers: {0}, {0, 1}, all, {1, 2}, {2}
+    geo = Geometry((1, 62_000, 3), 1, (70_000,), False, "uniform")
+    assert geo.places > 2**32
+    per_map = 70_002
+    places = [(0, 0), (7, 1), (30_000, 5), (61_350, 70_000), (61_999, 70_001)]
+    seeds = torch.tensor([m * per_map + j for m, j in places])
+    assert seeds[-1] > 2**32
+    x = torch.randn(1, 62_000, 3, generator=torch.Generator().manual_seed(4))
+    out = torch.empty_like(x)
+    fused.write(out, x, 2.0, seeds, geo)
+    assert torch.equal(out, _reference(x, 2.0, seeds.tolist(), geo))
+    assert (out == 0).sum() == 1 + 2 + 3 + 2 + 1

@@ -78,14 +78,20 @@ typedef struct {
     int fast; /* every divisor fits 32 bits (the dividends are checked per seed) */
 } divisors_t;
 
+/* the reciprocal of a divisor below 2**32 */
+static divisor_t divisor_of(int64_t n) {
+    divisor_t dv;
+    dv.d = (uint32_t)n;
+    dv.m = dv.d > 1 ? UINT64_MAX / dv.d + 1 : 0;
+    return dv;
+}
+
 static void divisors_init(const int64_t *P, divisors_t *v) {
     v->fast = P[P_CHANNELS] < ((int64_t)1 << 32);
     for (int d = 0; d < 4; d++) {
         int64_t n = d < 3 ? P[P_GRID + d] : P[P_CHANNELS];
-        divisor_t *dv = d < 3 ? &v->grid[d] : &v->channels;
         if (n >= ((int64_t)1 << 32)) v->fast = 0;
-        dv->d = (uint32_t)n;
-        dv->m = dv->d > 1 ? UINT64_MAX / dv->d + 1 : 0;
+        *(d < 3 ? &v->grid[d] : &v->channels) = divisor_of(n);
     }
 }
 
@@ -265,19 +271,20 @@ static int seeds_ascend(const void *seeds, const int64_t *P) {
     return 1;
 }
 
-/* Locating ascending seeds in contiguous maps: the map changes every few seeds, so the walker
-   keeps the current map's first seed place and first element, and divides only to enter a later
-   map; within a map, a seed's place needs one division by a grid side less than the map's rank
-   (none in 1-D, one in 2-D, two in 3-D): the channel count and the batch play no part. The
-   constants are copied out of the parameter block so that they stay in registers (the zeroing
-   writes through char pointers, which may alias the block). */
+/* Locating seeds in contiguous maps: a seed's map gives its first element directly (maps are
+   laid one after another), so the channel count and the batch play no part; within the map, its
+   place needs one division by a grid side less than the map's rank (none in 1-D, one in 2-D, two
+   in 3-D). When every seed fits 32 bits, the map too is found by a reciprocal multiply, every
+   seed (cheaper than a branch taken at random); else the walker keeps the current map and
+   divides only to enter a later one (the seeds ascend). The constants are copied out of the
+   parameter block so that they stay in registers (the zeroing writes through char pointers,
+   which may alias the block). */
 typedef struct {
     int64_t places, map_numel; /* seed places and elements per map */
-    int64_t start, base;       /* the current map's first seed place and first element */
-    int64_t sizes[3], blocks[3], shift[3], strides[3];
+    int64_t start, base;       /* the current map's first seed place (64-bit seeds) and first element */
+    int64_t sizes[3], blocks[3], shift[3], strides[3], grid[3];
     divisor_t g2, g1, maps; /* grid sides 2 and 1, and places (32-bit seeds) */
-    uint32_t g0;
-    int small; /* places and every seed below 2**32 */
+    int small;              /* places and every seed below 2**32 */
 } walker_t;
 
 static void walker_init(walker_t *w, const int64_t *P, int64_t map_numel) {
@@ -290,22 +297,20 @@ static void walker_init(walker_t *w, const int64_t *P, int64_t map_numel) {
         w->blocks[d] = P[P_BLOCKS + d];
         w->shift[d] = P[P_SHIFT + d];
         w->strides[d] = P[P_STRIDES + d];
+        w->grid[d] = P[P_GRID + d];
     }
     /* the largest seed place is below maps * places: 32 bits hold every seed when that does */
     int64_t total = P[P_NUMEL] / map_numel * w->places;
     w->small = total < ((int64_t)1 << 32);
-    w->g0 = (uint32_t)P[P_GRID];
-    w->g1.d = (uint32_t)P[P_GRID + 1];
-    w->g2.d = (uint32_t)P[P_GRID + 2];
-    w->maps.d = (uint32_t)w->places;
-    w->g1.m = w->g1.d > 1 ? UINT64_MAX / w->g1.d + 1 : 0;
-    w->g2.m = w->g2.d > 1 ? UINT64_MAX / w->g2.d + 1 : 0;
-    w->maps.m = w->small && w->maps.d > 1 ? UINT64_MAX / w->maps.d + 1 : 0;
+    /* the reciprocals serve 32-bit seeds only (then every grid side and places fit too) */
+    w->g1 = divisor_of(w->small ? w->grid[1] : 1);
+    w->g2 = divisor_of(w->small ? w->grid[2] : 1);
+    w->maps = divisor_of(w->small ? w->places : 1);
 }
 
 static inline void walk(walker_t *w, int64_t seed, block_t *b) {
     int64_t r;
-    if (w->small) { /* the map by a multiply, every seed: cheaper than a branch taken at random */
+    if (w->small) {
         uint32_t rem;
         int64_t m = divide((uint32_t)seed, &w->maps, &rem);
         r = rem;
@@ -320,11 +325,10 @@ static inline void walk(walker_t *w, int64_t seed, block_t *b) {
         }
     }
     int64_t coord[3];
-    uint32_t q = (uint32_t)r, rem; /* r < places < 2**32 when small; else divide in 64 bits */
-    if (w->small) {
-        q = divide(q, &w->g2, &rem);
+    if (w->small) { /* r < places < 2**32 */
+        uint32_t rem, q = divide((uint32_t)r, &w->g2, &rem);
         coord[2] = rem;
-        if (w->g0 == 1) {
+        if (w->grid[0] == 1) {
             coord[1] = q;
             coord[0] = 0;
         } else {
@@ -332,11 +336,11 @@ static inline void walk(walker_t *w, int64_t seed, block_t *b) {
             coord[1] = rem;
             coord[0] = q;
         }
-    } else {
-        coord[2] = r % w->g2.d;
-        r /= w->g2.d;
-        coord[1] = r % w->g1.d;
-        coord[0] = r / w->g1.d;
+    } else { /* in 64 bits */
+        coord[2] = r % w->grid[2];
+        r /= w->grid[2];
+        coord[1] = r % w->grid[1];
+        coord[0] = r / w->grid[1];
     }
     int64_t first = w->base, last = w->base;
     for (int d = 0; d < 3; d++) {

@@ -66,10 +66,11 @@ def expected_factor(p: float, dtype: torch.dtype) -> float:
     """The ``"expected"`` multiplier of an input of ``dtype`` as a Python float (the fused pass's).
 
     ``float(scale_factor("expected", p, None, 0, x))``: ``1 / (1 - p)`` rounded once to float32
-    (float64 for float64 input).
+    (float64 for float64 input), computed by that one rule and kept per ``(p, dtype)``.
     """
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return float(torch.tensor(1.0 / (1.0 - p), dtype=acc))
+    factor = scale_factor("expected", p, None, 0, torch.empty(0, dtype=dtype))
+    assert factor is not None
+    return float(factor)
 
 
 def scaled(src: Tensor, factor: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
