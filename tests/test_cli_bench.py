@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import io
 import json
+import mmap
 import re
 import sys
 from pathlib import Path
@@ -508,10 +509,14 @@ def test_bench_repeats_default_is_what_the_help_says(
 
 @pytest.mark.skipif(sys.platform != "linux", reason="getrusage's fault counts: Linux")
 def test_measure_counts_the_calls_that_got_fresh_pages() -> None:
-    # an op that touches a new 40 MB buffer each call (above glibc's largest mmap threshold:
-    # always fresh pages) has no clean call; the reference on a 256 kB input has some
+    # an op that touches every page of a new 40 MB anonymous mapping each call (fresh pages,
+    # whatever state the allocator is in) has no clean call; the reference on 256 kB has some
     def fresh(x: torch.Tensor) -> torch.Tensor:
-        return x * 2.0 + torch.ones(10_000_000)[0]
+        with mmap.mmap(-1, 40 << 20) as pages:
+            view = torch.frombuffer(pages, dtype=torch.uint8)
+            view[::4096] = 1
+            del view
+        return x * 2.0
 
     impl = bench_cases.Impl("test", "fresh", fresh, drops=False)
     case = bench_cases.Case("dropblock", "fresh pages", (256, 256), (1,), [impl], 0.1)
