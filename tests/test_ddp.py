@@ -9,20 +9,12 @@ The run has a hard timeout: a hung process fails the test instead of hanging it.
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from distributed import run_world
 from spatialdrop import (
     DropBlock2d,
     DropPath,
@@ -121,56 +113,18 @@ def _or_zeros(p: torch.Tensor) -> torch.Tensor:
     return (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().clone()
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    try:
-        seed = torch.initial_seed()  # before any seeding: the process's own random seed
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=timedelta(seconds=60),
-        )
-        try:
-            result = {mode: _run_mode(rank, mode) for mode in MODES}
-            result["residual"] = _run_residual(rank)
-            result["seed"] = seed  # type: ignore[assignment]
-        finally:
-            dist.destroy_process_group()
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _worker(rank: int, world: int) -> dict:
+    assert world == WORLD
+    seed = torch.initial_seed()  # before any seeding: the process's own random seed
+    result = {mode: _run_mode(rank, mode) for mode in MODES}
+    result["residual"] = _run_residual(rank)
+    result["seed"] = seed  # type: ignore[assignment]
+    return result
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ddp")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out)), daemon=True) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join(5)
-    errors = "\n".join(f.read_text() for f in sorted(out.glob("*.err")))
-    if hung:
-        pytest.fail(f"DDP workers still running after {TIMEOUT_S} s (killed)\n{errors}")
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * WORLD, f"exit codes {codes}\n{errors}"
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return run_world(_worker, WORLD, tmp_path_factory.mktemp("ddp"), timeout_s=TIMEOUT_S)
 
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:

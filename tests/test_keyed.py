@@ -1,10 +1,6 @@
 from __future__ import annotations
 
-import os
-import socket
 import threading
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from conftest import FLOAT_DTYPES, assert_binomial
+from distributed import run_world
 from spatialdrop import (
     AlphaSpatialDropout2d,
     DropBlock2d,
@@ -290,44 +287,19 @@ def test_masks_follow_samples_not_positions() -> None:
     assert not torch.equal(other_step, out)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
+def _ddp_worker(rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        net = _net()
-        ddp = keyed_masks(DistributedDataParallel(net), SEED)  # ids ignore the "module." prefix
-        local = 8 // world
-        ids = rank * local + torch.arange(local)  # the recipe for sample ids without a loader
-        out, gx, seen = _run(ddp, _data(8)[rank * local : (rank + 1) * local], ids)
-        torch.save({"out": out, "gx": gx, "seen": seen, "grads": _grads(net)}, Path(out_dir) / f"{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    net = _net()
+    ddp = keyed_masks(DistributedDataParallel(net), SEED)  # ids ignore the "module." prefix
+    local = 8 // world
+    ids = rank * local + torch.arange(local)  # the recipe for sample ids without a loader
+    out, gx, seen = _run(ddp, _data(8)[rank * local : (rank + 1) * local], ids)
+    return {"out": out, "gx": gx, "seen": seen, "grads": _grads(net)}
 
 
 def test_one_process_equals_two_gloo_processes(tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(
-        _ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 150
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the two gloo processes did not finish within 150 s")
-    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    ranks = run_world(_ddp_worker, 2, tmp_path, timeout_s=150.0)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' setting, for the same float summation inside a sample
