@@ -9,7 +9,10 @@ switched off: what ran before it). The steps are timed on their own, each as its
 - fused pass: ``out = input * scale`` with every seed's block zeroed, one sweep (C);
 - torch ops: the plan (storage offsets of the dropped runs), the scaled copy ``input * scale``
   into a fresh output (what ``x * 2.0`` does), the zero writes at the plan's runs;
-- backward: the backward op (the fused pass on the gradient, or the scaled copy and zero writes).
+- backward: the backward op (the fused pass on the gradient, or the scaled copy and zero writes);
+- in a step: the same whole call alternated with ``x * 2.0`` once more, with timers around the
+  seed draw and the two sweeps as the call runs them (caches as a training step leaves them),
+  the rest being Python, autograd and allocation.
 
     PYTHONPATH=src python benchmarks/profile_dropblock.py            # 2-D (32, 256, 28, 28), block 7
     PYTHONPATH=src python benchmarks/profile_dropblock.py --3d       # 3-D (8, 32, 32, 32, 32), block 5
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from spatialdrop._dropblock import fused, geometry, scale
+from spatialdrop._dropblock import autograd, fused, geometry, scale
 from spatialdrop._dropblock import seeds as seed_draws
 from spatialdrop._dropblock.calibration import seed_rate
 from spatialdrop._dropblock.sparse import PLAN_EXACT, drop_block_backward, drop_block_op
@@ -66,6 +69,47 @@ def alternate(
         kept = [t for t, f in zip(times[name], faults[name]) if f < fresh]
         clean[name] = (statistics.median(kept) * 1e3 if kept else float("nan"), len(kept))
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}, clean
+
+
+def in_step(multiply: Callable[[], None], ours: Callable[[], None], reps: int) -> dict[str, float]:
+    """Median thread CPU ms of the parts of ``ours`` (a whole per-channel fused call), alternated
+    with ``multiply``: the seed draw, the forward and backward sweeps, and the rest of the call."""
+    spans: dict[str, list[float]] = {"seeds": [], "sweeps": []}
+    real_draw, real_write = autograd.draw_sparse, fused.write
+
+    def timed(name: str, fn: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            start = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spans[name].append(time.thread_time() - start)
+
+        return call
+
+    names = ("x * 2.0", "fused", "seeds", "forward sweep", "backward sweep")
+    rows: dict[str, list[float]] = {name: [] for name in names}
+    autograd.draw_sparse = timed("seeds", real_draw)  # type: ignore[assignment]
+    fused.write = timed("sweeps", real_write)  # type: ignore[assignment]
+    try:
+        for r in range(reps):
+            for name, fn in [("x * 2.0", multiply), ("fused", ours)][:: 1 if r % 2 else -1]:
+                for v in spans.values():
+                    v.clear()
+                start = time.thread_time()
+                fn()
+                rows[name].append(time.thread_time() - start)
+                if name == "fused":
+                    if len(spans["sweeps"]) != 2 or len(spans["seeds"]) != 1:
+                        raise RuntimeError("profile_dropblock: the call did not take the fused path")
+                    rows["seeds"].append(spans["seeds"][0])
+                    rows["forward sweep"].append(spans["sweeps"][0])
+                    rows["backward sweep"].append(spans["sweeps"][1])
+    finally:
+        autograd.draw_sparse, fused.write = real_draw, real_write  # type: ignore[assignment]
+    out = {name: statistics.median(v) * 1e3 for name, v in rows.items()}
+    out["rest"] = out["fused"] - out["seeds"] - out["forward sweep"] - out["backward sweep"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"calls without fresh pages ({nb}, {nm}, {no} of {args.reps}): x * 2.0 {cb:.2f} ms, "
         f"fused {cm:.2f} ms ({cm / cb:.2f}x), torch ops {co:.2f} ms ({co / cb:.2f}x)"
+    )
+    parts = in_step(multiply, ours, args.reps)
+    print(
+        f"\nin a step (alternated with x * 2.0, {parts['x * 2.0']:.2f} ms): fused {parts['fused']:.2f} ms = "
+        f"seeds {parts['seeds']:.2f} + forward sweep {parts['forward sweep']:.2f} + backward sweep "
+        f"{parts['backward sweep']:.2f} + the rest {parts['rest']:.2f}"
     )
     return 0
 

@@ -13,7 +13,6 @@ import copy
 import os
 import subprocess
 import sys
-import textwrap
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 import spatialdrop as sd
+from distributed import run_world
 from spatialdrop import (
     AlphaSpatialDropout,
     DropBlock2d,
@@ -203,55 +203,44 @@ def test_converted_net_compiles_fullgraph() -> None:
     assert 0 < int(kept.sum()) < kept.numel()
 
 
-_WRAPPED = textwrap.dedent(
-    """
-    import os, sys, torch, torch.distributed as dist
-    from torch import nn
+def _wrapped_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """One rank: a converted net's keyed outputs plain, under DDP and under FSDP2 (all must agree)."""
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
-    import spatialdrop as sd
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-    dist.init_process_group("gloo", rank=0, world_size=1)
-
-    def make():
+    def make() -> nn.Module:
         torch.manual_seed(0)
-        return sd.convert_dropout(nn.Sequential(
-            nn.Conv2d(3, 8, 3), nn.Dropout2d(0.5), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Dropout2d(0.5),
-            nn.Flatten(), nn.Linear(8 * 4 * 4, 4)))
+        return convert_dropout(
+            nn.Sequential(
+                nn.Conv2d(3, 8, 3),
+                nn.Dropout2d(0.5),
+                nn.ReLU(),
+                nn.Conv2d(8, 8, 3),
+                nn.Dropout2d(0.5),
+                nn.Flatten(),
+                nn.Linear(8 * 4 * 4, 4),
+            )
+        )
 
-    x, ids = torch.randn(4, 3, 8, 8), torch.arange(4)
+    x, ids = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(4)
     plain = sd.keyed_masks(make(), seed=3)
     with sd.mask_context(step=1, sample_ids=ids):
-        want = plain(x)
-    for wrap in (DDP, fully_shard):
+        out = {"plain": plain(x).detach()}
+    for name, wrap in (("ddp", DDP), ("fsdp2", fully_shard)):
         model = sd.keyed_masks(wrap(make()), seed=3)  # keyed after wrapping: names keep their ids
         with sd.mask_context(step=1, sample_ids=ids):
             got = model(x)
             got.sum().backward()
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-    dist.destroy_process_group()
-    print("ok", flush=True)
-    os._exit(0)  # no interpreter teardown, where a thread of the process group can abort (see distributed.py)
-    """
-)
+        out[name] = got.detach()
+    return out
 
 
 @pytest.mark.slow
 def test_converted_net_under_ddp_and_fsdp2(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    script = tmp_path / "wrapped.py"
-    script.write_text(_WRAPPED)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, str(script), port], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().endswith("ok")
+    (out,) = run_world(_wrapped_worker, 1, tmp_path, timeout_s=120)
+    assert (out["plain"] != 0).any()
+    for name in ("ddp", "fsdp2"):
+        torch.testing.assert_close(out[name], out["plain"], rtol=0, atol=0)
 
 
 # --- stand-ins for timm's and torchvision's layers --------------------------------------------
