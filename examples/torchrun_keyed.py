@@ -14,6 +14,7 @@ script exits with status 1 if they do not.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -107,6 +108,11 @@ def main() -> int:
     model = DistributedDataParallel(net) if launched else net
     curve = train(model, opt, sched, local_batches(data, rank, world))
     if launched:
+        # DDP's reducer holds the process group: free it first, so that the group's gloo threads
+        # end here and not in the interpreter's teardown, where they can abort the process
+        # ("terminate called without an active exception") after the work is done
+        del model
+        gc.collect()
         dist.destroy_process_group()
     if rank != 0:
         return 0
