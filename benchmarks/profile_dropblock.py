@@ -12,7 +12,9 @@ switched off: what ran before it). The steps are timed on their own, each as its
 - backward: the backward op (the fused pass on the gradient, or the scaled copy and zero writes);
 - in a step: the same whole call alternated with ``x * 2.0`` once more, with timers around the
   seed draw and the two sweeps as the call runs them (caches as a training step leaves them),
-  the rest being Python, autograd and allocation.
+  the rest being Python, autograd and allocation;
+- the sweeps' variants in a step: the whole call as it is, with its seeds dropped before the
+  sweeps (the same loop, no zero stores) and with ``torch.mul(out=)`` in the sweeps' place.
 
     PYTHONPATH=src python benchmarks/profile_dropblock.py            # 2-D (32, 256, 28, 28), block 7
     PYTHONPATH=src python benchmarks/profile_dropblock.py --3d       # 3-D (8, 32, 32, 32, 32), block 5
@@ -33,8 +35,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 from spatialdrop._dropblock import autograd, fused, geometry, scale
 from spatialdrop._dropblock import seeds as seed_draws
@@ -109,6 +113,62 @@ def in_step(multiply: Callable[[], None], ours: Callable[[], None], reps: int) -
         autograd.draw_sparse, fused.write = real_draw, real_write  # type: ignore[assignment]
     out = {name: statistics.median(v) * 1e3 for name, v in rows.items()}
     out["rest"] = out["fused"] - out["seeds"] - out["forward sweep"] - out["backward sweep"]
+    return out
+
+
+def sweep_variants(
+    multiply: Callable[[], None], ours: Callable[[], None], reps: int
+) -> dict[str, tuple[float, ...]]:
+    """Whole-call, forward-sweep and backward-sweep medians (thread CPU ms) of ``ours`` as it is
+    ("seeds"), with the drawn seeds dropped before the sweeps ("no seeds": the multiply alone,
+    through the same call), and with ``torch.mul(out=)`` in the sweeps' place ("torch.mul"), all
+    alternated with ``multiply`` (whose whole call is given alone). Says which part of a sweep's
+    extra in a step is the zero stores and which the loop."""
+    real_draw, real_write = autograd.draw_sparse, fused.write
+    mode = ["seeds"]
+    spans: list[float] = []
+
+    def draw(*args: Any, **kwargs: Any) -> Tensor:
+        seeds = real_draw(*args, **kwargs)
+        return seeds if mode[0] == "seeds" else seeds[:0]
+
+    def write(out: Tensor, src: Optional[Tensor], factor: Optional[float], seeds: Tensor, geo: Any) -> None:
+        start = time.thread_time()
+        try:
+            if mode[0] == "torch.mul":
+                assert src is not None
+                assert factor is not None
+                torch.mul(src, factor, out=out)
+            else:
+                real_write(out, src, factor, seeds, geo)
+        finally:
+            spans.append(time.thread_time() - start)
+
+    names = ["x * 2.0", "seeds", "no seeds", "torch.mul"]
+    whole: dict[str, list[float]] = {name: [] for name in names}
+    sweeps: dict[str, list[list[float]]] = {name: [[], []] for name in names[1:]}
+    autograd.draw_sparse = draw  # type: ignore[assignment]
+    fused.write = write  # type: ignore[assignment]
+    try:
+        for r in range(reps + 2):
+            for name in names if r % 2 == 0 else names[::-1]:
+                mode[0] = name
+                spans.clear()
+                start = time.thread_time()
+                (multiply if name == "x * 2.0" else ours)()
+                if r < 2:  # warm-up rounds
+                    continue
+                whole[name].append(time.thread_time() - start)
+                if name != "x * 2.0":
+                    if len(spans) != 2:
+                        raise RuntimeError("profile_dropblock: the call did not take the fused path")
+                    sweeps[name][0].append(spans[0])
+                    sweeps[name][1].append(spans[1])
+    finally:
+        autograd.draw_sparse, fused.write = real_draw, real_write  # type: ignore[assignment]
+    out = {"x * 2.0": (statistics.median(whole["x * 2.0"]) * 1e3,)}
+    for name in names[1:]:
+        out[name] = tuple(statistics.median(v) * 1e3 for v in (whole[name], *sweeps[name]))
     return out
 
 
@@ -210,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         f"seeds {parts['seeds']:.2f} + forward sweep {parts['forward sweep']:.2f} + backward sweep "
         f"{parts['backward sweep']:.2f} + the rest {parts['rest']:.2f}"
     )
+    variants = sweep_variants(multiply, ours, args.reps)
+    print(f"\nthe sweeps' variants in a step (alternated with x * 2.0, {variants['x * 2.0'][0]:.2f} ms):")
+    for name in ("seeds", "no seeds", "torch.mul"):
+        call, fwd, bwd = variants[name]
+        print(f"  {name}: whole call {call:.2f} ms, forward sweep {fwd:.2f}, backward sweep {bwd:.2f}")
     return 0
 
 
