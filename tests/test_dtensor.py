@@ -275,17 +275,24 @@ def _compiled(mesh: Any, rank: int) -> dict[str, Any]:
     not raised as elsewhere: dynamo's own probes of a tensor's ``.grad`` warn in C++ and silence
     that with a filter of their own, which an ``"error"`` filter overrides.
     """
+    return _own_inductor_cache(rank, lambda: _compiled_cases(mesh, rank))
+
+
+def _own_inductor_cache(rank: int, run: Any) -> Any:
+    """``run()`` with this rank's own inductor cache, as on separate hosts.
+
+    With one cache shared by the ranks of one host, torch 2.13 hands a rank the kernel compiled
+    for another rank's local shape when shards are uneven (6 samples on 4 ranks: a rank of 1
+    sample ran a kernel for 2 and crashed).
+    """
     import os
     import shutil
     import tempfile
 
-    # Each rank its own inductor cache, as on separate hosts: with one cache shared by the ranks of
-    # one host, torch 2.13 hands a rank the kernel compiled for another rank's local shape when
-    # shards are uneven (6 samples on 4 ranks: a rank of 1 sample ran a kernel for 2 and crashed)
     cache = tempfile.mkdtemp(prefix=f"spatialdrop-inductor-rank{rank}-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     try:
-        return _compiled_cases(mesh, rank)
+        return run()
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
@@ -406,6 +413,37 @@ def _filter_cases(mesh: Any, rank: int) -> dict[str, Any]:
     with sd.mask_context(step=KEY_STEP, sample_ids=torch.arange(5)):
         y = conv(distribute_tensor(x, mesh, [Shard(0)], src_data_rank=None))
         out["forward"] = (y.full_tensor().detach(), tuple(map(str, y.placements)), ref_conv(x).detach())
+
+    def compiled() -> dict[str, Any]:
+        # under torch.compile (default mode): keyed, output and weight gradient against the eager
+        # unsharded conv; unkeyed, the output of one call (inductor's own random stream)
+        res: dict[str, Any] = {}
+        for keyed in (True, False):
+            conv, _ = conv_with(Replicate(), keyed)
+            conv._forward_pre_hooks.popitem()
+            fast = torch.compile(conv)
+            dx = distribute_tensor(x, mesh, [Shard(0)], src_data_rank=None)
+            torch.manual_seed(RANK0_SEED + 1000 * rank)  # unkeyed: each rank its own stream
+            with sd.mask_context(step=KEY_STEP, sample_ids=torch.arange(5)):
+                y = fast(dx)
+            y.full_tensor().sum().backward()
+            grad = conv.parametrizations.weight.original.grad.full_tensor()
+            res[f"compiled-{keyed}"] = (y.full_tensor().detach(), grad)
+        ref, _ = conv_with(None, True)
+        ref._forward_pre_hooks.popitem()
+        with sd.mask_context(step=KEY_STEP, sample_ids=torch.arange(5)):
+            y = ref(x)
+        y.sum().backward()
+        res["eager-ref"] = (y.detach(), ref.parametrizations.weight.original.grad)
+        return res
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out.update(_own_inductor_cache(rank, compiled))
+    # torch's own import of inductor warns (a torch.jit deprecation): not a warning of ours
+    out["compiled-warnings"] = [
+        str(c.message) for c in caught if not issubclass(c.category, DeprecationWarning)
+    ]
     return out
 
 
@@ -637,6 +675,27 @@ def test_filter_dropout_with_dtensor_weights(results: Any, world: int) -> None:
     y, placements, ref = r["forward"]
     assert placements == ("S(0)",)
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)  # conv on a shard of the batch
+
+
+@pytest.mark.parametrize("world", _world_params())
+def test_filter_dropout_with_dtensor_weights_compiled(results: Any, world: int) -> None:
+    """A filter-dropout conv with Replicate DTensor weights under ``torch.compile``, on a
+    batch-sharded input: keyed, the eager unsharded conv's output and weight gradient; unkeyed,
+    one mask for the whole batch on every rank (the ranks' draws agree), neither none nor all."""
+    for rank in range(world):
+        r = _result(results(world), "filter", rank)
+        assert r["compiled-warnings"] == [], "a compiled call warned"
+        y_ref, g_ref = r["eager-ref"]
+        y, g = r["compiled-True"]
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5, msg=f"rank {rank}: output")
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5, msg=f"rank {rank}: weight grad")
+        dropped = y_ref.flatten(2).eq(0).all(2)  # (sample, filter): a dropped filter's channel is 0
+        assert torch.equal(y.flatten(2).eq(0).all(2), dropped), f"rank {rank}: keyed mask"
+        assert 0 < int(dropped[0].sum()) < dropped.shape[1]
+        y_u, _ = r["compiled-False"]
+        zero = y_u.flatten(2).eq(0).all(2)  # the samples of every rank's shard
+        assert (zero == zero[0]).all(), f"rank {rank}: unkeyed, the samples' filters differ"
+        assert 0 < int(zero[0].sum()) < zero.shape[1], f"rank {rank}: unkeyed, {zero[0].tolist()}"
 
 
 def test_the_table_covers_every_family() -> None:

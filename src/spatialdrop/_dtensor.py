@@ -158,7 +158,9 @@ def local_range(fn: str, x: DTensor, dim: int) -> tuple[int, int]:
                 f"a DTensor whose dim {dim} is split into ranges (Shard({dim}) or Replicate)",
                 Shown(f"a DTensor with placements {tuple(x.placements)}"),
             )
-    shape, offset = _geometry(tuple(x.shape), x.device_mesh, tuple(x.placements))
+    # under torch.compile the cache's own function: dynamo traces it (a cached call would warn)
+    geometry = _geometry.__wrapped__ if is_compiling() else _geometry
+    shape, offset = geometry(tuple(x.shape), x.device_mesh, tuple(x.placements))
     return offset[dim], shape[dim]
 
 
@@ -184,7 +186,8 @@ def shard_like(x: DTensor, local: Tensor, dims: Sequence[int]) -> DTensor:
     """
     from torch.distributed.tensor import DTensor
 
-    spec = _noise_spec(tuple(x.shape), x.device_mesh, tuple(x.placements), tuple(dims), local.dtype)
+    noise_spec = _noise_spec.__wrapped__ if is_compiling() else _noise_spec  # as in local_range
+    spec = noise_spec(tuple(x.shape), x.device_mesh, tuple(x.placements), tuple(dims), local.dtype)
     return DTensor(local, spec, requires_grad=False)
 
 

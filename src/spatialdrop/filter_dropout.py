@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._compat import is_compiling
-from ._dtensor import agree, check_placements, is_dtensor, local_range, plain_like, shard_like
+from ._dtensor import (
+    agree,
+    check_placements,
+    eager_under_compile,
+    is_dtensor,
+    local_range,
+    plain_like,
+    shard_like,
+)
 from ._keyed import keyed_keep
 from ._module import StructuredDropout
 from ._validation import Shown, check_p, check_scale_fits, fail
 from .keyed import MaskKey
 from .spatial_dropout import bernoulli_keep
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["FilterDropout", "filter_dropout", "remove_filter_dropout"]
 
@@ -43,11 +54,22 @@ def _draw_filter_mask(weight: Tensor, p: float, key: MaskKey | None) -> Tensor:
         if key is not None:
             mask = keyed_keep(key, p, (1, k), weight).view(k)
         elif is_dtensor(weight):  # the first rank's draw on every rank of the weight's mesh
-            mask = bernoulli_keep(plain_like(weight), (k,), p, None)
-            agree(weight.device_mesh, mask)
+            mask = _agreed_draw(weight, k, p)
         else:
             mask = bernoulli_keep(weight, (k,), p, None)
         return mask.div_(1.0 - p)
+
+
+@eager_under_compile
+def _agreed_draw(weight: DTensor, k: int, p: float) -> Tensor:
+    """The keep mask of ``k`` filters drawn on the mesh's first rank, the same on every rank.
+
+    Eager under ``torch.compile`` (a graph break), as every sharded draw: the broadcast and the
+    mesh's process groups are not traceable.
+    """
+    mask = bernoulli_keep(plain_like(weight), (k,), p, None)
+    agree(weight.device_mesh, mask)
+    return mask
 
 
 # The mask of the call in progress, per thread and per layer: {id(layer): mask}. Kept apart
