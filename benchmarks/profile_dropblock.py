@@ -75,61 +75,25 @@ def alternate(
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}, clean
 
 
-def in_step(multiply: Callable[[], None], ours: Callable[[], None], reps: int) -> dict[str, float]:
-    """Median thread CPU ms of the parts of ``ours`` (a whole per-channel fused call), alternated
-    with ``multiply``: the seed draw, the forward and backward sweeps, and the rest of the call."""
+def in_step(
+    multiply: Callable[[], None], ours: Callable[[], None], reps: int, modes: tuple[str, ...] = ("seeds",)
+) -> dict[str, dict[str, float]]:
+    """Median thread CPU ms of the parts of ``ours`` (a whole per-channel fused call), each mode
+    alternated with ``multiply`` and the other modes (two warm-up rounds first): the whole call,
+    the seed draw, the forward and backward sweeps, and the rest of the call.
+
+    Modes: ``"seeds"``, the call as it is; ``"no seeds"``, the drawn seeds dropped before the
+    sweeps (the same loop, no zero stores); ``"torch.mul"``, ``torch.mul(out=)`` in the sweeps'
+    place. ``multiply``'s whole call is under ``"x * 2.0"``.
+    """
+    real_draw, real_write = autograd.draw_sparse, fused.write
+    mode = [modes[0]]
     spans: dict[str, list[float]] = {"seeds": [], "sweeps": []}
-    real_draw, real_write = autograd.draw_sparse, fused.write
-
-    def timed(name: str, fn: Callable[..., object]) -> Callable[..., object]:
-        def call(*args: object, **kwargs: object) -> object:
-            start = time.thread_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spans[name].append(time.thread_time() - start)
-
-        return call
-
-    names = ("x * 2.0", "fused", "seeds", "forward sweep", "backward sweep")
-    rows: dict[str, list[float]] = {name: [] for name in names}
-    autograd.draw_sparse = timed("seeds", real_draw)  # type: ignore[assignment]
-    fused.write = timed("sweeps", real_write)  # type: ignore[assignment]
-    try:
-        for r in range(reps):
-            for name, fn in [("x * 2.0", multiply), ("fused", ours)][:: 1 if r % 2 else -1]:
-                for v in spans.values():
-                    v.clear()
-                start = time.thread_time()
-                fn()
-                rows[name].append(time.thread_time() - start)
-                if name == "fused":
-                    if len(spans["sweeps"]) != 2 or len(spans["seeds"]) != 1:
-                        raise RuntimeError("profile_dropblock: the call did not take the fused path")
-                    rows["seeds"].append(spans["seeds"][0])
-                    rows["forward sweep"].append(spans["sweeps"][0])
-                    rows["backward sweep"].append(spans["sweeps"][1])
-    finally:
-        autograd.draw_sparse, fused.write = real_draw, real_write  # type: ignore[assignment]
-    out = {name: statistics.median(v) * 1e3 for name, v in rows.items()}
-    out["rest"] = out["fused"] - out["seeds"] - out["forward sweep"] - out["backward sweep"]
-    return out
-
-
-def sweep_variants(
-    multiply: Callable[[], None], ours: Callable[[], None], reps: int
-) -> dict[str, tuple[float, ...]]:
-    """Whole-call, forward-sweep and backward-sweep medians (thread CPU ms) of ``ours`` as it is
-    ("seeds"), with the drawn seeds dropped before the sweeps ("no seeds": the multiply alone,
-    through the same call), and with ``torch.mul(out=)`` in the sweeps' place ("torch.mul"), all
-    alternated with ``multiply`` (whose whole call is given alone). Says which part of a sweep's
-    extra in a step is the zero stores and which the loop."""
-    real_draw, real_write = autograd.draw_sparse, fused.write
-    mode = ["seeds"]
-    spans: list[float] = []
 
     def draw(*args: Any, **kwargs: Any) -> Tensor:
+        start = time.thread_time()
         seeds = real_draw(*args, **kwargs)
+        spans["seeds"].append(time.thread_time() - start)
         return seeds if mode[0] == "seeds" else seeds[:0]
 
     def write(out: Tensor, src: Optional[Tensor], factor: Optional[float], seeds: Tensor, geo: Any) -> None:
@@ -142,33 +106,39 @@ def sweep_variants(
             else:
                 real_write(out, src, factor, seeds, geo)
         finally:
-            spans.append(time.thread_time() - start)
+            spans["sweeps"].append(time.thread_time() - start)
 
-    names = ["x * 2.0", "seeds", "no seeds", "torch.mul"]
-    whole: dict[str, list[float]] = {name: [] for name in names}
-    sweeps: dict[str, list[list[float]]] = {name: [[], []] for name in names[1:]}
+    names = ("x * 2.0", *modes)
+    parts = ("whole", "seeds", "forward sweep", "backward sweep")
+    rows: dict[str, dict[str, list[float]]] = {name: {part: [] for part in parts} for name in names}
     autograd.draw_sparse = draw  # type: ignore[assignment]
     fused.write = write  # type: ignore[assignment]
     try:
         for r in range(reps + 2):
             for name in names if r % 2 == 0 else names[::-1]:
                 mode[0] = name
-                spans.clear()
+                for v in spans.values():
+                    v.clear()
                 start = time.thread_time()
                 (multiply if name == "x * 2.0" else ours)()
                 if r < 2:  # warm-up rounds
                     continue
-                whole[name].append(time.thread_time() - start)
-                if name != "x * 2.0":
-                    if len(spans) != 2:
-                        raise RuntimeError("profile_dropblock: the call did not take the fused path")
-                    sweeps[name][0].append(spans[0])
-                    sweeps[name][1].append(spans[1])
+                rows[name]["whole"].append(time.thread_time() - start)
+                if name == "x * 2.0":
+                    continue
+                if len(spans["sweeps"]) != 2 or len(spans["seeds"]) != 1:
+                    raise RuntimeError("profile_dropblock: the call did not take the fused path")
+                rows[name]["seeds"].append(spans["seeds"][0])
+                rows[name]["forward sweep"].append(spans["sweeps"][0])
+                rows[name]["backward sweep"].append(spans["sweeps"][1])
     finally:
         autograd.draw_sparse, fused.write = real_draw, real_write  # type: ignore[assignment]
-    out = {"x * 2.0": (statistics.median(whole["x * 2.0"]) * 1e3,)}
-    for name in names[1:]:
-        out[name] = tuple(statistics.median(v) * 1e3 for v in (whole[name], *sweeps[name]))
+    out = {
+        name: {part: statistics.median(v) * 1e3 for part, v in row.items() if v} for name, row in rows.items()
+    }
+    for name in modes:
+        o = out[name]
+        o["rest"] = o["whole"] - o["seeds"] - o["forward sweep"] - o["backward sweep"]
     return out
 
 
@@ -264,17 +234,24 @@ def main(argv: list[str] | None = None) -> int:
         f"calls without fresh pages ({nb}, {nm}, {no} of {args.reps}): x * 2.0 {cb:.2f} ms, "
         f"fused {cm:.2f} ms ({cm / cb:.2f}x), torch ops {co:.2f} ms ({co / cb:.2f}x)"
     )
-    parts = in_step(multiply, ours, args.reps)
+    step = in_step(multiply, ours, args.reps)
+    base, parts = step["x * 2.0"]["whole"], step["seeds"]
     print(
-        f"\nin a step (alternated with x * 2.0, {parts['x * 2.0']:.2f} ms): fused {parts['fused']:.2f} ms = "
+        f"\nin a step (alternated with x * 2.0, {base:.2f} ms): fused {parts['whole']:.2f} ms = "
         f"seeds {parts['seeds']:.2f} + forward sweep {parts['forward sweep']:.2f} + backward sweep "
         f"{parts['backward sweep']:.2f} + the rest {parts['rest']:.2f}"
     )
-    variants = sweep_variants(multiply, ours, args.reps)
-    print(f"\nthe sweeps' variants in a step (alternated with x * 2.0, {variants['x * 2.0'][0]:.2f} ms):")
-    for name in ("seeds", "no seeds", "torch.mul"):
-        call, fwd, bwd = variants[name]
-        print(f"  {name}: whole call {call:.2f} ms, forward sweep {fwd:.2f}, backward sweep {bwd:.2f}")
+    modes = ("seeds", "no seeds", "torch.mul")
+    variants = in_step(multiply, ours, args.reps, modes)
+    print(
+        f"\nthe sweeps' variants in a step (alternated with x * 2.0, {variants['x * 2.0']['whole']:.2f} ms):"
+    )
+    for name in modes:
+        v = variants[name]
+        print(
+            f"  {name}: whole call {v['whole']:.2f} ms, forward sweep {v['forward sweep']:.2f}, "
+            f"backward sweep {v['backward sweep']:.2f}"
+        )
     return 0
 
 

@@ -275,11 +275,14 @@ def _compiled(mesh: Any, rank: int) -> dict[str, Any]:
     not raised as elsewhere: dynamo's own probes of a tensor's ``.grad`` warn in C++ and silence
     that with a filter of their own, which an ``"error"`` filter overrides.
     """
-    return _own_inductor_cache(rank, lambda: _compiled_cases(mesh, rank))
+    out, caught = _compiled_run(rank, lambda: _compiled_cases(mesh, rank))
+    out["warnings"] = caught
+    return out
 
 
-def _own_inductor_cache(rank: int, run: Any) -> Any:
-    """``run()`` with this rank's own inductor cache, as on separate hosts.
+def _compiled_run(rank: int, run: Any) -> tuple[Any, list[str]]:
+    """``run()`` with this rank's own inductor cache, as on separate hosts, and the warnings it
+    gave (all recorded, not raised: see :func:`_compiled`).
 
     With one cache shared by the ranks of one host, torch 2.13 hands a rank the kernel compiled
     for another rank's local shape when shards are uneven (6 samples on 4 ranks: a rank of 1
@@ -292,9 +295,13 @@ def _own_inductor_cache(rank: int, run: Any) -> Any:
     cache = tempfile.mkdtemp(prefix=f"spatialdrop-inductor-rank{rank}-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     try:
-        return run()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = run()
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    # torch's own import of inductor warns (a torch.jit deprecation): not a warning of ours
+    return result, [str(c.message) for c in caught if not issubclass(c.category, DeprecationWarning)]
 
 
 def _compiled_cases(mesh: Any, rank: int) -> dict[str, Any]:
@@ -323,23 +330,19 @@ def _compiled_cases(mesh: Any, rank: int) -> dict[str, Any]:
         return y.detach(), t.grad
 
     out: dict[str, Any] = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for name, layer in layers.items():
-            compiled = torch.compile(layer)
-            for keyed in (True, False):
-                sd.keyed_masks(layer, KEY_SEED if keyed else None)
-                for pl in (Shard(0), Shard(2), Replicate()) if keyed else (Shard(1),):
-                    dx = distribute_tensor(x, mesh, [pl], src_data_rank=None)
-                    dw = distribute_tensor(w, mesh, [pl], src_data_rank=None)
-                    torch.manual_seed(RANK0_SEED + 1000 * rank)
-                    got = step(compiled, dx, dw)
-                    torch.manual_seed(RANK0_SEED + 1000 * rank)
-                    want = step(layer, x, w) if keyed else step(layer, dx, dw)
-                    out[f"{name}-{keyed}-{pl}"] = (got, want)
-    # torch's own import of inductor warns (a torch.jit deprecation): not a warning of ours
+    for name, layer in layers.items():
+        compiled = torch.compile(layer)
+        for keyed in (True, False):
+            sd.keyed_masks(layer, KEY_SEED if keyed else None)
+            for pl in (Shard(0), Shard(2), Replicate()) if keyed else (Shard(1),):
+                dx = distribute_tensor(x, mesh, [pl], src_data_rank=None)
+                dw = distribute_tensor(w, mesh, [pl], src_data_rank=None)
+                torch.manual_seed(RANK0_SEED + 1000 * rank)
+                got = step(compiled, dx, dw)
+                torch.manual_seed(RANK0_SEED + 1000 * rank)
+                want = step(layer, x, w) if keyed else step(layer, dx, dw)
+                out[f"{name}-{keyed}-{pl}"] = (got, want)
     out["x"] = x
-    out["warnings"] = [str(c.message) for c in caught if not issubclass(c.category, DeprecationWarning)]
     return out
 
 
@@ -437,13 +440,8 @@ def _filter_cases(mesh: Any, rank: int) -> dict[str, Any]:
         res["eager-ref"] = (y.detach(), ref.parametrizations.weight.original.grad)
         return res
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out.update(_own_inductor_cache(rank, compiled))
-    # torch's own import of inductor warns (a torch.jit deprecation): not a warning of ours
-    out["compiled-warnings"] = [
-        str(c.message) for c in caught if not issubclass(c.category, DeprecationWarning)
-    ]
+    res, out["compiled-warnings"] = _compiled_run(rank, compiled)
+    out.update(res)
     return out
 
 

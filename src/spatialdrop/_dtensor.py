@@ -158,13 +158,26 @@ def local_range(fn: str, x: DTensor, dim: int) -> tuple[int, int]:
                 f"a DTensor whose dim {dim} is split into ranges (Shard({dim}) or Replicate)",
                 Shown(f"a DTensor with placements {tuple(x.placements)}"),
             )
-    # under torch.compile the cache's own function: dynamo traces it (a cached call would warn)
-    geometry = _geometry.__wrapped__ if is_compiling() else _geometry
-    shape, offset = geometry(tuple(x.shape), x.device_mesh, tuple(x.placements))
+    shape, offset = _geometry(tuple(x.shape), x.device_mesh, tuple(x.placements))
     return offset[dim], shape[dim]
 
 
-@functools.lru_cache(maxsize=256)
+def _cached(fn: F) -> F:
+    """``fn`` behind an LRU cache of 256 calls, and uncached under ``torch.compile``.
+
+    Dynamo traces the function itself either way (it ignores the cache), and warns when it meets
+    a cached call; the layout lookups below are traced when a DTensor's arithmetic is compiled.
+    """
+    cached = functools.lru_cache(maxsize=256)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        return fn(*args) if is_compiling() else cached(*args)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_cached
 def _geometry(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> tuple[list[int], list[int]]:
     """This rank's local shape and global offsets (one spec lookup per layout: it costs ~70 us)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -186,12 +199,11 @@ def shard_like(x: DTensor, local: Tensor, dims: Sequence[int]) -> DTensor:
     """
     from torch.distributed.tensor import DTensor
 
-    noise_spec = _noise_spec.__wrapped__ if is_compiling() else _noise_spec  # as in local_range
-    spec = noise_spec(tuple(x.shape), x.device_mesh, tuple(x.placements), tuple(dims), local.dtype)
+    spec = _noise_spec(tuple(x.shape), x.device_mesh, tuple(x.placements), tuple(dims), local.dtype)
     return DTensor(local, spec, requires_grad=False)
 
 
-@functools.lru_cache(maxsize=256)
+@_cached
 def _noise_spec(
     shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...], dims: tuple[int, ...], dtype: torch.dtype
 ) -> Any:
