@@ -11,7 +11,7 @@ of the clean ones.
 
     PYTHONPATH=src python benchmarks/page_faults.py [--repeats 81] [--seed 0] [--3d]
 
-What it showed on the 2-core machine of BENCHMARKS.md: the count of faulting calls swings from
+What it showed on the 2-core machine of docs/performance.md: the count of faulting calls swings from
 run to run (4 to 81 of 81), and an op that keeps a tensor of some 80 kB until its backward gets
 fresh pages in more calls than one that keeps none (glibc consolidates and trims its heap when
 a chunk of 64 kB or more is freed), ``drop_block`` as often as the multiply that saves the same

@@ -1,4 +1,6 @@
-"""Every ```python block of README.md runs as written, each on its own (a reader can paste it)."""
+"""Every ```python block of README.md and of the documentation (docs/**/*.md) runs as written,
+each on its own (a reader can paste it). Blocks that cannot run here (timm, Lightning) use a
+```text fence."""
 
 from __future__ import annotations
 
@@ -8,25 +10,35 @@ from pathlib import Path
 import pytest
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
-def _blocks() -> list[tuple[int, str]]:
-    text = README.read_text(encoding="utf-8")
+def _blocks(path: Path) -> list[tuple[int, str]]:
+    text = path.read_text(encoding="utf-8")
     return [(text.count("\n", 0, m.start()) + 1, m.group(1)) for m in FENCE.finditer(text)]
 
 
+BLOCKS = [(path.relative_to(ROOT).as_posix(), line, code) for path in PAGES for line, code in _blocks(path)]
+
+
 def test_the_readme_has_python_blocks() -> None:
-    assert len(_blocks()) >= 4
+    # the usage example and the one-call conversion
+    assert len(_blocks(README)) >= 2
 
 
-@pytest.mark.parametrize(("line", "code"), _blocks(), ids=[f"line{line}" for line, _ in _blocks()])
-def test_readme_block_runs(line: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_docs_have_python_blocks() -> None:
+    assert len(BLOCKS) - len(_blocks(README)) >= 4
+
+
+@pytest.mark.parametrize(("page", "line", "code"), BLOCKS, ids=[f"{p}:{line}" for p, line, _ in BLOCKS])
+def test_block_runs(page: str, line: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # blocks that save files write them here
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     try:
-        exec(compile(code, f"README.md, block at line {line}", "exec"), {"__name__": "__main__"})
+        exec(compile(code, f"{page}, block at line {line}", "exec"), {"__name__": "__main__"})
     finally:
         torch.set_num_threads(threads)

@@ -89,7 +89,7 @@ def gaussian_spatial_dropout(
     A :class:`~torch.distributed.tensor.DTensor` input (``Shard`` of any dim or ``Replicate``;
     ``Partial`` is refused) gives a DTensor with its placements: keyed, with one id per sample of
     the *global* batch, the unsharded call's bits; unkeyed, the unsharded call's under the first
-    rank's generator (one broadcast of the noise table): README, "Beyond one machine".
+    rank's generator (one broadcast of the noise table): `docs/guide/keyed.md`.
 
     Args:
         input: a floating-point tensor with at least 3 dims, dim 0 the batch.

@@ -222,7 +222,7 @@ class FusedFunction(torch.autograd.Function):
 
     In a training step on a 25 MB activation the Python around the two sweeps costs about twice
     what it costs on a small one (the sweeps leave the caches cold): each call and temporary
-    avoided here is worth that twice (BENCHMARKS.md, "the memory limit").
+    avoided here is worth that twice (docs/archive/benchmarks-history.md, "the memory limit").
     """
 
     @staticmethod

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(sphere, cube, cylinder, torus, cone) with random pose, for the 3-D layers.",
             "Given --seed and --threads, a run repeats its numbers exactly on the same machine with "
             "the same torch build; another CPU or torch build may change the last digits. The "
-            "default run trains 20 models (digits) and takes minutes; README.md gives measured times.",
+            "default run trains 20 models (digits) and takes minutes (times: docs/performance.md).",
         ),
     )
     demo.add_argument("--data", choices=("digits", "volumes"), default="digits", help="the data set")
