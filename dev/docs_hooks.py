@@ -1,4 +1,4 @@
-"""MkDocs hook: the example gallery, executed at build time (mkdocs.yml, ``hooks:``).
+"""MkDocs hooks (mkdocs.yml, ``hooks:``): the example gallery, executed at build time.
 
 A gallery page (``docs/gallery/*.md``) holds a line ``<!-- example: examples/NAME.py -->``. At
 build time the hook runs that script with the command its docstring gives (the first indented
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# Sphinx roles in the docstrings (":func:`x`"): Markdown shows the role's name; keep the code only
+ROLE = re.compile(r":(?:func|class|meth|attr|mod|data|obj):(?=<code>)")
 MARKER = re.compile(r"^<!-- example: (examples/[\w.-]+\.py) -->$", re.MULTILINE)
 COMMAND = re.compile(r"^\s+((?:python|torchrun) .+)$", re.MULTILINE)
 TIMEOUT_S = 300
@@ -91,3 +93,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         return _cache[rel]
 
     return MARKER.sub(expand, markdown)
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    """Drop the Sphinx role names that the docstrings carry before their code spans."""
+    return ROLE.sub("", html)
