@@ -34,7 +34,7 @@ log = logging.getLogger("mkdocs.hooks.gallery")
 
 
 def _fail(message: str) -> Exception:
-    """The error that stops the build: mkdocs' PluginError (RuntimeError where mkdocs is absent, as in tests)."""
+    """The error that stops the build: mkdocs' PluginError (RuntimeError without mkdocs, as in tests)."""
     try:
         from mkdocs.exceptions import PluginError
     except ImportError:

@@ -57,8 +57,12 @@ def pages(site: Path) -> list[str]:
 
 
 def check_page(page: Page, url: str) -> list[str]:
+    """Load one page; return what went wrong (console errors, failed requests, broken images)."""
     errors: list[str] = []
-    page.on("console", lambda msg: errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.on(
+        "console",
+        lambda msg: errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None,
+    )
     page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
     page.on("requestfailed", lambda req: errors.append(f"request failed: {req.url} ({req.failure})"))
     page.on("response", lambda r: errors.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
@@ -94,6 +98,7 @@ def check_search(page: Page, base: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve the site, check every page and the search; 0 when all passed, else 1."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("site", type=Path, help="the built site (mkdocs build --site-dir)")
     parser.add_argument("--screenshots", type=Path, help="write a full-page PNG of each page here")

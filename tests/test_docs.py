@@ -34,12 +34,17 @@ def _public_names() -> set[str]:
 
 
 def _api_entries() -> dict[str, str]:
-    return {m.group(1): page.name for page in (DOCS / "api").glob("*.md") for m in ENTRY.finditer(page.read_text())}
+    return {
+        m.group(1): page.name
+        for page in (DOCS / "api").glob("*.md")
+        for m in ENTRY.finditer(page.read_text())
+    }
 
 
 def test_every_public_name_has_an_api_entry() -> None:
     names = _public_names()
-    assert "spatialdrop.DropBlock2d" in names and "spatialdrop.functional.drop_block" in names
+    assert "spatialdrop.DropBlock2d" in names
+    assert "spatialdrop.functional.drop_block" in names
     missing = sorted(names - set(_api_entries()))
     assert not missing, f"no '::: NAME' entry in docs/api/*.md for {missing}"
 
@@ -67,7 +72,8 @@ def test_every_docs_page_is_in_the_nav() -> None:
 
 def _hooks() -> types.ModuleType:
     spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "dev" / "docs_hooks.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -75,7 +81,11 @@ def _hooks() -> types.ModuleType:
 
 def test_every_example_has_a_gallery_page_that_runs_it() -> None:
     hooks = _hooks()
-    marked = {m.group(1) for page in (DOCS / "gallery").glob("*.md") for m in hooks.MARKER.finditer(page.read_text())}
+    marked = {
+        m.group(1)
+        for page in (DOCS / "gallery").glob("*.md")
+        for m in hooks.MARKER.finditer(page.read_text())
+    }
     examples = {p.relative_to(ROOT).as_posix() for p in (ROOT / "examples").glob("*.py")}
     assert examples == marked
     for rel in examples:
@@ -86,7 +96,7 @@ def test_every_example_has_a_gallery_page_that_runs_it() -> None:
 def test_the_gallery_hook_refuses_an_example_without_a_command(tmp_path: Path) -> None:
     script = tmp_path / "x.py"
     script.write_text('"""No command here."""\n')
-    with pytest.raises(Exception, match="gives no indented 'python ...'"):
+    with pytest.raises(Exception, match=r"gives no indented 'python \.\.\.'"):
         _hooks().example_command(script)
 
 
@@ -99,7 +109,9 @@ def _prose(path: Path) -> list[str]:
     return [p for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
-@pytest.mark.parametrize("path", [README, *sorted(DOCS.rglob("*.md"))], ids=lambda p: p.relative_to(ROOT).as_posix())
+@pytest.mark.parametrize(
+    "path", [README, *sorted(DOCS.rglob("*.md"))], ids=lambda p: p.relative_to(ROOT).as_posix()
+)
 def test_no_figure_reads_as_a_changelog(path: Path) -> None:
     # each figure is stated once, with its date: never "an earlier run", never "now 0.3 %"
     for paragraph in _prose(path):
@@ -119,7 +131,10 @@ def test_the_readme_is_short_and_starts_with_the_set_up() -> None:
     text = README.read_text(encoding="utf-8")
     assert len(text.split()) <= 1500
     first_screen = "\n".join(text.splitlines()[:40])
-    demo = 'python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e ".[demo]" && .venv/bin/spatialdrop demo'
+    demo = (
+        'python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e ".[demo]"'
+        " && .venv/bin/spatialdrop demo"
+    )
     assert demo in first_screen
     assert "\nbash dev/test.sh\n" in first_screen
     assert "bash dev/docs.sh" in text
@@ -129,7 +144,9 @@ def test_the_readme_is_short_and_starts_with_the_set_up() -> None:
 def test_the_readme_links_to_files_or_to_pages_of_the_site() -> None:
     # a docs page listed in mkdocs.yml's nav exists wherever the strict build passes
     nav = {f"docs/{page}" for page in _nav_pages()}
-    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", CODE.sub("", README.read_text(encoding="utf-8"))):
+    for target in re.findall(
+        r"\]\(([^)#\s]+)(?:#[^)]*)?\)", CODE.sub("", README.read_text(encoding="utf-8"))
+    ):
         if target.startswith(("http://", "https://")):
             continue
         assert (ROOT / target).exists() or target in nav, target
