@@ -103,6 +103,20 @@ def test_the_gallery_hook_refuses_an_example_without_a_command(tmp_path: Path) -
 CODE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 
 
+def test_the_gallery_hook_embeds_the_output_and_fails_with_a_failing_example(tmp_path: Path) -> None:
+    hooks = _hooks()
+    for name, body, status in (("ok.py", "print('hello from the example')", 0), ("bad.py", "sys.exit(3)", 3)):
+        script = tmp_path / name
+        script.write_text(f'"""Run it with::\n\n    python {script}\n"""\nimport sys\n{body}\n')
+        if status == 0:
+            markdown = hooks.run_example(str(script))
+            assert "```python\n" in markdown
+            assert "hello from the example" in markdown
+        else:
+            with pytest.raises(Exception, match="exited with status 3"):
+                hooks.run_example(str(script))
+
+
 def _prose(path: Path) -> list[str]:
     """The paragraphs of a Markdown file outside its code blocks (which quote program output)."""
     text = CODE.sub("", path.read_text(encoding="utf-8"))
