@@ -317,7 +317,7 @@ def test_dash_dash_p_is_the_long_form_of_p(
     monkeypatch.setattr(demo, "run_demo", lambda settings, *a, **k: seen.append(settings.p) or 0)
     monkeypatch.setattr(bench, "run_bench", lambda **k: seen.append(k["p"]) or 0)
     monkeypatch.setattr(show, "run_show", lambda **k: seen.append(k["p"]) or 0)
-    out = tmp_path / ("d" if command == "demo" else "o.png")
+    out = tmp_path / {"demo": "d", "bench": "o.txt", "show": "o.png"}[command]
     assert main([command, "--p", "0.25", "--out", str(out)]) == 0
     assert main([command, "-p", "0.3", "--out", str(out)]) == 0
     assert seen == [0.25, 0.3]  # not --panels, not an error
@@ -483,3 +483,331 @@ def test_no_progress_needs_no_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
         bar.reset()
     with pytest.raises(_optional.MissingDependency, match="needs tqdm, which is not installed"):
         _optional.progress("bench", total=3, desc="d", enabled=True)
+
+
+# --- the bad-input table: every command, each refused at once, before any work -------------------
+
+
+def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_work(*args: Any, **kwargs: Any) -> int:
+        raise AssertionError("computed before checking the command line")
+
+    monkeypatch.setattr(demo, "run_demo", no_work)
+    monkeypatch.setattr(bench, "run_bench", no_work)
+    monkeypatch.setattr(show, "run_show", no_work)
+
+
+def _folder_named(tmp_path: Path, name: str) -> str:
+    (tmp_path / name).mkdir(parents=True)
+    return str(tmp_path / name)
+
+
+def _demo_out_holding_a_folder(tmp_path: Path, name: str) -> str:
+    (tmp_path / "d" / name).mkdir(parents=True)
+    return str(tmp_path / "d")
+
+
+def _link(tmp_path: Path, name: str, target: str) -> str:
+    (tmp_path / name).symlink_to(target)
+    return str(tmp_path / name)
+
+
+# (command and options, a function of tmp_path giving --out, what the one line says)
+BAD_INPUTS: dict[str, tuple[list[str], Any, str]] = {
+    "demo: figure.png in --out is a folder": (
+        ["demo", "--force"],
+        lambda t: _demo_out_holding_a_folder(t, "figure.png"),
+        "figure.png is a folder, expected a file name",
+    ),
+    "demo: results.json in --out is a folder": (
+        ["demo", "--force"],
+        lambda t: _demo_out_holding_a_folder(t, "results.json"),
+        "results.json is a folder, expected a file name",
+    ),
+    "bench: --out is a folder": (["bench", "--force"], lambda t: _folder_named(t, "b.txt"), "is a folder"),
+    "show: --out is a folder": (["show", "--force"], lambda t: _folder_named(t, "s.png"), "is a folder"),
+    "show: --out links to a folder": (
+        ["show", "--force"],
+        lambda t: _link(t, "l.png", _folder_named(t, "f.png")),
+        "is a folder",
+    ),
+    "show: --out is a link loop": (
+        ["show", "--force"],
+        lambda t: _link(t, "loop.png", str(t / "loop.png")),
+        "cannot be followed",
+    ),
+    "bench: --out /dev/null": (["bench", "--force"], lambda t: "/dev/null", "is not a regular file"),
+    "show: --out /dev/null": (["show", "--force"], lambda t: "/dev/null", "is not a regular file"),
+    "demo: --out /dev/null": (["demo", "--force"], lambda t: "/dev/null", "exists and is not a folder"),
+    "demo: --out ''": (["demo"], lambda t: "", "argument --out: must be a file or folder name, got ''"),
+    "bench: --out ''": (["bench"], lambda t: "", "argument --out: must be a file or folder name, got ''"),
+    "show: --out ''": (["show"], lambda t: "", "argument --out: must be a file or folder name, got ''"),
+    "show: a huge --size": (
+        ["show", "--size", "100000"],
+        lambda t: str(t / "m.png"),
+        "argument --size: must be an int in [1, 512]",
+    ),
+    "bench: a suffix naming another format": (
+        ["bench", "--format", "json"],
+        lambda t: str(t / "b.md"),
+        "the suffix '.md' means --format markdown, not json",
+    ),
+    "show: a suffix naming another format": (
+        ["show", "--format", "pdf"],
+        lambda t: str(t / "m.png"),
+        "the suffix '.png' means --format png, not pdf",
+    ),
+    "bench: a suffix naming no format": (["bench"], lambda t: str(t / "b.log"), "cannot write a '.log' file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_at_once_with_one_line_and_writes_nothing(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _no_work(monkeypatch)
+    options, out, message = BAD_INPUTS[case]
+    argv = [*options, "--out", out(tmp_path)]
+    before = sorted(tmp_path.rglob("*"))
+    started = time.perf_counter()
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse: its usage, then the one line naming the option
+        code = exc.code  # type: ignore[assignment]
+    assert code == 2
+    assert time.perf_counter() - started < 2.0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("spatialdrop"), err
+    assert message in last, err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, nothing replaced
+
+
+def test_force_writes_through_a_symbolic_link(tmp_path: Path) -> None:
+    target = tmp_path / "t.png"
+    target.write_text("old")
+    link = tmp_path / "l.png"
+    link.symlink_to(target)
+    argv = ["show", "--size", "8", "--block-size", "3", "--panels", "masks", "--no-progress", "--force"]
+    assert main([*argv, "--out", str(link)]) == 0
+    assert link.is_symlink()  # still the link, and its target got the image
+    assert target.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.png", "t.png"]
+
+
+def test_write_all_replaces_every_file_or_none(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("old a")
+    b.write_text("old b")
+
+    def fail(tmp: Path) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _io.write_all({a: lambda tmp: tmp.write_text("new a"), b: fail})
+    assert (a.read_text(), b.read_text()) == ("old a", "old b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+    _io.write_all({a: lambda tmp: tmp.write_text("new a"), b: lambda tmp: tmp.write_text("new b")})
+    assert (a.read_text(), b.read_text()) == ("new a", "new b")
+
+
+def test_write_new_never_replaces_an_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.partial.md"
+    assert _io.write_new(path, "first") == path
+    assert _io.write_new(path, "second") == tmp_path / "x.partial-2.md"
+    assert _io.write_new(path, "third") == tmp_path / "x.partial-3.md"
+    assert path.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.partial-2.md", "x.partial-3.md", "x.partial.md"]
+
+
+# --- one rule for the output format of every command ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "fmt"),
+    [
+        (["bench", "--out", "r.md"], "markdown"),
+        (["bench", "--out", "r.MARKDOWN"], "markdown"),
+        (["bench", "--out", "r.json"], "json"),
+        (["bench", "--out", "r.csv"], "csv"),
+        (["bench", "--out", "r.txt"], "table"),
+        (["bench", "--out", "r"], "table"),
+        (["bench", "--out", "r", "--format", "csv"], "csv"),
+        (["bench", "--out", "r.md", "--format", "markdown"], "markdown"),
+        (["bench", "--out", "r.log", "--format", "json"], "json"),
+        (["bench", "--format", "json"], "json"),
+        (["show", "--out", "m.pdf"], "pdf"),
+        (["show", "--out", "m"], "png"),
+        (["show", "--out", "m", "--format", "svg"], "svg"),
+        (["show", "--out", "m.fig", "--format", "jpeg"], "jpeg"),
+    ],
+)
+def test_the_suffix_of_out_chooses_the_format_unless_format_is_given(
+    argv: list[str], fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    monkeypatch.setattr(bench, "run_bench", lambda **k: seen.append(k["fmt"]) or 0)
+    monkeypatch.setattr(show, "run_show", lambda **k: seen.append(k["fmt"]) or 0)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 0
+    assert seen == [fmt]
+
+
+# --- after the work started: no traceback; SIGTERM ends as Ctrl-C does -----------------------------
+
+
+def test_a_failure_after_the_work_started_is_one_line_without_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise IsADirectoryError(21, "Is a directory", "figure.png")
+
+    monkeypatch.setattr(show, "rate_map", broken)
+    out = tmp_path / "m.png"
+    argv = ["show", "--size", "8", "--block-size", "3", "--panels", "rates", "--no-progress"]
+    monkeypatch.setattr(show, "rate_layers", lambda p, b: [("ours", lambda x: x)])
+    monkeypatch.setattr(show, "_refusal", broken)  # the panel's own note fails too
+    assert main([*argv, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == "spatialdrop show: failed: IsADirectoryError: [Errno 21] Is a directory: 'figure.png'\n"
+    assert not out.exists()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc")
+def test_sigterm_stops_the_demo_and_its_workers_like_ctrl_c(tmp_path: Path) -> None:
+    src = str(Path(spatialdrop.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    argv = ["demo", "--quick", "--epochs", "500", "--seeds", "1", "--mc-samples", "2", "--jobs", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spatialdrop", *argv, "--no-progress", "--out", str(tmp_path / "d")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        workers: list[int] = []
+        deadline = time.monotonic() + 240
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            workers = [
+                c
+                for c in _children(proc.pid)
+                if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ")
+            ]
+        assert len(workers) == 2, proc.stderr.read() if proc.poll() is not None else "no workers"
+        time.sleep(1.0)
+        proc.send_signal(15)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert err.startswith("spatialdrop demo: terminated after "), err
+    assert err.count("\n") == 1, err  # one line: no traceback, no leaked-semaphore warning
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)
+    assert not (tmp_path / "d").exists() or list((tmp_path / "d").iterdir()) == []
+
+
+# --- errors come before the torch import -----------------------------------------------------------
+
+
+def _script(code: str) -> subprocess.CompletedProcess[str]:
+    src = str(Path(spatialdrop.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--quik"],
+        ["show", "--size", "100000"],
+        ["demo", "--out", ""],
+        ["bench", "--out", "/dev/null", "--force"],
+        ["bench", "--out", "/dev/stdout", "--force"],  # a pipe here
+        ["show", "--out", "x.gif"],
+    ],
+)
+def test_the_script_refuses_bad_input_before_importing_torch(argv: list[str]) -> None:
+    done = _script(
+        "import sys, spatialdrop_cli\n"
+        "try:\n"
+        f"    code = spatialdrop_cli.main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "print(code, 'torch' in sys.modules)\n"
+    )
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_script_imports_the_library_once_the_command_line_is_checked(tmp_path: Path) -> None:
+    out = tmp_path / "m.png"
+    argv = [
+        "show",
+        "--size",
+        "8",
+        "--block-size",
+        "3",
+        "--panels",
+        "masks",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    done = _script(
+        f"import spatialdrop_cli, spatialdrop\nprint(spatialdrop_cli.main({argv!r}), spatialdrop.__version__)"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["0", spatialdrop.__version__]
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+# --- the models run of dev/test.sh (-p no:doctest) reads the project's pytest settings cleanly -----
+
+
+def test_the_run_without_the_doctest_plugin_warns_of_no_unknown_option(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n")
+    done = subprocess.run(
+        [
+            *(
+                sys.executable,
+                "-m",
+                "pytest",
+                "-p",
+                "no:doctest",
+                "-o",
+                "addopts=-ra",
+                "-p",
+                "no:cacheprovider",
+            ),
+            *("-c", str(root / "pyproject.toml"), "--rootdir", str(tmp_path), str(tmp_path / "test_one.py")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Unknown config option" not in done.stdout + done.stderr
+    assert "1 passed" in done.stdout

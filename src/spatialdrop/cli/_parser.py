@@ -1,7 +1,9 @@
 """The argument parser of the ``spatialdrop`` command, and the dispatch to its commands.
 
-Every command checks its ``--out`` before it computes anything (:mod:`._io`); the help texts
-state the defaults that the code uses (they are built from the same constants).
+Every command checks its options and its ``--out`` before it computes anything (:mod:`._io`),
+and before it imports torch: this module and the ones it imports at the top do not, so that a
+mistyped option fails at once. The help texts state the defaults that the code uses (they are
+built from the same constants).
 """
 
 from __future__ import annotations
@@ -14,13 +16,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from spatialdrop import __version__
+from ._io import check_file, check_folder, output_format
+from ._options import BENCH_FORMATS, DEFAULT_REPEATS, DEMO_FILES, IMAGE_FORMATS, MAX_SIZE, SUITES
 
-from ._io import check_file, check_folder
-
-__all__ = ["MAX_SEED", "PROG", "build_parser", "unrecognized"]
+__all__ = ["LOAD_LIBRARY", "MAX_SEED", "PROG", "build_parser", "load_library", "unrecognized"]
 
 PROG = "spatialdrop"
+# set by the ``spatialdrop`` script (:mod:`spatialdrop_cli`), which defers ``import spatialdrop``
+# (and torch) until the command line has been checked
+LOAD_LIBRARY: Callable[[], None] | None = None
+
+
+def load_library() -> None:
+    """Finish the import of the library if the script deferred it; call before importing torch."""
+    if LOAD_LIBRARY is not None:
+        LOAD_LIBRARY()
+
 # torch's generators take seeds up to 2**64 - 1; the demo adds 1000 per run to the base seed
 MAX_SEED = 2**63 - 1
 
@@ -37,6 +48,32 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
     parse.__name__ = f"int >= {minimum}"
     return parse
+
+
+def _int_in(minimum: int, maximum: int, why: str = "") -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        allowed = f"an int in [{minimum}, {maximum}]{why}"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if not minimum <= value <= maximum:
+            shown = text if len(text) <= 30 else text[:27] + "..."
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {shown!r}")
+        return value
+
+    parse.__name__ = f"int in [{minimum}, {maximum}]"
+    return parse
+
+
+def _path(text: str) -> Path:
+    # Path("") is ".": an empty --out would quietly mean the current folder
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a file or folder name, got {text!r}")
+    return Path(text)
+
+
+_path.__name__ = "path"
 
 
 def _seed(text: str) -> int:
@@ -134,7 +171,7 @@ def _per_data(field: str) -> str:
 
     E.g. ``"default: 150 for digits, 50 for volumes; with --quick 25 and 10"``.
     """
-    from .demo_train import make_settings
+    from .demo_settings import make_settings
 
     def text(quick: bool) -> str:
         digits, volumes = (getattr(make_settings(d, quick), field) for d in ("digits", "volumes"))
@@ -146,6 +183,24 @@ def _per_data(field: str) -> str:
     return f"default: {full}" if full == quick else f"default: {full}; with --quick {quick}"
 
 
+def _suffixes(formats: dict[str, str]) -> str:
+    return ", ".join(f"{suffix} {fmt}" for suffix, fmt in formats.items())
+
+
+class _Version(argparse.Action):
+    """``--version``: imports the library (and torch) only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=str(kwargs["help"]))
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> NoReturn:
+        load_library()
+        from spatialdrop import __version__
+
+        print(f"{PROG} {__version__}")
+        parser.exit()
+
+
 def _force(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--force", action="store_true", help=f"overwrite {what} (without it, an existing one is refused)"
@@ -154,9 +209,6 @@ def _force(parser: argparse.ArgumentParser, what: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``spatialdrop`` command and its subcommands."""
-    from .bench import DEFAULT_REPEATS
-    from .bench_cases import SUITES
-
     parser = argparse.ArgumentParser(
         prog=PROG,
         allow_abbrev=False,
@@ -164,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Structured dropout for PyTorch: see it work (demo), time it (bench), look at it (show).",
         epilog='The commands need the optional dependencies: pip install "spatialdrop[demo]"',
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="{demo,bench,show}")
 
     demo = sub.add_parser(
@@ -188,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--data", choices=("digits", "volumes"), default="digits", help="the data set")
     demo.add_argument(
-        "--out", type=Path, default=Path("spatialdrop-demo"), help="output folder (created if missing)"
+        "--out", type=_path, default=Path("spatialdrop-demo"), help="output folder (created if missing)"
     )
     _force(demo, "results.json and figure.png in --out")
     demo.add_argument("--quick", action="store_true", help="fewer seeds and epochs: a smoke run")
@@ -258,9 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
         "p 0.1 and 0.3 whatever -p says); keyed: keyed vs unkeyed masks",
     )
     bench.add_argument(
-        "--format", choices=("table", "markdown", "json", "csv"), default="table", help="output format"
+        "--format",
+        choices=tuple(dict.fromkeys(BENCH_FORMATS.values())),
+        default=None,
+        help=f"output format (default: the one the suffix of --out names, {_suffixes(BENCH_FORMATS)}; "
+        "table without a suffix; a suffix naming another format is refused)",
     )
-    bench.add_argument("--out", type=Path, default=None, help="write to this file instead of stdout")
+    bench.add_argument("--out", type=_path, default=None, help="write to this file instead of stdout")
     _force(bench, "--out")
     bench.add_argument("--quick", action="store_true", help="small shapes and few repeats: a smoke run")
     bench.add_argument(
@@ -299,18 +355,30 @@ def build_parser() -> argparse.ArgumentParser:
             "Draw one sample mask of each layer on a --size map (dropped = dark), the per-position "
             "drop rate over many draws of our DropBlock and of torchvision's and timm's when "
             "installed (the calibration picture), and a 3-D DropBlock mask as slices. The image is "
-            "written to exactly the --out path, in the format its suffix names: .png, .pdf, .svg, "
-            ".jpg or .jpeg (PNG without a suffix)."
+            "written to exactly the --out path (a symbolic link: to its target), in the format its "
+            "suffix names: .png, .pdf, .svg, .jpg or .jpeg (PNG without a suffix; --format for another "
+            "suffix; a suffix naming another format than --format is refused)."
         ),
     )
     show.add_argument(
         "--out",
-        type=Path,
+        type=_path,
         default=Path("spatialdrop-masks.png"),
         help="the image to write (.png, .pdf, .svg, .jpg)",
     )
+    show.add_argument(
+        "--format",
+        choices=tuple(dict.fromkeys(IMAGE_FORMATS.values())),
+        default=None,
+        help="image format (default: the one the suffix of --out names; png without a suffix)",
+    )
     _force(show, "--out")
-    show.add_argument("--size", type=_int_at_least(1), default=28, help="side of the square map")
+    show.add_argument(
+        "--size",
+        type=_int_in(1, MAX_SIZE, " (a larger map has more elements than the image has pixels)"),
+        default=28,
+        help=f"side of the square map, at most {MAX_SIZE}",
+    )
     show.add_argument("--block-size", type=_int_at_least(1), default=7, help="DropBlock block size")
     show.add_argument("-p", "--p", type=_probability, default=0.1, help="drop probability")
     show.add_argument(
@@ -329,10 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .demo import OUTPUT_FILES, run_demo
-    from .demo_train import make_settings
+    from .demo_settings import make_settings
 
-    check_folder(args.out, OUTPUT_FILES, force=args.force, what=f"{PROG} demo --out")
+    check_folder(args.out, DEMO_FILES, force=args.force, what=f"{PROG} demo --out")
     settings = make_settings(
         args.data,
         args.quick,
@@ -345,19 +412,24 @@ def _demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
         jobs=args.jobs,
         threads=args.threads,
     )
+    load_library()
+    from .demo import run_demo  # torch: after every check
+
     command = " ".join([PROG, *argv])
     return run_demo(settings, args.out, show_progress=not args.no_progress, command=command)
 
 
 def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .bench import run_bench
+    what = f"{PROG} bench --out"
+    out = None if args.out is None else check_file(args.out, force=args.force, what=what)
+    fmt = output_format(args.out, args.format, BENCH_FORMATS, "table", what)
+    load_library()
+    from .bench import run_bench  # torch: after every check
 
-    if args.out is not None:
-        check_file(args.out, force=args.force, what=f"{PROG} bench --out")
     return run_bench(
         suite=args.suite,
-        fmt=args.format,
-        out=args.out,
+        fmt=fmt,
+        out=out,
         quick=args.quick,
         repeats=args.repeats,
         threads=args.threads,
@@ -371,13 +443,15 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _show(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .show import check_settings, image_format, run_show
+    what = f"{PROG} show --out"
+    out = check_file(args.out, force=args.force, what=what)
+    fmt = output_format(args.out, args.format, IMAGE_FORMATS, "png", what)
+    load_library()
+    from .show import check_settings, run_show  # torch: after the checks of the options and --out
 
-    check_file(args.out, force=args.force, what=f"{PROG} show --out")
-    image_format(args.out)  # the suffix names a format we write, or one line and exit 2
-    check_settings(args.size, args.block_size, args.p)
+    check_settings(args.size, args.block_size, args.p)  # what DropBlock refuses, still before any work
     return run_show(
-        out=args.out,
+        out=out,
         size=args.size,
         block_size=args.block_size,
         p=args.p,
@@ -385,4 +459,5 @@ def _show(args: argparse.Namespace, argv: Sequence[str]) -> int:
         panels=args.panels,
         seed=args.seed,
         show_progress=not args.no_progress,
+        fmt=fmt,
     )

@@ -30,8 +30,10 @@ from pathlib import Path
 
 import torch
 
-from ._io import write_text
+from ._io import write_new, write_text
 from ._optional import progress
+from ._options import DEFAULT_REPEATS
+from ._signals import exit_code, stopped
 from .bench_cases import cases_for
 from .bench_measure import Row, measure, steady_malloc
 from .bench_report import environment, format_rows, goals
@@ -39,7 +41,6 @@ from .bench_report import environment, format_rows, goals
 __all__ = ["DEFAULT_REPEATS", "TUNED_MALLOC", "partial_path", "run_bench"]
 
 CMD = "bench"
-DEFAULT_REPEATS = {False: 15, True: 5}  # by --quick
 WARMUP = {False: 3, True: 1}
 TUNED_MALLOC = "glibc, mmap off and no trim (freed memory reused)"
 
@@ -56,7 +57,8 @@ def _emit(text: str, out: Path | None) -> None:
 def partial_path(out: Path) -> Path:
     """Where an interrupted run writes its rows: ``bench.csv`` -> ``bench.partial.csv``.
 
-    A complete result at ``out`` is never replaced by a partial one.
+    A complete result at ``out`` is never replaced by a partial one; when this name is taken (an
+    older partial result), ``bench.partial-2.csv``, ``-3``... (:func:`.write_new`).
     """
     return out.with_name(f"{out.stem}.partial{out.suffix}")
 
@@ -81,8 +83,8 @@ def run_bench(
     ``out`` must have been checked by the caller (:func:`.check_file`). On Ctrl-C the rows
     measured so far are written, marked partial in every format, to :func:`partial_path` of
     ``out`` (``out`` itself is left as it was) or to stdout (nothing when there are none), and the
-    exit code is 130. With ``quick`` (a smoke run on small shapes) the goals are still checked,
-    and the report says that they are stated for the full-size shapes.
+    exit code is 130; an older partial file is never replaced (the next free name is used). With
+    ``quick`` (a smoke run on small shapes) the goals are not checked, and the report says why.
     """
     started = time.perf_counter()
     threads_before = torch.get_num_threads()
@@ -96,7 +98,7 @@ def run_bench(
     rows: list[Row] = []
     cases = []
     done = 0
-    interrupted = False
+    interrupted: KeyboardInterrupt | None = None
     try:
         cases = cases_for(suite, quick, p, compile_ours)
         total = sum(warmup + repeats if c.timed else 1 for c in cases)
@@ -105,24 +107,28 @@ def run_bench(
                 bar.set_postfix_str(case.name)
                 rows += measure(case, repeats, warmup, tick=lambda: bar.update(1))
                 done += 1
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (:mod:`._signals`)
+        interrupted = err
     finally:
         torch.set_num_threads(threads_before)
         if tuned:
             steady_malloc(False)
     elapsed = time.perf_counter() - started
-    if interrupted:
+    if interrupted is not None:
         where = ""
         if rows:
             partial = f"interrupted after {elapsed:.0f} s, {done} of {len(cases)} cases measured"
-            target = partial_path(out) if out is not None else None
-            _emit(format_rows(rows, fmt, env, command, smoke=quick, partial=partial), target)
+            text = format_rows(rows, fmt, env, command, smoke=quick, partial=partial)
+            # never over an older partial result: the first free name of NAME.partial[-K].SUFFIX
+            target = write_new(partial_path(out), text) if out is not None else None
+            if target is None:
+                _emit(text, None)
             kept = f" ({out} left as it was)" if out is not None and out.exists() else ""
             where = f"; wrote the {len(rows)} rows measured so far to {target or 'stdout'}{kept}"
-        print(f"spatialdrop bench: interrupted after {elapsed:.0f} s{where}", file=sys.stderr)
-        return 130
-    _emit(format_rows(rows, fmt, env, command, goals(rows), smoke=quick), out)
+        print(f"spatialdrop bench: {stopped(interrupted)} after {elapsed:.0f} s{where}", file=sys.stderr)
+        return exit_code(interrupted)
+    # a --quick smoke run's small shapes and few repeats say nothing about the goals: not checked
+    _emit(format_rows(rows, fmt, env, command, () if quick else goals(rows), smoke=quick), out)
     done_text = f"wrote {out} in {elapsed:.0f} s" if out is not None else f"bench done in {elapsed:.0f} s"
     print(done_text, file=sys.stdout if out is not None else sys.stderr)
     return 0

@@ -26,6 +26,7 @@ from spatialdrop.functional import (
 )
 
 from ._optional import peer
+from ._options import SUITES
 
 __all__ = [
     "CALIBRATION",
@@ -43,7 +44,6 @@ __all__ = [
 ]
 
 REFERENCE = "x * 2.0"
-SUITES = ("spatial", "dropblock", "family", "keyed")
 Fn = Callable[[Tensor], Tensor]
 
 

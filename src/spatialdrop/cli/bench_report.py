@@ -339,7 +339,7 @@ def _plain(rows: list[Row], columns: list[tuple[str, str]], title: Callable[[Row
 
 SMOKE = (
     "a --quick smoke run: small shapes and few repeats; the goals are set for the full-size shapes, "
-    "so these verdicts only show that the checks run"
+    "so they are not checked"
 )
 
 

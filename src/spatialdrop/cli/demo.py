@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from ._io import write_text
 from ._optional import require
+from ._options import DEMO_FILES
+from ._signals import exit_code, stopped
 from .demo_data import load_data
 from .demo_plot import plot
 from .demo_train import LOWER_IS_BETTER, METRICS, WIDTHS, DemoSettings, run_all
@@ -32,9 +33,13 @@ from .demo_train import LOWER_IS_BETTER, METRICS, WIDTHS, DemoSettings, run_all
 __all__ = ["OUTPUT_FILES", "format_table", "run_demo", "summarise", "table_rows"]
 
 CMD = "demo"
-OUTPUT_FILES = ("results.json", "figure.png")
+OUTPUT_FILES = DEMO_FILES
 SYNTHETIC = "synthetic data: procedurally generated volumes, not a real data set"
 SMOKE = "a --quick smoke run: too few epochs and seeds for the regularisers to pay off"
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -76,8 +81,11 @@ LAYER_NAMES = {
 }
 
 
-def _fmt(mean: float, std: float) -> str:
-    return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+def _fmt(mean: float, std: float, n: int) -> str:
+    """``mean ± std``; ``mean (n = 1)`` for one value, whose spread is unknown (not 0)."""
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.3f} (n = 1)" if n < 2 else f"{mean:.3f} ± {std:.3f}"
 
 
 def table_rows(summary: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -95,7 +103,8 @@ def table_rows(summary: dict[str, dict[str, Any]]) -> tuple[list[str], list[list
         row = [s["layer"]]
         for name in METRICS:
             m = s["metrics"][name]
-            row.append(_fmt(m["mean"], m["std"]) + ("*" if best.get(name) == variant else " "))
+            n = sum(1 for v in m["per_seed"] if not math.isnan(v))
+            row.append(_fmt(m["mean"], m["std"], n) + ("*" if best.get(name) == variant else " "))
         rows.append(row)
     return header, rows
 
@@ -117,7 +126,8 @@ def run_demo(settings: DemoSettings, out: Path, *, show_progress: bool = True, c
     """Run the comparison, print the table, write ``results.json`` and ``figure.png`` into ``out``.
 
     ``out`` must have been checked by the caller (:func:`.check_folder`). On Ctrl-C nothing is
-    written and the exit code is 130.
+    written and the exit code is 130 (143 after SIGTERM). The two files are replaced together,
+    after both have been written.
     """
     # check the optional dependencies before the long part
     require("matplotlib", "matplotlib", CMD)
@@ -127,10 +137,10 @@ def run_demo(settings: DemoSettings, out: Path, *, show_progress: bool = True, c
     start = time.perf_counter()
     try:
         runs = run_all(settings, show_progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (:mod:`._signals`)
         elapsed = time.perf_counter() - start
-        print(f"spatialdrop demo: interrupted after {elapsed:.0f} s; nothing written", file=sys.stderr)
-        return 130
+        print(f"spatialdrop demo: {stopped(err)} after {elapsed:.0f} s; nothing written", file=sys.stderr)
+        return exit_code(err)
     finally:
         torch.set_num_threads(threads_before)
     elapsed = time.perf_counter() - start
@@ -166,16 +176,17 @@ def run_demo(settings: DemoSettings, out: Path, *, show_progress: bool = True, c
         "table": {"header": header, "rows": [[c.strip() for c in r] for r in rows]},
         "variants": summary,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=True) + "\n")
-    plot(summary, out / "figure.png", title)
+    text = json.dumps(results, indent=1, allow_nan=True) + "\n"
+    # both files replaced together, after both were written: never a new table beside an old figure
+    plot(summary, out / "figure.png", title, also={out / "results.json": lambda tmp: _write(tmp, text)})
     print(title)
     print(f"data: {data.description}")
     print()
     print(format_table(header, rows))
     print()
+    spread = "mean ± std over seeds" if settings.seeds > 1 else "one seed (n = 1): no spread to show"
     print(
-        "mean ± std over seeds; * best mean per column (lower is better for NLL and ECE). "
+        f"{spread}; * best mean per column (lower is better for NLL and ECE). "
         "'MC AUROC': how well the MC-dropout predictive entropy separates wrong from right "
         "predictions (for 'no dropout' it is the plain softmax entropy)."
     )

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._io import write_atomic
+from ._io import write_all
 from ._optional import require
 from .demo_train import LOWER_IS_BETTER, METRICS
 
@@ -23,7 +24,12 @@ CAPTION = (
 )
 
 
-def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+def plot(
+    summary: dict[str, dict[str, Any]],
+    path: Path,
+    title: str,
+    also: Mapping[Path, Callable[[Path], None]] | None = None,
+) -> None:
     """Draw the learning curves (top) and the per-metric comparison (bottom) into the PNG ``path``.
 
     The same layer names label the legend and the bottom panels' ticks; the accuracy axis (a logit
@@ -91,5 +97,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title, fontsize=11)
     fig.supxlabel(CAPTION, fontsize=9, wrap=True)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    try:
+        write_all({path: lambda tmp: fig.savefig(tmp, dpi=110, format="png"), **(also or {})})
+    finally:
+        plt.close(fig)

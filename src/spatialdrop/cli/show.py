@@ -24,14 +24,24 @@ from torch import Tensor, nn
 import spatialdrop
 from spatialdrop.functional import drop_block, spatial_dropout
 
-from ._io import OutputError, SettingsError, write_atomic
+from ._io import SettingsError, output_format, write_atomic
 from ._optional import peer, progress, require
+from ._options import IMAGE_FORMATS
 
-__all__ = ["IMAGE_FORMATS", "MaskLayer", "image_format", "mask_layers", "rate_layers", "rate_map", "run_show"]
+__all__ = [
+    "IMAGE_FORMATS",
+    "MaskLayer",
+    "check_settings",
+    "mask_layers",
+    "rate_layers",
+    "rate_map",
+    "run_show",
+]
 
 CMD = "show"
 SAMPLES, CHANNELS = 4, 4
 CHUNK = 1024
+CHUNK_ELEMENTS = 1 << 24
 CAPTION = {
     "masks": "Masks: black = dropped, grey = kept, one tile per (sample, channel).",
     "rates": "Rates: colour = fraction of draws in which the position was dropped "
@@ -39,36 +49,21 @@ CAPTION = {
 }
 
 
-# --out suffix -> matplotlib's format; a name without a suffix is written as PNG
-IMAGE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg", ".jpg": "jpeg", ".jpeg": "jpeg"}
-
-
-def image_format(out: Path) -> str:
-    """The image format that the suffix of ``out`` asks for (PNG without a suffix).
-
-    Raises:
-        OutputError: for any other suffix, before any work (one line, exit code 2).
-    """
-    suffix = out.suffix.lower()
-    if not suffix:
-        return "png"
-    if suffix not in IMAGE_FORMATS:
-        raise OutputError(
-            f"spatialdrop show --out: {out}: cannot write a {out.suffix!r} image; the suffix chooses "
-            "the format: .png, .pdf, .svg, .jpg or .jpeg (no suffix: PNG)"
-        )
-    return IMAGE_FORMATS[suffix]
-
-
 def check_settings(size: int, block_size: int, p: float) -> None:
     """Refuse, before any drawing, the settings that DropBlock refuses (one line, exit code 2).
 
-    DropBlock checks its arguments in eval mode too, so this draws nothing.
+    DropBlock checks its arguments in eval mode too, so this draws nothing; the map it checks is
+    one element broadcast to ``size × size`` (no memory for the map itself).
     """
     try:
-        drop_block(torch.ones(1, 1, size, size), p, block_size, training=False)
+        drop_block(torch.ones(1, 1, 1, 1).expand(1, 1, size, size), p, block_size, training=False)
     except (ValueError, TypeError) as err:
         raise SettingsError(f"spatialdrop show: {err}") from None
+
+
+def _chunk(size: int) -> int:
+    """Maps drawn at once for a rate map: :data:`CHUNK`, fewer for large maps (16 M elements)."""
+    return max(1, min(CHUNK, CHUNK_ELEMENTS // (size * size)))
 
 
 class MaskLayer(NamedTuple):
@@ -142,15 +137,17 @@ def rate_map(
     fn: Callable[[Tensor], Tensor],
     size: int,
     draws: int,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
     tick: Callable[[int], None] | None = None,
 ) -> Tensor:
     """Per-position fraction of ``draws`` independent ``size × size`` maps that ``fn`` zeroes.
 
     Every map is its own sample (input shape ``(n, 1, size, size)``), so layers that share a
     mask across channels or rescale by the batch are counted the same way as the others.
-    ``tick(n)`` is called after each chunk of ``n`` maps.
+    ``tick(n)`` is called after each chunk of ``n`` maps (``chunk`` of them, by default
+    :data:`CHUNK` or as many as make 16 M elements).
     """
+    chunk = chunk or _chunk(size)
     count = torch.zeros(size, size, dtype=torch.float64)
     done = 0
     with torch.no_grad():
@@ -278,15 +275,16 @@ def run_show(
     panels: str = "all",
     seed: int = 0,
     show_progress: bool = True,
+    fmt: str | None = None,
 ) -> int:
     """Draw the chosen panels into ``out`` (exactly that path); return the exit code.
 
-    The format follows the suffix of ``out`` (:func:`image_format`). ``out`` must have been
-    checked by the caller (:func:`.check_file`). A panel whose layer refuses the settings (or a
-    peer that is missing) says why inside its own frame.
+    The format is ``fmt``, or the one the suffix of ``out`` names (:func:`.output_format`).
+    ``out`` must have been checked by the caller (:func:`.check_file`). A panel whose layer
+    refuses the settings (or a peer that is missing) says why inside its own frame.
     """
     started = time.perf_counter()
-    fmt = image_format(out)
+    fmt = output_format(out, fmt, IMAGE_FORMATS, "png", "spatialdrop show --out")
     matplotlib = require("matplotlib", "matplotlib", CMD)
     matplotlib.use("Agg")
     plt = require("matplotlib.pyplot", "matplotlib", CMD)
