@@ -4,6 +4,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -268,3 +269,36 @@ def test_progress_clock_starts_with_the_first_epoch(monkeypatch: pytest.MonkeyPa
     demo_train.run_all(replace(settings, variants=("none", "dropout")), show_progress=True)
     # the data loading (and, in worker processes, their start-up) is not counted as an epoch's time
     assert events == ["load", "reset", "epoch", "epoch", "load", "epoch", "epoch"]
+
+
+def test_one_seed_is_shown_as_n_1_not_a_zero_spread() -> None:
+    metrics = {m: {"mean": 0.5, "std": 0.0, "per_seed": [0.5]} for m in demo_train.METRICS}
+    summary = {"none": {"layer": "no dropout", "metrics": metrics}}
+    _, rows = demo.table_rows(summary)
+    assert rows[0][1:] == ["0.500 (n = 1)*"] * len(demo_train.METRICS)
+    metrics = {m: {"mean": 0.5, "std": 0.1, "per_seed": [0.4, 0.6]} for m in demo_train.METRICS}
+    _, rows = demo.table_rows({"none": {"layer": "no dropout", "metrics": metrics}})
+    assert rows[0][1] == "0.500 ± 0.100*"
+
+
+def test_a_failed_write_keeps_both_old_files_and_prints_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from matplotlib.figure import Figure
+
+    argv = ["demo", *TINY_DEMO, "--epochs", "1", "--seeds", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in ("results.json", "figure.png")}
+    capsys.readouterr()
+
+    def full(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    assert main([*argv, "--force", "--seed", "1"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "spatialdrop demo: failed: OSError: [Errno 28] No space left on device\n"
+    assert "regulariser" in captured.out  # the table of the run is shown all the same
+    after = {name: (tmp_path / name).read_bytes() for name in ("results.json", "figure.png")}
+    assert after == before  # neither file replaced: the two stay in step
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png", "results.json"]

@@ -258,3 +258,24 @@ def test_drawn_counts_whole_units() -> None:
     assert show._drawn(dropped, "samples") == "this draw: 1 of 4 samples dropped"
     assert show._drawn(dropped, "channels") == "this draw: 5 of 16 channels dropped"
     assert show._drawn(dropped, "") == f"this draw: {5 / 16:.3f} dropped"
+
+
+def test_the_settings_check_builds_no_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a --size 100000 map is 40 GB: checking the settings must not allocate it
+    sizes: list[int] = []
+    real = torch.ones
+
+    def counted(*shape: Any, **kwargs: Any) -> torch.Tensor:
+        made = real(*shape, **kwargs)
+        sizes.append(made.numel())
+        return made
+
+    monkeypatch.setattr(torch, "ones", counted)
+    show.check_settings(100_000, 7, 0.1)
+    assert max(sizes) == 1
+
+
+def test_rate_maps_of_large_maps_are_drawn_in_small_chunks() -> None:
+    assert show._chunk(28) == show.CHUNK  # the default map: the chunk as before
+    assert show._chunk(512) * 512 * 512 <= show.CHUNK_ELEMENTS
+    assert show._chunk(10**5) == 1

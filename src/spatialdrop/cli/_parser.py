@@ -32,6 +32,7 @@ def load_library() -> None:
     if LOAD_LIBRARY is not None:
         LOAD_LIBRARY()
 
+
 # torch's generators take seeds up to 2**64 - 1; the demo adds 1000 per run to the base seed
 MAX_SEED = 2**63 - 1
 

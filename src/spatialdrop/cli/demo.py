@@ -176,9 +176,6 @@ def run_demo(settings: DemoSettings, out: Path, *, show_progress: bool = True, c
         "table": {"header": header, "rows": [[c.strip() for c in r] for r in rows]},
         "variants": summary,
     }
-    text = json.dumps(results, indent=1, allow_nan=True) + "\n"
-    # both files replaced together, after both were written: never a new table beside an old figure
-    plot(summary, out / "figure.png", title, also={out / "results.json": lambda tmp: _write(tmp, text)})
     print(title)
     print(f"data: {data.description}")
     print()
@@ -195,6 +192,10 @@ def run_demo(settings: DemoSettings, out: Path, *, show_progress: bool = True, c
             "--quick is a smoke run: too few epochs and seeds for the regularisers to pay off; "
             "run without --quick for the comparison."
         )
+    sys.stdout.flush()  # the table is shown even if writing the files fails
+    text = json.dumps(results, indent=1, allow_nan=True) + "\n"
+    # both files replaced together, after both were written: never a new table beside an old figure
+    plot(summary, out / "figure.png", title, also={out / "results.json": lambda tmp: _write(tmp, text)})
     total = time.perf_counter() - start
     print(
         f"wrote {out / 'results.json'} and {out / 'figure.png'} in {total:.0f} s (training {elapsed:.0f} s)"

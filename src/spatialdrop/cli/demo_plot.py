@@ -34,7 +34,9 @@ def plot(
 
     The same layer names label the legend and the bottom panels' ticks; the accuracy axis (a logit
     scale) spans all the data; the legend sits above the panels, outside the data. ``title`` may
-    hold two lines (the second says what kind of run or data it is).
+    hold two lines (the second says what kind of run or data it is). The files of ``also``
+    (``path -> write(tmp)``) are written with the figure, and all are replaced together
+    (:func:`.write_all`).
     """
     matplotlib = require("matplotlib", "matplotlib", "demo")
     matplotlib.use("Agg")
