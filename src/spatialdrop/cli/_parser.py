@@ -184,10 +184,6 @@ def _per_data(field: str) -> str:
     return f"default: {full}" if full == quick else f"default: {full}; with --quick {quick}"
 
 
-def _suffixes(formats: dict[str, str]) -> str:
-    return ", ".join(f"{suffix} {fmt}" for suffix, fmt in formats.items())
-
-
 class _Version(argparse.Action):
     """``--version``: imports the library (and torch) only when asked."""
 
@@ -200,6 +196,20 @@ class _Version(argparse.Action):
 
         print(f"{PROG} {__version__}")
         parser.exit()
+
+
+RULES = _describe(
+    "Every command checks its options and --out before any work: a bad one exits with code 2 and "
+    "one line. --out is never a folder name (demo: a folder, holding no folder named like its "
+    "files), nor a device or pipe (/dev/stdout: leave out --out); a symbolic link is written "
+    "through to its target; an existing file is replaced only with --force, whole, after the new "
+    "one has been written. A suffix of --out that names a format chooses it; --format chooses for "
+    "a name without one (or with a suffix that names none), and a --format that the suffix "
+    "contradicts is refused.",
+    "Exit codes: 0 done; 1 a missing optional dependency, or a failure during the run (one line; "
+    "SPATIALDROP_TRACEBACK=1 shows the traceback); 2 a bad option or --out; 130 Ctrl-C; 143 "
+    "SIGTERM (stopped as by Ctrl-C).",
+)
 
 
 def _force(parser: argparse.ArgumentParser, what: str) -> None:
@@ -215,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         formatter_class=_Formatter,
         description="Structured dropout for PyTorch: see it work (demo), time it (bench), look at it (show).",
-        epilog='The commands need the optional dependencies: pip install "spatialdrop[demo]"',
+        epilog=_describe(
+            'The commands need the optional dependencies: pip install "spatialdrop[demo]"', RULES
+        ),
     )
     parser.add_argument("--version", action=_Version, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="{demo,bench,show}")
@@ -223,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         allow_abbrev=False,
+        epilog=RULES,
         help="train a small CNN with each regulariser and compare them",
         formatter_class=_Formatter,
         description=_describe(
@@ -281,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         allow_abbrev=False,
+        epilog=RULES,
         help="time our layers against torch, torchvision and timm",
         formatter_class=_Formatter,
         description=_describe(
@@ -290,15 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
             "realised drop rate (mean, corner, centre) of ours and, when installed, torch's, "
             "torchvision's and timm's layers. Rows of peers that are not installed (or fail to "
             "import) are listed with a note; the speed and memory goals are checked at the end, "
-            "each named by what it "
-            "measures (with --quick too, on its small shapes: a smoke run). The table fits in 100 "
-            "columns; --format markdown, json or csv hold every column.",
+            "each named by what it measures (not with --quick: a smoke run's small shapes and few "
+            "repeats say nothing about them). The table fits in 100 columns; --format markdown, "
+            "json or csv hold every column.",
             "One thread by default: on a machine shared with other work, every parallel region of "
             "a multi-threaded run can wait for a scheduler tick, which punishes code made of many "
             "small ops far more than the work itself. Use --threads N on an idle machine. "
             "Ctrl-C writes the rows measured so far, marked partial, to NAME.partial.SUFFIX beside "
-            "--out NAME.SUFFIX (a complete --out is never replaced by a partial one; stdout without "
-            "--out) and exits with 130.",
+            "--out NAME.SUFFIX, or NAME.partial-2.SUFFIX (-3, ...) when that is taken (neither a "
+            "complete --out nor an older partial file is ever replaced; stdout without --out) and "
+            "exits with 130; SIGTERM does the same and exits with 143.",
         ),
     )
     bench.add_argument(
@@ -314,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=tuple(dict.fromkeys(BENCH_FORMATS.values())),
         default=None,
-        help=f"output format (default: the one the suffix of --out names, {_suffixes(BENCH_FORMATS)}; "
-        "table without a suffix; a suffix naming another format is refused)",
+        help="output format (default: the one the suffix of --out names: .txt table, .md or "
+        ".markdown markdown, .json, .csv; table without a suffix)",
     )
     bench.add_argument("--out", type=_path, default=None, help="write to this file instead of stdout")
     _force(bench, "--out")
@@ -350,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser(
         "show",
         allow_abbrev=False,
+        epilog=RULES,
         help="draw sample masks and per-position drop rates to an image",
         formatter_class=_Formatter,
         description=_describe(
