@@ -674,10 +674,16 @@ def test_a_failure_after_the_work_started_is_one_line_without_traceback(
     assert not out.exists()
 
 
-def _children(pid: int) -> list[int]:
+def _workers(pid: int) -> list[int]:
+    """The multiprocessing workers among the children of ``pid`` (not its resource tracker)."""
     found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(int(child))
+    except OSError:  # a process that ended meanwhile
+        pass
     return found
 
 
@@ -701,23 +707,21 @@ def test_sigterm_stops_the_demo_and_its_workers_like_ctrl_c(tmp_path: Path) -> N
         text=True,
         env=env,
     )
+    workers: list[int] = []
     try:
-        workers: list[int] = []
         deadline = time.monotonic() + 240
         while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
-            workers = [
-                c
-                for c in _children(proc.pid)
-                if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ")
-            ]
+            workers = _workers(proc.pid)
         assert len(workers) == 2, proc.stderr.read() if proc.poll() is not None else "no workers"
         time.sleep(1.0)
         proc.send_signal(15)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    finally:  # a failing run leaves no process behind either
+        for pid in [proc.pid, *workers]:
+            if _alive(pid):
+                os.kill(pid, 9)
+        proc.wait()
     assert proc.returncode == 143, err
     assert err.startswith("spatialdrop demo: terminated after "), err
     assert err.count("\n") == 1, err  # one line: no traceback, no leaked-semaphore warning
