@@ -339,8 +339,9 @@ class _Backward(nn.Module):
 
 
 def test_layer_ids_are_stable_hashes_of_names() -> None:
-    # pinned: BLAKE2b-64 of the name, the same in every process and on every host
-    assert layer_id("drop_a") == layer_id("module.drop_a") == layer_id("_orig_mod.module.drop_a")
+    # pinned: BLAKE2b-64 of the name, the same in every process and on every host; the name is
+    # hashed as it is (wrappers are recognised by their class, see the tests below)
+    assert layer_id("drop_a") != layer_id("module.drop_a") != layer_id("_orig_mod.module.drop_a")
     fwd, bwd = keyed_masks(_Forward(), 1), keyed_masks(_Backward(), 1)
     assert fwd.drop_a.keyed_layer == bwd.drop_a.keyed_layer == layer_id("drop_a")
     assert fwd.drop_b.keyed_layer == bwd.drop_b.keyed_layer != fwd.drop_a.keyed_layer
@@ -348,6 +349,96 @@ def test_layer_ids_are_stable_hashes_of_names() -> None:
     with mask_context(step=0, sample_ids=torch.arange(6)):
         assert torch.equal(fwd.drop_a(x), bwd.drop_a(x))
         assert not torch.equal(fwd.drop_a(x), fwd.drop_b(x))
+
+
+class _Blocks(nn.Module):
+    """Two residual blocks with keyed layers, and a child of its own called ``module``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 1), SpatialDropout2d(0.5))
+        self.blocks = nn.ModuleList([_Residual(8, 0.5), _Residual(8, 0.5)])
+        self.module = nn.Sequential(DropBlock2d(0.2, 3), GaussianSpatialDropout2d(0.3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.module(x)
+
+
+def _wrapped(how: str, net: nn.Module | None = None) -> tuple[nn.Module, dict[int, str]]:
+    """``net`` (a new ``_Blocks`` by default) wrapped by torch's wrappers, and each module's name
+    in the bare model."""
+    from torch.ao.quantization import QuantWrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+        offload_wrapper,
+    )
+    from torch.optim.swa_utils import AveragedModel
+
+    net = _Blocks() if net is None else net
+    names = {id(m): name for name, m in net.named_modules()}
+    model: nn.Module = net
+    if how == "compiled submodules":  # lazily compiled: wrapping compiles nothing
+        net.blocks[1] = torch.compile(net.blocks[1])
+        net.module[0] = torch.compile(net.module[0])  # a keyed layer itself
+    elif how == "activation checkpointing":
+        apply_activation_checkpointing(net, check_fn=lambda m: isinstance(m, (_Residual, DropBlock2d)))
+    elif how == "nested":  # compile inside checkpoint inside DataParallel, compiled as a whole
+        net.blocks[0] = checkpoint_wrapper(torch.compile(net.blocks[0]))
+        model = torch.compile(nn.DataParallel(checkpoint_wrapper(net)))
+    elif how == "offload, averaged, quantization":
+        model = AveragedModel(QuantWrapper(net))  # holds a deep copy of the model
+        net = model.module.module
+        names = {id(m): name for name, m in net.named_modules()}
+        net.blocks[0] = offload_wrapper(net.blocks[0])
+    return model, names
+
+
+@pytest.mark.parametrize(
+    "how", ["compiled submodules", "activation checkpointing", "nested", "offload, averaged, quantization"]
+)
+def test_layer_ids_ignore_torch_wrappers_anywhere_in_the_path(how: str) -> None:
+    model, names = _wrapped(how)
+    keyed_masks(model, SEED)  # keyed after wrapping
+    layers = [m for m in model.modules() if isinstance(m, StructuredDropout)]
+    assert len(layers) == 5
+    for m in layers:  # the id of the layer's name in the bare model
+        assert m.keyed_layer == layer_id(names[id(m)]), names[id(m)]
+    assert {names[id(m)] for m in layers} >= {"module.0", "module.1"}  # the child called module stays
+
+
+def test_layer_ids_set_before_wrapping_stay_and_agree() -> None:
+    net = keyed_masks(_Blocks(), SEED)
+    ids = {id(m): m.keyed_layer for m in net.modules() if isinstance(m, StructuredDropout)}
+    model, _ = _wrapped("nested", net)
+    assert {id(m): m.keyed_layer for m in model.modules() if isinstance(m, StructuredDropout)} == ids
+    keyed_masks(model, SEED)  # again, after wrapping: the same ids
+    assert {id(m): m.keyed_layer for m in model.modules() if isinstance(m, StructuredDropout)} == ids
+
+
+def test_the_wrapper_table_names_torch_classes() -> None:
+    import importlib
+
+    from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as cw
+    from torch.distributed.fsdp import _common_utils
+
+    from spatialdrop.keyed import WRAPPERS, wrapped_attr
+
+    for module, name, attr in WRAPPERS:
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, nn.Module)
+        assert (cls.__module__, cls.__qualname__) == (module, name)
+    attrs = {name: attr for _, name, attr in WRAPPERS}
+    assert attrs["ActivationWrapper"] == cw._CHECKPOINT_WRAPPED_MODULE
+    assert attrs["FullyShardedDataParallel"] == _common_utils.FSDP_WRAPPED_MODULE
+    inner = nn.Linear(2, 2)
+    for wrapper in (torch.compile(inner), cw.checkpoint_wrapper(inner), nn.DataParallel(inner)):
+        attr = wrapped_attr(wrapper)
+        assert attr is not None and wrapper._modules[attr] is inner
+    assert wrapped_attr(inner) is None
 
 
 def test_layer_id_pinned_value() -> None:

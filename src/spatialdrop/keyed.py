@@ -55,7 +55,23 @@ __all__ = ["MaskKey", "keyed_masks", "keyed_normal", "keyed_uniform", "mask_cont
 _KEY_DOMAIN = 0x6D61736B  # "mask": separates derived layer keys from any other use of the seed
 _MAX_STEP = 1 << 32
 _MAX_SEED = 1 << 64
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel / FSDP, torch.compile
+
+#: torch's module wrappers, recognised by the module path and name of a class in their MRO (never
+#: imported): the attribute under which each holds the module it wraps. A path component that is
+#: this attribute of an instance of the class is left out of a layer's name (see
+#: :func:`keyed_names`), so wrapping changes no layer id. A user's own submodule called ``module``
+#: is a name component like any other.
+WRAPPERS: tuple[tuple[str, str, str], ...] = (
+    ("torch._dynamo.eval_frame", "OptimizedModule", "_orig_mod"),  # torch.compile(module)
+    # checkpoint_wrapper, offload_wrapper (apply_activation_checkpointing)
+    ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "ActivationWrapper", "_checkpoint_wrapped_module"),
+    ("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel", "_fsdp_wrapped_module"),
+    ("torch.nn.parallel.distributed", "DistributedDataParallel", "module"),
+    ("torch.nn.parallel.data_parallel", "DataParallel", "module"),
+    ("torch.optim.swa_utils", "AveragedModel", "module"),  # SWA / EMA copies
+    ("torch.ao.quantization.stubs", "QuantWrapper", "module"),
+)
+_WRAPPED_BY = {(module, name): attr for module, name, attr in WRAPPERS}
 
 
 class MaskKey(NamedTuple):
@@ -372,22 +388,63 @@ def mask_context(*, step: int | Tensor, sample_ids: Tensor) -> Iterator[None]:
         _LOCAL.context = previous
 
 
-def layer_id(name: str) -> int:
-    """The 64-bit id of a layer from its qualified name: BLAKE2b, stable across runs and hosts.
+def wrapped_attr(module: nn.Module) -> str | None:
+    """The attribute under which ``module`` holds the module it wraps, if it is a torch wrapper.
 
-    Leading wrapper prefixes (``module.`` of DistributedDataParallel / DataParallel / FSDP and
-    ``_orig_mod.`` of ``torch.compile``) are removed first, so a wrapped and a bare model agree.
+    See :data:`WRAPPERS`: decided by the class (or a base class), never by the attribute's name.
+    """
+    for cls in type(module).__mro__:
+        attr = _WRAPPED_BY.get((cls.__module__, cls.__qualname__))
+        if attr is not None:
+            return attr
+    return None
+
+
+def keyed_names(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` with the names a model has without torch's wrappers.
+
+    The same modules in the same order (each once, under its first name), but a path component
+    that is the wrapped module of a wrapper of :data:`WRAPPERS` is left out: ``module`` under a
+    ``DistributedDataParallel``, ``_orig_mod`` under a ``torch.compile``'d module,
+    ``_checkpoint_wrapped_module`` under ``checkpoint_wrapper``, ``_fsdp_wrapped_module`` under
+    FSDP, anywhere in the path. A wrapper and the module it wraps then share one name.
 
     Examples:
-        >>> layer_id("features.3") == layer_id("module.features.3")
-        True
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+        >>> net[1] = torch.compile(net[1])
+        >>> [name for name, _ in net.named_modules()]
+        ['', '0', '1', '1._orig_mod']
+        >>> [name for name, _ in keyed_names(net)]
+        ['', '0', '1', '1']
     """
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix) :], True
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, name: str) -> Iterator[tuple[str, nn.Module]]:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        yield name, module
+        skip = wrapped_attr(module)
+        for key, child in module._modules.items():
+            if child is None:
+                continue
+            part = "" if key == skip else key
+            yield from walk(child, f"{name}.{part}" if name and part else name or part)
+
+    yield from walk(model, "")
+
+
+def layer_id(name: str) -> int:
+    """The 64-bit id of a layer from its name: BLAKE2b, stable across runs and hosts.
+
+    :func:`keyed_masks` passes the layer's name without torch's wrappers (see
+    :func:`keyed_names`), so a wrapped and a bare model agree.
+
+    Examples:
+        >>> hex(layer_id("features.3"))
+        '0xc0702367a080bf3c'
+    """
     digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8, person=b"spatialdrop").digest()
     return int.from_bytes(digest, "little")
 
@@ -406,7 +463,13 @@ def keyed_masks(model: nn.Module, seed: int | None) -> nn.Module:
     Each layer gets the id :func:`layer_id` of its qualified name, so the ids depend neither on
     the order in which the layers were built nor on anything a ``state_dict`` holds: rebuild the
     model, load a checkpoint, call ``keyed_masks`` with the same seed, and every sample gets the
-    masks it would have got before. A keyed layer in training mode must then run inside a
+    masks it would have got before. The name is taken without torch's wrappers, wherever they
+    sit in the path (see :func:`keyed_names`): ``torch.compile``'d submodules,
+    ``checkpoint_wrapper`` / ``apply_activation_checkpointing``, ``offload_wrapper``,
+    ``DistributedDataParallel``, ``DataParallel``, FSDP's ``FullyShardedDataParallel``,
+    ``AveragedModel``; ``fully_shard`` (FSDP2) wraps nothing. So ``keyed_masks`` may be called
+    before or after wrapping, and the ids it sets are attributes of the layers, kept when the
+    model is wrapped later. A keyed layer in training mode must then run inside a
     :func:`mask_context`; in eval mode it is the identity, as before.
 
     Args:
@@ -416,6 +479,11 @@ def keyed_masks(model: nn.Module, seed: int | None) -> nn.Module:
 
     Returns:
         ``model``, for chaining.
+
+    Raises:
+        ValueError: when the model has no layer that can draw keyed masks (the rule of
+            :class:`~spatialdrop.DropSchedule` and :func:`~spatialdrop.mc_predict`, which refuse a
+            model without the layers they act on); the message lists its dropout layers.
 
     Warns:
         UserWarning: when switching on (``seed`` not ``None``) and the model holds dropout
@@ -437,13 +505,28 @@ def keyed_masks(model: nn.Module, seed: int | None) -> nn.Module:
         fail(fn, "model", "a torch.nn.Module", Shown(type(model).__name__), kind=TypeError)
     if seed is not None:
         seed = _check_u64(fn, "seed", seed)
-    skipped = []
-    for name, module in model.named_modules():
+    keyed, skipped = [], []
+    for name, module in keyed_names(model):
         if getattr(type(module), "keying", None) in KEYINGS:
-            module.keyed_seed = seed
-            module.keyed_layer = None if seed is None else layer_id(name)
+            keyed.append((name, module))
         elif isinstance(module, _DropoutNd):
             skipped.append(f"{name or 'model'} ({type(module).__name__})")
+    if not keyed:
+        counts: dict[str, int] = {}
+        for module in model.modules():
+            if isinstance(module, _DropoutNd):
+                counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+        got = ", ".join(f"{t} x{n}" for t, n in sorted(counts.items()))
+        fail(
+            fn,
+            "model",
+            "a model with spatialdrop layers, the layers that draw keyed masks (spatialdrop.convert_dropout "
+            "converts torch's, timm's and torchvision's structured dropout layers)",
+            Shown(f"one whose dropout layers are {got}" if got else "one without dropout layers"),
+        )
+    for name, module in keyed:
+        module.keyed_seed = seed
+        module.keyed_layer = None if seed is None else layer_id(name)
     if skipped and seed is not None:
         warnings.warn(
             f"{fn}: {len(skipped)} dropout layer(s) cannot draw keyed masks and keep using torch's "
