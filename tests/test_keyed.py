@@ -239,6 +239,37 @@ def test_keyed_gradient_inplace_and_trivial_p() -> None:
     assert (spatial_dropout(x, 1.0, key=key) == 0).all()
 
 
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda inplace: SpatialDropout2d(0.0, inplace), (3, 4, 4)),
+        (lambda inplace: SpatialDropout1d(0.0, inplace), (3, 4)),
+        (lambda inplace: DropBlock2d(0.0, 3, inplace), (3, 4, 4)),
+        (lambda inplace: GaussianSpatialDropout2d(0.0, inplace), (3, 4, 4)),
+        (lambda inplace: AlphaSpatialDropout2d(0.0, inplace), (3, 4, 4)),
+        (lambda inplace: DropPath(0.0, inplace), (1, 3, 4, 4)),
+    ],
+)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_keyed_layer_at_p0_after_relu_backpropagates(make: object, shape: tuple, inplace: bool) -> None:
+    """p = 0 (a DropSchedule's first step) after a ReLU, unbatched or in place: the identity, and
+    backward works as without keys (the key guard must not mark ReLU's saved output dirty)."""
+    layer = make(inplace)  # type: ignore[operator]
+    x = torch.randn(shape, requires_grad=True)
+    grads = []
+    for seed in (None, SEED):
+        keyed_masks(layer, seed)
+        x.grad = None
+        with mask_context(step=0, sample_ids=torch.arange(1)):
+            h = x.relu()
+            y = layer(h)
+            assert torch.equal(y, h)
+            (y * torch.arange(y.numel()).view(y.shape)).sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[1], grads[0])
+    assert torch.equal(grads[1], (x > 0) * torch.arange(x.numel()).view(shape))
+
+
 def test_keyed_path_leaves_global_rng_alone() -> None:
     x = torch.randn(3, 4, 2, 2)
     state = torch.get_rng_state()
@@ -714,3 +745,129 @@ def test_benchmark_quick_run(capsys: pytest.CaptureFixture[str]) -> None:
     table = capsys.readouterr().out
     assert table.count("| `spatial_dropout(x, p, key=key)` |") == 2
     assert table.count("| `spatial_dropout(x, p)` |") == 2
+
+
+# --- real models under every wrapper (the `models` environment) -----------------------------
+
+WRAP_STEPS = 2
+WRAP_BATCH = 4
+
+
+def _real_model(name: str) -> nn.Module:
+    """A timm ViT with converted DropPath, or a torchvision ResNet-18 with SpatialDropout2d added
+    after every conv; the same weights in every process. The ResNet's BatchNorm layers stay in
+    eval mode (a rank's BatchNorm would see only its part of the batch)."""
+    import spatialdrop as sd
+
+    torch.manual_seed(0)
+    if name == "vit":
+        import timm
+
+        model = timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, img_size=32, drop_path_rate=0.3, num_classes=4
+        )
+        return sd.convert_dropout(model).train()
+    import torchvision
+
+    model = sd.add_dropout(torchvision.models.resnet18(weights=None, num_classes=4))
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    return model
+
+
+def _blocks(name: str, model: nn.Module) -> nn.Module:
+    """The container of the model's residual blocks (a ModuleList or Sequential)."""
+    return model.blocks if name == "vit" else model.layer2  # type: ignore[return-value]
+
+
+def _wrap_real(name: str, how: str, mesh: object = None) -> nn.Module:
+    """The real model wrapped as ``how`` says: words joined by ``+``, applied inside out."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
+
+    model = _real_model(name)
+    parts = how.split("+")
+    blocks = _blocks(name, model)
+    if "checkpoint" in parts:
+        block_type = type(blocks[1])
+        apply_activation_checkpointing(model, check_fn=lambda m: type(m) is block_type)
+    if "compile" in parts:  # one block compiled, and checkpointed as the others if asked
+        blocks[1] = torch.compile(blocks[1], backend="aot_eager")
+    if "fsdp2" in parts:
+        from torch.distributed.fsdp import fully_shard
+
+        for i in range(len(blocks)):
+            fully_shard(blocks[i], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    if "ddp" in parts:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model)
+    return model
+
+
+def _train_real(model: nn.Module, rank: int, world: int) -> list[float]:
+    """``WRAP_STEPS`` keyed SGD steps on a fixed global batch; the batch's mean loss at each."""
+    import torch.distributed as dist
+
+    import spatialdrop as sd
+
+    keyed_masks(model, SEED)  # after wrapping
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(WRAP_STEPS, WRAP_BATCH, 3, 32, 32, generator=g)
+    y = torch.randint(0, 4, (WRAP_STEPS, WRAP_BATCH), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    local = WRAP_BATCH // world
+    losses = []
+    for step in range(WRAP_STEPS):
+        part = slice(rank * local, (rank + 1) * local)
+        ids = step * WRAP_BATCH + torch.arange(WRAP_BATCH)[part]
+        opt.zero_grad()
+        with sd.mask_context(step=step, sample_ids=ids):
+            loss = F.cross_entropy(model(x[step, part]), y[step, part])
+            loss.backward()  # inside the context: checkpointed blocks recompute with the same key
+        opt.step()
+        total = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(total)
+            total /= world
+        losses.append(float(total))
+    return losses
+
+
+WRAPPED_ONE = ["eager", "compile", "checkpoint", "checkpoint+compile"]
+WRAPPED_WORLD = ["ddp", "ddp+checkpoint+compile", "fsdp2", "fsdp2+checkpoint"]
+
+
+def _real_wrapped_worker(rank: int, world: int) -> dict[str, list[float]]:
+    import warnings as w
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    with w.catch_warnings():
+        w.simplefilter("ignore")  # timm's p=0 nn.Dropout layers stay unkeyed (a warning says so)
+        for name in ("vit", "resnet"):
+            for i, how in enumerate(WRAPPED_ONE):
+                if i % world == rank:  # the one-process runs, shared out between the ranks
+                    out[f"{name} {how}"] = _train_real(_wrap_real(name, how), 0, 1)
+            for how in WRAPPED_WORLD:
+                losses = _train_real(_wrap_real(name, how, mesh), rank, world)
+                if rank == 0:
+                    out[f"{name} {how}"] = losses
+    return out
+
+
+@pytest.mark.models
+@pytest.mark.slow
+def test_real_models_train_alike_under_every_wrapper(tmp_path: Path) -> None:
+    ranks = run_world(_real_wrapped_worker, 2, tmp_path, timeout_s=600.0)
+    got = {k: v for r in ranks for k, v in r.items()}
+    for name in ("vit", "resnet"):
+        want = got[f"{name} eager"]
+        for how in WRAPPED_ONE[1:] + WRAPPED_WORLD:
+            torch.testing.assert_close(got[f"{name} {how}"], want, rtol=1e-4, atol=1e-5, msg=f"{name} {how}")

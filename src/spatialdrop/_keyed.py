@@ -25,7 +25,15 @@ from ._compat import dispatch_mode_active, is_compiling
 from ._validation import Shown, fail
 from .keyed import KEYINGS, MaskKey, check_key, current_context, keyed_uniform, mc_layer, uniform_rows
 
-__all__ = ["KEYINGS", "SHARED_SAMPLE_ID", "check_key_arg", "context_key", "guard_key", "keyed_keep"]
+__all__ = [
+    "KEYINGS",
+    "SHARED_SAMPLE_ID",
+    "check_key_arg",
+    "context_key",
+    "guard_key",
+    "input_version",
+    "keyed_keep",
+]
 
 #: The sample id of a per-call key (a draw shared by the batch): -1, that is ``2**64 - 1`` as
 #: the unsigned 64-bit id, which no dataset index reaches.
@@ -184,7 +192,27 @@ class _KeyGuard(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def guard_key(fn: str, output: Tensor, input: Tensor | None = None, inplace: bool = False) -> Tensor:
+def input_version(input: object) -> int | None:
+    """The version counter of a keyed layer's eager input, read before the layer runs.
+
+    ``None`` where :func:`guard_key` wraps nothing anyway (not a plain tensor, under the compiler
+    or a torch.func transform), so that nothing is read there.
+    """
+    if type(input) is not Tensor or is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return None
+    return input._version
+
+
+def _untouched_alias(output: Tensor, input: Tensor | None, version: int | None) -> bool:
+    """Whether ``output`` is ``input`` or a view of it that the layer did not modify in place."""
+    if input is None or version is None or type(input) is not Tensor:
+        return False
+    if output is not input and output.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
+        return False
+    return input._version == version
+
+
+def guard_key(fn: str, output: Tensor, input: Tensor | None = None, version: int | None = None) -> Tensor:
     """Wrap a keyed layer's eager output so that a checkpoint recompute under another key raises.
 
     Takes the key that :func:`context_key` just handed out (per thread); nothing for an unkeyed
@@ -192,15 +220,19 @@ def guard_key(fn: str, output: Tensor, input: Tensor | None = None, inplace: boo
     tensors), for a DTensor, on meta tensors, or when the context's step is not on the CPU
     (reading it must not wait for a device: the context-memory check of
     :func:`_check_recompute` still applies). Sample ids on a device are not compared in backward
-    (no device read): the step is. Nor for a leaf, or for the layer's ``input`` returned as it is
-    (not ``inplace``): the guard is an in-place identity, and marking a tensor that an earlier op
-    saved (ReLU saves its output) would break that op's backward.
+    (no device read): the step is. Nor for a leaf, or for an output that is the layer's
+    ``input`` or a view of it, left unmodified (``version``: the input's version counter before
+    the layer ran, from :func:`input_version`): a layer that dropped nothing (``p = 0``, as a
+    :class:`~spatialdrop.DropSchedule` sets at its first step), also ``inplace`` or on unbatched
+    input. Such an output does not depend on the key, and the guard is an in-place identity:
+    marking a tensor that an earlier op saved (ReLU saves its output) would break that op's
+    backward.
     """
     pending = getattr(_FORWARDS, "pending", None)
     _FORWARDS.pending = None
     if pending is None or not (torch.is_grad_enabled() and output.requires_grad):
         return output
-    if output.grad_fn is None or (output is input and not inplace):
+    if output.grad_fn is None:
         return output
     if is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return output
@@ -209,5 +241,7 @@ def guard_key(fn: str, output: Tensor, input: Tensor | None = None, inplace: boo
     step, ids, draw = pending
     if step.device.type != "cpu" or output.device.type == "meta" or dispatch_mode_active():
         return output  # reading the step must not wait for a device; fake tensors hold no values
+    if _untouched_alias(output, input, version):
+        return output
     out: Tensor = _KeyGuard.apply(output, step, ids, fn, draw)
     return out

@@ -9,7 +9,7 @@ import torch.fx
 from torch import Tensor
 from torch.nn.modules.dropout import _DropoutNd
 
-from ._keyed import KEYINGS, context_key, guard_key
+from ._keyed import KEYINGS, context_key, guard_key, input_version
 from ._validation import as_batched, check_bool, check_channel_dim, check_int, check_p
 from .keyed import MaskKey
 
@@ -84,10 +84,13 @@ class StructuredDropout(_DropoutNd):
         A keyed layer's eager output is wrapped by :func:`~spatialdrop._keyed.guard_key`: a
         checkpoint recompute under another key than the forward's raises in backward.
         """
+        if self.keyed_seed is None:
+            return structured_forward(self, input)
+        version = input_version(input)
         out = structured_forward(self, input)
-        if self.keyed_seed is None or not isinstance(out, Tensor):
+        if not isinstance(out, Tensor):
             return out
-        return guard_key(type(self).__name__, out, input, self.inplace)
+        return guard_key(type(self).__name__, out, input, version)
 
     def dropout(self, input: Tensor) -> Tensor:
         """The layer's computation; subclasses implement it (see the class docstring)."""
