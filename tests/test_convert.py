@@ -187,6 +187,48 @@ def test_keyed_masks_drive_converted_layers_invariant_to_the_split() -> None:
         net(*x)  # keyed and training: outside a context the layer raises
 
 
+def _keyed_outputs(net: nn.Module) -> torch.Tensor:
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    with mask_context(step=5, sample_ids=torch.arange(4)):
+        return net(x)
+
+
+def _mixed() -> nn.Sequential:
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(8, 8, 1), TimmDropPath(drop_prob=0.5, scale_by_keep=True))
+    return nn.Sequential(nn.Conv2d(3, 8, 3), sd.SpatialDropout2d(0.5), nn.Dropout2d(0.5), block)
+
+
+def test_convert_after_keyed_masks_carries_the_keys() -> None:
+    from spatialdrop.keyed import layer_id
+
+    want = keyed_masks(convert_dropout(_mixed()), seed=11)  # converted, then keyed
+    net = _mixed()
+    net[3] = torch.compile(net[3])  # a wrapper in the path: the id of the bare name all the same
+    with pytest.warns(UserWarning, match=r"keyed_masks: 2 dropout layer\(s\) cannot draw keyed masks"):
+        keyed_masks(net, seed=11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: every new layer is keyed
+        convert_dropout(net)
+    new = [net[2], net[3]._orig_mod[1]]
+    assert [type(m) for m in new] == [sd.SpatialDropout, sd.DropPath]
+    assert [(m.keyed_seed, m.keyed_layer) for m in new] == [(11, layer_id("2")), (11, layer_id("3.1"))]
+    assert torch.equal(_keyed_outputs(net), _keyed_outputs(want))
+    keyed_masks(net, None)  # switched off: the carried keys go too
+    plain = _mixed()
+    keyed_masks(plain, None)
+    convert_dropout(plain)
+    assert all(m.keyed_seed is None for m in plain.modules() if isinstance(m, StructuredDropout))
+
+
+def test_convert_warns_when_a_keyed_model_gets_unkeyed_layers() -> None:
+    net = keyed_masks(_mixed()[:2], seed=11)
+    net.append(nn.Dropout2d(0.5))  # added after keyed_masks: it has no key to hand on
+    with pytest.warns(UserWarning, match=r"convert_dropout: the model draws keyed masks, but 1 new layer"):
+        convert_dropout(net)
+    assert net[2].keyed_seed is None
+
+
 @pytest.mark.slow
 def test_converted_net_compiles_fullgraph() -> None:
     conv = nn.Conv2d(3, 8, 3)
@@ -461,11 +503,11 @@ class MyDropout2d(nn.Dropout2d):
     ("model", "kwargs", "got"),
     [
         (nn.Sequential(nn.Linear(2, 2)), {}, "got one without dropout layers"),
-        (
-            nn.Sequential(nn.Dropout(0.1), sd.SpatialDropout2d(0.1), MyDropout2d(0.1)),
+        (  # without a spatialdrop layer: with one, nothing to convert is a no-op (see below)
+            nn.Sequential(nn.Dropout(0.1), MyDropout2d(0.1)),
             {},
             "got one whose dropout layers are Dropout x1 (elementwise: no counterpart, stays), "
-            "MyDropout2d x1 (a subclass: left alone), SpatialDropout2d x1 (spatialdrop's already)",
+            "MyDropout2d x1 (a subclass: left alone)",
         ),
         (
             nn.Sequential(nn.Dropout1d(0.1), nn.Dropout1d(0.1)),
@@ -486,6 +528,37 @@ def test_nothing_to_convert_is_an_error_that_says_why(model: nn.Module, kwargs: 
     ) as e:
         convert_dropout(model, **kwargs)
     assert str(e.value).endswith(got)
+
+
+@pytest.mark.parametrize("include", [None, [nn.Dropout2d], {nn.Dropout2d, nn.Dropout1d}])
+def test_a_second_conversion_is_a_no_op(include: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout2d(0.2), nn.Dropout(0.1), MyDropout2d(0.1))
+    assert convert_dropout(net, include=include) is net
+    converted = list(net)
+    capsys.readouterr()
+    assert convert_dropout(net, include=include) is net  # no error, nothing changed
+    assert list(net) == converted
+    assert capsys.readouterr().out == ""
+    convert_dropout(net, include=include, verbose=True)
+    assert capsys.readouterr().out.splitlines() == [
+        "converted 0 layers: nothing to convert, the model's dropout layers are Dropout x1 (elementwise: "
+        "no counterpart, stays), MyDropout2d x1 (a subclass: left alone), SpatialDropout x1 "
+        "(spatialdrop's already)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "include",
+    [
+        [nn.Dropout2d, TimmDropPath],
+        {nn.Dropout2d, TimmDropPath},
+        dict.fromkeys([nn.Dropout2d, TimmDropPath]).keys(),
+    ],
+)
+def test_include_takes_any_collection_of_types(include: Any) -> None:
+    net = nn.Sequential(nn.Dropout2d(0.1), nn.Dropout1d(0.1), TimmDropPath(drop_prob=0.1))
+    convert_dropout(net, include=include)
+    assert [type(m) for m in net] == [sd.SpatialDropout, nn.Dropout1d, sd.DropPath]
 
 
 def test_verbose_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -555,8 +628,8 @@ def test_mc_predict_include_and_batch_mode() -> None:
             return x * (torch.rand_like(x) > 0.5) * 2 if self.training else x
 
     net = nn.Sequential(nn.Linear(3, 3), Mine())
-    with pytest.raises(ValueError, match=r"mc_dropout: model must be a model with dropout layers"):
-        mc_predict(net, torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"mc_predict: model must be a model with dropout layers"):
+        mc_predict(net, torch.randn(2, 3))  # named: mc_predict, the function called
     assert (mc_predict(net, torch.randn(2, 3), samples=10, include=Mine).variance > 0).any()
     batch = nn.Sequential(nn.Linear(3, 3), StochasticDepth(p=0.5, mode="batch"))
     with pytest.raises(

@@ -419,8 +419,11 @@ def test_mc_predict_of_a_keyed_model_draws_a_fresh_key_per_pass() -> None:
 def test_mc_predict_of_a_keyed_model_needs_a_context_and_no_batching() -> None:
     net = keyed_net()
     x = torch.randn(2, 3, 6, 6)
-    with pytest.raises(RuntimeError, match="mask_context"):
+    with pytest.raises(
+        RuntimeError, match=r"mc_predict: the model draws keyed masks.*also for inference.*mask_context"
+    ) as e:
         mc_predict(net, x, samples=3)
+    assert "training" not in str(e.value)
     with (
         mask_context(step=0, sample_ids=torch.arange(2)),
         pytest.raises(ValueError, match=r"mc_predict: batched must be False for a model with keyed masks"),

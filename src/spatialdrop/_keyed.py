@@ -198,7 +198,9 @@ def input_version(input: object) -> int | None:
     ``None`` where :func:`guard_key` wraps nothing anyway (not a plain tensor, under the compiler
     or a torch.func transform), so that nothing is read there.
     """
-    if type(input) is not Tensor or is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if type(input) is not Tensor or is_compiling():
+        return None
+    if torch._C._functorch.peek_interpreter_stack() is not None:
         return None
     return input._version
 

@@ -19,11 +19,12 @@ from ._validation import Shown, check_bool, fail
 from .alpha import AlphaSpatialDropout
 from .drop_block import DropBlock, DropBlock2d, DropBlock3d
 from .drop_path import DropPath
+from .keyed import carry_keys
 from .spatial_dropout import SpatialDropout, SpatialDropout1d, SpatialDropout3d
 
 __all__ = ["convert_dropout"]
 
-Types = Union[type, tuple[type, ...]]
+Types = Union[type, Iterable[type]]
 Exclude = Union[str, type, Iterable[Union[str, type]]]
 
 
@@ -226,10 +227,14 @@ def _describe_new(m: StructuredDropout) -> str:
 def _kinds(fn: str, include: Types | None) -> tuple[Peer, ...]:
     if include is None:
         return PEERS
-    types = include if isinstance(include, tuple) else (include,)
+    types = (include,) if isinstance(include, type) else include
     known = ", ".join(p.label for p in PEERS)
+    allowed = f"None or layer types to convert, a type or a collection of them ({known})"
+    if isinstance(include, str) or not isinstance(types, Iterable):
+        fail(fn, "include", allowed, include, kind=TypeError)
+    types = tuple(types)
     if not types or not all(isinstance(t, type) for t in types):
-        fail(fn, "include", f"None or layer types to convert ({known})", include, kind=TypeError)
+        fail(fn, "include", allowed, include, kind=TypeError)
     kinds = []
     for t in types:
         peer = _peer_of_class(t)
@@ -314,12 +319,17 @@ def convert_dropout(
     recognised by module path and name: spatialdrop does not import timm or torchvision. Call
     it before ``torch.compile``, ``DistributedDataParallel`` or ``fully_shard`` wrap the model;
     the optimizer can be built before or after (no parameter changes). Hooks registered on the
-    old layers are not carried over.
+    old layers are not carried over. Keyed masks are: after :func:`~spatialdrop.keyed_masks`,
+    each new layer draws keyed masks with the seed and the layer id that ``keyed_masks`` gave
+    the layer it replaces (a ``UserWarning`` names new layers of a keyed model that replace
+    layers ``keyed_masks`` did not see). A model converted before, with nothing left to convert,
+    is returned as it is (``verbose`` says so).
 
     Args:
         model: the model to edit (or a single layer, whose replacement is returned).
-        include: the layer types to convert, a type or a tuple of them, each one of the kinds above
-            (e.g. ``timm.layers.DropPath`` or ``nn.Dropout2d``). Default: ``None``, every kind.
+        include: the layer types to convert, a type or a collection of them (tuple, list, set),
+            each one of the kinds above (e.g. ``timm.layers.DropPath`` or ``nn.Dropout2d``).
+            Default: ``None``, every kind.
         exclude: layers to leave as they are: module names as in ``model.named_modules()`` (a
             name excludes everything inside it too) and module types (instances and everything
             inside them), a single one or an iterable. Default: none.
@@ -331,14 +341,15 @@ def convert_dropout(
         ``model``, edited in place (the new layer when ``model`` itself is one to convert).
 
     Raises:
-        ValueError: when there is nothing to convert (the message lists the dropout layers the
-            model has and why they stay), when a layer has no counterpart (torchvision's
-            ``StochasticDepth(mode="batch")``) or a setting that the new layer refuses (the
-            message names the layer; ``exclude`` it to convert the rest). Nothing is changed
-            then.
+        ValueError: when there is nothing to convert in a model without spatialdrop layers (the
+            message lists the dropout layers the model has and why they stay), when a layer has
+            no counterpart (torchvision's ``StochasticDepth(mode="batch")``) or a setting that
+            the new layer refuses (the message names the layer; ``exclude`` it to convert the
+            rest). Nothing is changed then.
 
     Warns:
-        UserWarning: once per kind of layer whose meaning changes (DropBlock), saying how.
+        UserWarning: once per kind of layer whose meaning changes (DropBlock), saying how; and
+            when new layers of a keyed model get no key (see above).
 
     Examples:
         >>> import torch
@@ -355,7 +366,11 @@ def convert_dropout(
           (2): Conv2d(8, 8, kernel_size=(1, 1), stride=(1, 1))
           (3): Dropout(p=0.1, inplace=False)
         )
-        >>> convert_dropout(net)  # doctest: +ELLIPSIS
+        >>> convert_dropout(net, verbose=True) is net  # doctest: +NORMALIZE_WHITESPACE
+        converted 0 layers: nothing to convert, the model's dropout layers are
+        Dropout x1 (elementwise: no counterpart, stays), SpatialDropout x1 (spatialdrop's already)
+        True
+        >>> convert_dropout(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout(0.1)))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
           ...
         ValueError: convert_dropout: model must be a model that holds a layer to convert (...), got one...
@@ -393,6 +408,11 @@ def convert_dropout(
     for i in skipped:
         found.pop(i, None)
     if not found:
+        if any(isinstance(m, StructuredDropout) for m in model.modules()):  # converted before: a no-op
+            if verbose:
+                got = _nothing_got(model, kinds, skipped).removeprefix("one whose dropout layers are ")
+                print(f"converted 0 layers: nothing to convert, the model's dropout layers are {got}")
+            return model
         fail(fn, "model", _nothing_allowed(kinds, include), Shown(_nothing_got(model, kinds, skipped)))
 
     new: dict[int, StructuredDropout] = {}
@@ -405,6 +425,7 @@ def convert_dropout(
         except (ValueError, TypeError) as e:  # our constructor refuses a setting (p = 1 for DropBlock)
             fail(fn, "model", _refused(places[0][2], str(e)), Shown(old), kind=type(e))
         new[i] = layer.train(m.training)
+    carry_keys(fn, model, [(m, new[i]) for i, (m, _, _) in found.items()])
 
     rows: list[tuple[str, str, str]] = []
     counts: dict[str, int] = {}

@@ -63,15 +63,24 @@ _MAX_SEED = 1 << 64
 #: is a name component like any other.
 WRAPPERS: tuple[tuple[str, str, str], ...] = (
     ("torch._dynamo.eval_frame", "OptimizedModule", "_orig_mod"),  # torch.compile(module)
-    # checkpoint_wrapper, offload_wrapper (apply_activation_checkpointing)
-    ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "ActivationWrapper", "_checkpoint_wrapped_module"),
-    ("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel", "_fsdp_wrapped_module"),
+    (  # checkpoint_wrapper, offload_wrapper (apply_activation_checkpointing)
+        "torch.distributed.algorithms._checkpoint.checkpoint_wrapper",
+        "ActivationWrapper",
+        "_checkpoint_wrapped_module",
+    ),
+    (
+        "torch.distributed.fsdp.fully_sharded_data_parallel",
+        "FullyShardedDataParallel",
+        "_fsdp_wrapped_module",
+    ),
     ("torch.nn.parallel.distributed", "DistributedDataParallel", "module"),
     ("torch.nn.parallel.data_parallel", "DataParallel", "module"),
     ("torch.optim.swa_utils", "AveragedModel", "module"),  # SWA / EMA copies
     ("torch.ao.quantization.stubs", "QuantWrapper", "module"),
 )
 _WRAPPED_BY = {(module, name): attr for module, name, attr in WRAPPERS}
+# the attribute under which keyed_masks leaves (seed, layer id) on a dropout layer it cannot key
+_CARRIED = "_spatialdrop_keyed"
 
 
 class MaskKey(NamedTuple):
@@ -457,8 +466,10 @@ def keyed_masks(model: nn.Module, seed: int | None) -> nn.Module:
     Gaussian and alpha dropout, DropBlock, DropPath) draw each sample's masks from ``(seed,
     step, layer, sample id)``; filter dropout, whose mask is shared by the batch, declares
     ``"per_call"`` and draws it from ``(seed, step, layer)`` only. Other dropout layers of the
-    model (torch's ``nn.Dropout*``, every ``_DropoutNd`` that declares no keying) are skipped:
-    they keep drawing from torch's generator, and a :class:`UserWarning` names them.
+    model (torch's ``nn.Dropout*``, every ``_DropoutNd`` that declares no keying, timm's and
+    torchvision's) are skipped: they keep drawing from torch's generator, and a
+    :class:`UserWarning` names them. Each remembers the key it would have had: a later
+    :func:`~spatialdrop.convert_dropout` gives it to the spatialdrop layer that replaces it.
 
     Each layer gets the id :func:`layer_id` of its qualified name, so the ids depend neither on
     the order in which the layers were built nor on anything a ``state_dict`` holds: rebuild the
@@ -500,22 +511,24 @@ def keyed_masks(model: nn.Module, seed: int | None) -> nn.Module:
     from torch import nn
     from torch.nn.modules.dropout import _DropoutNd
 
+    from .convert import peer_dropout  # here: convert imports the layers, which import this module
+
     fn = "keyed_masks"
     if not isinstance(model, nn.Module):
         fail(fn, "model", "a torch.nn.Module", Shown(type(model).__name__), kind=TypeError)
     if seed is not None:
         seed = _check_u64(fn, "seed", seed)
-    keyed, skipped = [], []
+    keyed: list[tuple[str, Any]] = []  # Any: nn.Module types attributes as Tensor | Module
+    others: list[tuple[str, nn.Module]] = []
     for name, module in keyed_names(model):
         if getattr(type(module), "keying", None) in KEYINGS:
             keyed.append((name, module))
-        elif isinstance(module, _DropoutNd):
-            skipped.append(f"{name or 'model'} ({type(module).__name__})")
+        elif isinstance(module, _DropoutNd) or peer_dropout(module) is not None:
+            others.append((name, module))
     if not keyed:
         counts: dict[str, int] = {}
-        for module in model.modules():
-            if isinstance(module, _DropoutNd):
-                counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+        for _, module in others:
+            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
         got = ", ".join(f"{t} x{n}" for t, n in sorted(counts.items()))
         fail(
             fn,
@@ -527,11 +540,41 @@ def keyed_masks(model: nn.Module, seed: int | None) -> nn.Module:
     for name, module in keyed:
         module.keyed_seed = seed
         module.keyed_layer = None if seed is None else layer_id(name)
-    if skipped and seed is not None:
+    for name, module in others:  # the key convert_dropout hands on to the layer that replaces it
+        if seed is None:
+            module.__dict__.pop(_CARRIED, None)
+        else:
+            module.__dict__[_CARRIED] = (seed, layer_id(name))
+    if others and seed is not None:
+        shown = ", ".join(f"{name or 'model'} ({type(module).__name__})" for name, module in others)
         warnings.warn(
-            f"{fn}: {len(skipped)} dropout layer(s) cannot draw keyed masks and keep using torch's "
-            f"generator: {', '.join(skipped)}",
+            f"{fn}: {len(others)} dropout layer(s) cannot draw keyed masks and keep using torch's "
+            f"generator: {shown}",
             UserWarning,
             stacklevel=2,
         )
     return model
+
+
+def carry_keys(fn: str, model: nn.Module, replaced: list[tuple[nn.Module, nn.Module]]) -> None:
+    """Give each new layer the key :func:`keyed_masks` left on the layer it replaces.
+
+    ``replaced``: ``(old, new)`` pairs of a conversion of ``model``. A new layer whose old one
+    has no key stays unkeyed; a :class:`UserWarning` names it when other layers of ``model`` are
+    keyed (the model was keyed before the layer was added).
+    """
+    lost = []
+    for old, new in replaced:
+        key = old.__dict__.get(_CARRIED)
+        if key is not None and getattr(type(new), "keying", None) in KEYINGS:
+            new.keyed_seed, new.keyed_layer = key
+        else:
+            lost.append(type(new).__name__)
+    if lost and any(getattr(m, "keyed_seed", None) is not None for m in model.modules()):
+        warnings.warn(
+            f"{fn}: the model draws keyed masks, but {len(lost)} new layer(s) "
+            f"({', '.join(sorted(set(lost)))}) replace layers that keyed_masks did not see and draw "
+            "from torch's generator: call spatialdrop.keyed_masks(model, seed) again",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -20,7 +20,7 @@ from .spatial_dropout import SpatialDropout1d, SpatialDropout2d, SpatialDropout3
 __all__ = ["MCPrediction", "add_dropout", "mc_dropout", "mc_predict"]
 
 Factory = Callable[[nn.Module], nn.Module]
-Types = Union[type, tuple[type, ...]]
+Types = Union[type, Iterable[type]]
 
 _SPATIAL = {1: SpatialDropout1d, 2: SpatialDropout2d, 3: SpatialDropout3d}
 
@@ -38,10 +38,16 @@ def _default_factory(m: nn.Module) -> nn.Module:
     )
 
 
-def _types(fn: str, arg: str, value: object) -> tuple[type, ...]:
-    types = value if isinstance(value, tuple) else (value,)
-    if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
-        fail(fn, arg, "an nn.Module subclass or a non-empty tuple of them", value, kind=TypeError)
+def _types(fn: str, arg: str, value: object, *, empty: bool = False) -> tuple[type, ...]:
+    """``value`` (a module type or any collection of them) as a tuple; ``empty``: may be empty."""
+    allowed = f"an nn.Module subclass or a {'' if empty else 'non-empty '}tuple (or other collection) of them"
+    if isinstance(value, type):
+        value = (value,)
+    if not isinstance(value, Iterable) or isinstance(value, (str, bytes, nn.Module)):
+        fail(fn, arg, allowed, value, kind=TypeError)
+    types = tuple(value)
+    if (not types and not empty) or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        fail(fn, arg, allowed, value, kind=TypeError)
     return types
 
 
@@ -61,7 +67,7 @@ def add_dropout(
 
     Args:
         model: the model to edit.
-        after: a module type or a tuple of them. Default: ``(nn.Conv2d,)``.
+        after: a module type or a collection of them (tuple, list, set). Default: ``(nn.Conv2d,)``.
         factory: ``factory(matched_module)`` returns the new layer, called once per match so that
             no layer is shared. Default: ``SpatialDropout{1,2,3}d(0.1)`` for ``nn.Conv{1,2,3}d``
             (and an error for other types).
@@ -170,6 +176,13 @@ def _rate(m: nn.Module) -> float | None:
     return None if peer is None else peer_rate(m, peer)
 
 
+def _check_has_dropout(fn: str, modules: list[nn.Module], extra: tuple[type, ...]) -> None:
+    """Refuse a model without dropout layers: every Monte Carlo sample would be the same."""
+    if not any(_is_dropout(m, extra) for m in modules):
+        types = sorted({type(m).__name__ for m in modules})
+        fail(fn, "model", "a model with dropout layers", Shown(f"one with only {', '.join(types)}"))
+
+
 @contextlib.contextmanager
 def mc_dropout(model: nn.Module, *, include: Types = ()) -> Iterator[nn.Module]:
     """Context manager for MC dropout: only the dropout layers train, everything else is in eval.
@@ -210,11 +223,9 @@ def mc_dropout(model: nn.Module, *, include: Types = ()) -> Iterator[nn.Module]:
     fn = "mc_dropout"
     if not isinstance(model, nn.Module):
         fail(fn, "model", "an nn.Module", Shown(type(model).__name__), kind=TypeError)
-    extra = () if include == () else _types(fn, "include", include)
+    extra = _types(fn, "include", include, empty=True)
     modules = list(model.modules())
-    if not any(_is_dropout(m, extra) for m in modules):
-        types = sorted({type(m).__name__ for m in modules})
-        fail(fn, "model", "a model with dropout layers", Shown(f"one with only {', '.join(types)}"))
+    _check_has_dropout(fn, modules, extra)
     previous = [(m, m.training) for m in modules]
     try:
         for m in modules:
@@ -277,7 +288,8 @@ def mc_predict(
     id), so every pass would draw the same masks; instead pass ``t`` (``0 .. samples - 1``)
     keys each layer with the derived layer id ``mc_layer(layer, t)`` of
     :mod:`spatialdrop.keyed` (pass 0 uses the ordinary keys), which makes the prediction as
-    reproducible as the keyed masks themselves. Outside a context a keyed layer raises.
+    reproducible as the keyed masks themselves. Outside a context ``mc_predict`` raises a
+    ``RuntimeError`` before any pass.
 
     Returns:
         :class:`MCPrediction` ``(mean, variance, entropy)``: mean and variance shaped like one
@@ -309,8 +321,17 @@ def mc_predict(
     check_bool(fn, "softmax", softmax)
     check_bool(fn, "batched", batched)
     check_int(fn, "class_dim", class_dim)
-    extra = () if include == () else _types(fn, "include", include)
+    extra = _types(fn, "include", include, empty=True)
+    _check_has_dropout(fn, list(model.modules()), extra)
     keyed = any(getattr(m, "keyed_seed", None) is not None for m in model.modules())
+    if keyed and current_context() is None:
+        raise RuntimeError(
+            f"{fn}: the model draws keyed masks (set by spatialdrop.keyed_masks), which need a step "
+            "and the samples' ids also for inference: call mc_predict inside `with "
+            "spatialdrop.mask_context(step=..., sample_ids=...):` (any fixed step and the inputs' "
+            "ids make the prediction reproducible), or switch keyed masks off with "
+            "spatialdrop.keyed_masks(model, None)"
+        )
     if batched:
         if x.dim() < 1:
             fail(fn, "x", "a tensor with a batch dim 0 when batched=True", Shown("a 0-D tensor"))
