@@ -202,6 +202,25 @@ def test_mc_dropout_restores_after_exception_and_keeps_batchnorm_stats() -> None
     assert y1.shape == (2, 4, 3, 3)
 
 
+def test_types_arguments_take_any_collection() -> None:
+    class MyDrop(nn.Module):
+        pass
+
+    net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Linear(3, 3), nn.Conv1d(3, 3, 1))
+    add_dropout(net, after=[nn.Conv2d, nn.Conv1d])
+    assert [type(m) for m in net] == [nn.Conv2d, SpatialDropout2d, nn.Linear, nn.Conv1d, SpatialDropout1d]
+    plain = nn.Sequential(nn.Linear(2, 2), MyDrop())
+    for include in ([MyDrop], {MyDrop}):
+        with mc_dropout(plain, include=include):
+            assert plain[1].training
+    with mc_dropout(net, include=[]):  # an empty collection: nothing more than the known layers
+        assert net[1].training
+    with pytest.raises(TypeError, match=r"mc_dropout: include must be an nn.Module subclass or a tuple"):
+        enter(mc_dropout(net, include="MyDrop"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"add_dropout: after must be an nn.Module subclass or a non-empty"):
+        add_dropout(net, after=nn.Sequential(nn.Conv2d(3, 3, 1)))  # type: ignore[arg-type]
+
+
 def test_mc_dropout_samples_differ_include_and_errors() -> None:
     net = nn.Sequential(nn.Linear(8, 8), SpatialDropout1d(0.5)).eval()
     x = torch.randn(4, 8, 3)
