@@ -229,6 +229,17 @@ def test_convert_warns_when_a_keyed_model_gets_unkeyed_layers() -> None:
     assert net[2].keyed_seed is None
 
 
+@pytest.mark.parametrize("layer", [sd.SpatialDropout(0.1), sd.DropBlock2d(0.1, 3), sd.DropPath(0.1)])
+def test_torchscript_is_refused_clearly(layer: nn.Module) -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(layer))
+    torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout2d(0.1)))  # torch's: scriptable
+    name = type(layer).__name__
+    with pytest.raises(
+        TypeError, match=rf"torch.jit.script: {name} \(spatialdrop\) does not support TorchScript"
+    ):
+        torch.jit.script(net)
+
+
 @pytest.mark.slow
 def test_converted_net_compiles_fullgraph() -> None:
     conv = nn.Conv2d(3, 8, 3)
@@ -803,6 +814,17 @@ def test_real_model_mc_predict_without_conversion(name: str, x64: torch.Tensor) 
     assert (out.variance > 0).any()
     assert all(torch.equal(v, bn[k]) for k, v in _bn_state(model).items())
     assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.models
+def test_converted_timm_model_refuses_torchscript_clearly() -> None:
+    model = MODELS["timm-convnext_atto"]()
+    torch.jit.script(model)  # timm's model is scriptable; converted, it is refused with a reason
+    convert_dropout(model)
+    with pytest.raises(
+        TypeError, match=r"torch.jit.script: DropPath \(spatialdrop\) does not support TorchScript"
+    ):
+        torch.jit.script(model)
 
 
 @pytest.mark.models

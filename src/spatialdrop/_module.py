@@ -92,6 +92,19 @@ class StructuredDropout(_DropoutNd):
             return out
         return guard_key(type(self).__name__, out, input, version)
 
+    def __prepare_scriptable__(self) -> StructuredDropout:
+        """Refuse ``torch.jit.script`` with a clear message (it calls this before compiling).
+
+        TorchScript, which torch deprecates, cannot compile the layers' Python (keyword-only
+        options, keyed masks, custom ops): the model is exported with ``torch.export.export`` or
+        compiled with ``torch.compile`` instead.
+        """
+        raise TypeError(
+            f"torch.jit.script: {type(self).__name__} (spatialdrop) does not support TorchScript, which "
+            "torch deprecates: export the model with torch.export.export (ONNX: torch.onnx.export(..., "
+            "dynamo=True)) or compile it with torch.compile"
+        )
+
     def dropout(self, input: Tensor) -> Tensor:
         """The layer's computation; subclasses implement it (see the class docstring)."""
         raise NotImplementedError(f"{type(self).__name__} must implement dropout(input)")
