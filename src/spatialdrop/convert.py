@@ -19,7 +19,7 @@ from ._validation import Shown, check_bool, fail
 from .alpha import AlphaSpatialDropout
 from .drop_block import DropBlock, DropBlock2d, DropBlock3d
 from .drop_path import DropPath
-from .keyed import carry_keys
+from .keyed import OTHER_DROPOUT, carry_keys
 from .spatial_dropout import SpatialDropout, SpatialDropout1d, SpatialDropout3d
 
 __all__ = ["convert_dropout"]
@@ -184,6 +184,9 @@ def peer_dropout(m: nn.Module) -> Peer | None:
         if peer is not None and peer.package != "torch":
             return peer
     return None
+
+
+OTHER_DROPOUT.append(peer_dropout)  # keyed_masks counts them among the layers it cannot key
 
 
 def peer_rate(m: nn.Module, peer: Peer) -> float | None:

@@ -37,7 +37,7 @@ import hashlib
 import numbers
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import torch
@@ -81,6 +81,11 @@ WRAPPERS: tuple[tuple[str, str, str], ...] = (
 _WRAPPED_BY = {(module, name): attr for module, name, attr in WRAPPERS}
 # the attribute under which keyed_masks leaves (seed, layer id) on a dropout layer it cannot key
 _CARRIED = "_spatialdrop_keyed"
+
+#: Tests that recognise the dropout layers of other libraries that are no ``_DropoutNd`` (timm's
+#: and torchvision's; :mod:`spatialdrop.convert`, which knows them, registers its test here, as
+#: this module may not import it): :func:`keyed_masks` counts them among the layers it cannot key.
+OTHER_DROPOUT: list[Callable[[nn.Module], object]] = []
 
 
 class MaskKey(NamedTuple):
@@ -511,8 +516,6 @@ def keyed_masks(model: nn.Module, seed: int | None) -> nn.Module:
     from torch import nn
     from torch.nn.modules.dropout import _DropoutNd
 
-    from .convert import peer_dropout  # here: convert imports the layers, which import this module
-
     fn = "keyed_masks"
     if not isinstance(model, nn.Module):
         fail(fn, "model", "a torch.nn.Module", Shown(type(model).__name__), kind=TypeError)
@@ -523,7 +526,7 @@ def keyed_masks(model: nn.Module, seed: int | None) -> nn.Module:
     for name, module in keyed_names(model):
         if getattr(type(module), "keying", None) in KEYINGS:
             keyed.append((name, module))
-        elif isinstance(module, _DropoutNd) or peer_dropout(module) is not None:
+        elif isinstance(module, _DropoutNd) or any(recognise(module) for recognise in OTHER_DROPOUT):
             others.append((name, module))
     if not keyed:
         counts: dict[str, int] = {}
