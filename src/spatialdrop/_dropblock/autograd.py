@@ -10,7 +10,7 @@ or the key's step and sample ids, and ``p`` (a float64 scalar).
 
 Each formula is written once (:func:`_setup_forward` / :func:`_setup_backward` and
 :func:`_replay`) and registered twice, because torch.func's transforms (``grad``, ``vmap``,
-``jacrev``) reject the autograd of a ``torch.library.custom_op`` (it has no ``setup_context``
+``jacrev``, ``jvp``) reject the autograd of a ``torch.library.custom_op`` (it has no ``setup_context``
 staticmethod): with :func:`torch.library.register_autograd` on the op (eager, ``torch.compile``,
 ``opcheck``), and as :class:`ForwardFunction` / :class:`BackwardFunction`, the
 ``autograd.Function`` form that torch.func runs (:func:`call_forward` and the formula pick it
@@ -18,13 +18,20 @@ when a functorch transform is active). The vmap rule of each op runs it once per
 a batched seed (``randomness="different"``) gives each slice its own mask, an unbatched one
 (``"same"``, or a key) the same mask; under vmap no plan is kept (plans of different lengths
 cannot be stacked).
+
+Forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``): the same formula
+is the tangent's, ``jvp = mask * scale * tangent`` (the op is linear in its input), given as
+the ``jvp`` of :class:`ForwardFunction` and :class:`BackwardFunction`; an input that carries a
+forward-mode tangent (:func:`has_tangent`) is sent to them, as under torch.func.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
@@ -62,6 +69,7 @@ __all__ = [
     "direct_call_ok",
     "functorch_active",
     "fused_eager_takes",
+    "has_tangent",
 ]
 
 # the ops' arguments: input, seed, p, block_size, channel_dim, shared, seeding, scale, words, step,
@@ -79,19 +87,28 @@ def functorch_active() -> bool:
     return not is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _setup_forward(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+def has_tangent(input: Tensor) -> bool:
+    """Whether ``input`` carries a forward-mode tangent (``torch.autograd.forward_ad``, eager mode)."""
+    return fwAD._current_level >= 0 and not is_compiling() and fwAD.unpack_dual(input).tangent is not None
+
+
+def _setup_forward(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...], jvp: bool = False) -> None:
     _, seed, p, blocks, channel_dim, shared, seeding, scale, words, step, ids, _, window = inputs
     _, heads, info, factor = output
     ctx.save_for_backward(heads, info, factor, seed, p, step, ids)
+    if jvp:  # the torch.func form: the same tensors for the tangent's formula
+        ctx.save_for_forward(heads, info, factor, seed, p, step, ids)
     ctx.options = (blocks, channel_dim, shared, seeding, scale, words, window)
     ctx.mark_non_differentiable(heads, info, factor)
 
 
-def _setup_backward(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+def _setup_backward(ctx: Any, inputs: tuple[Any, ...], output: Tensor, jvp: bool = False) -> None:
     _, heads, info, factor, seed, p, blocks, channel_dim, shared, seeding, scale, words, step, ids, window = (
         inputs
     )
     ctx.save_for_backward(heads, info, factor, seed, p, step, ids)
+    if jvp:
+        ctx.save_for_forward(heads, info, factor, seed, p, step, ids)
     ctx.options = (blocks, channel_dim, shared, seeding, scale, words, window)
 
 
@@ -126,8 +143,17 @@ def _backward_grads(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
     return (_replay(ctx, grad),) + (None,) * (_BACKWARD_ARGS - 1)
 
 
-def _function(name: str, op: Any, setup: Any, grads: Any) -> type[torch.autograd.Function]:
-    """An ``autograd.Function`` that calls ``op`` with its formula (``setup``, ``grads``), for torch.func."""
+def _forward_jvp(ctx: Any, tangent: Optional[Tensor], *_: Any) -> tuple[Optional[Tensor], ...]:
+    return (None if tangent is None else _replay(ctx, tangent), None, None, None)
+
+
+def _backward_jvp(ctx: Any, tangent: Optional[Tensor], *_: Any) -> Optional[Tensor]:
+    return None if tangent is None else _replay(ctx, tangent)
+
+
+def _function(name: str, op: Any, setup: Any, grads: Any, jvp: Any) -> type[torch.autograd.Function]:
+    """An ``autograd.Function`` that calls ``op`` with its formula (``setup``, ``grads``, ``jvp``), for
+    torch.func and forward-mode AD."""
 
     def forward(*args: Any) -> Any:
         return op(*args)
@@ -136,14 +162,17 @@ def _function(name: str, op: Any, setup: Any, grads: Any) -> type[torch.autograd
         "__doc__": f"``{op._qualname}`` with its formula, for torch.func transforms.",
         "generate_vmap_rule": True,
         "forward": staticmethod(forward),
-        "setup_context": staticmethod(setup),
+        "setup_context": staticmethod(functools.partial(setup, jvp=True)),
         "backward": staticmethod(grads),
+        "jvp": staticmethod(jvp),
     }
     return type(name, (torch.autograd.Function,), attrs)
 
 
-ForwardFunction = _function("ForwardFunction", drop_block_op, _setup_forward, _forward_grads)
-BackwardFunction = _function("BackwardFunction", drop_block_backward, _setup_backward, _backward_grads)
+ForwardFunction = _function("ForwardFunction", drop_block_op, _setup_forward, _forward_grads, _forward_jvp)
+BackwardFunction = _function(
+    "BackwardFunction", drop_block_backward, _setup_backward, _backward_grads, _backward_jvp
+)
 
 
 class InplaceFunction(torch.autograd.Function):
@@ -266,13 +295,15 @@ def direct_call_ok(input: Tensor) -> bool:
     """Whether the ops' plain functions may run without the dispatcher: eager, a plain tensor.
 
     Not under ``torch.compile``, a torch.func transform or a dispatch mode (fake tensors, probes),
-    and not for tensor subclasses: those need the op (its fake function, its registrations).
+    and not for tensor subclasses: those need the op (its fake function, its registrations); not
+    for an input with a forward-mode tangent (:func:`call_forward` takes it).
     """
     return (
         type(input) in (Tensor, torch.nn.Parameter)
         and not is_compiling()
         and not functorch_active()
         and _current_dispatch_mode() is None
+        and not has_tangent(input)
     )
 
 
@@ -281,15 +312,16 @@ def _no_plan(args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def call_forward(*args: Any) -> tuple[Tensor, ...]:
-    """Call ``spatialdrop::drop_block``, through :class:`ForwardFunction` under torch.func."""
-    if functorch_active():
+    """Call ``spatialdrop::drop_block``, through :class:`ForwardFunction` under torch.func or forward AD."""
+    if functorch_active() or has_tangent(args[0]):
         return ForwardFunction.apply(*_no_plan(args))
     return drop_block_op(*args)
 
 
 def call_backward(*args: Any) -> Tensor:
-    """Call ``spatialdrop::drop_block_backward``, through :class:`BackwardFunction` under torch.func."""
-    if functorch_active():
+    """Call ``spatialdrop::drop_block_backward``, through :class:`BackwardFunction` under torch.func or
+    forward AD."""
+    if functorch_active() or has_tangent(args[0]):
         return BackwardFunction.apply(*args)
     if not torch.is_grad_enabled() and direct_call_ok(args[0]):  # no graph to record: the function
         return backward_impl(*args)

@@ -50,6 +50,7 @@ from .autograd import (
     direct_call_ok,
     functorch_active,
     fused_eager_takes,
+    has_tangent,
 )
 from .calibration import p_tensor
 from .dense import drop_block_dense
@@ -108,7 +109,13 @@ def run(
             input, drop_block_dense(input, p, geo, seeding, scale, generator, key, window), inplace
         )
     if _static_path(input):
-        if window is None and 1 <= len(geo.sizes) <= 3 and triton_available(input) and not functorch_active():
+        if (
+            window is None
+            and 1 <= len(geo.sizes) <= 3
+            and triton_available(input)
+            and not functorch_active()
+            and not has_tangent(input)
+        ):
             out = triton_drop_block(
                 input,
                 p_tensor(p),
@@ -130,12 +137,18 @@ def run(
         fast: Tensor = FusedFunction.apply(input, seed, p, geo, seeding, scale, key, (words, step, ids))
         return fast
     plan = PLAN_EXACT  # eager: keep the plan, of data-dependent length
-    if geo.shared or functorch_active():
+    if geo.shared or functorch_active() or has_tangent(input):  # ForwardFunction: no plan
         plan = PLAN_NONE
     elif is_compiling():
         plan = PLAN_STATIC
     args = (input, seed, p_tensor(p), list(geo.blocks), geo.channel_dim, geo.shared, seeding, scale)
-    if inplace and plan != PLAN_STATIC and not functorch_active() and is_dense(input):
+    if (
+        inplace
+        and plan != PLAN_STATIC
+        and not functorch_active()
+        and not has_tangent(input)
+        and is_dense(input)
+    ):
         written: Tensor = InplaceFunction.apply(*args, words, step, ids, plan, window)
         return written
     if plan == PLAN_EXACT and direct_call_ok(input):
