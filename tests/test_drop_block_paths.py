@@ -350,3 +350,65 @@ def test_export_never_holds_the_triton_op(monkeypatch: pytest.MonkeyPatch) -> No
     assert not any("spatialdrop" in t for t in targets), targets
     y = program.module()(torch.ones(8, 4, 9, 9))
     assert 0.15 < float((y == 0).float().mean()) < 0.45
+
+
+# --- non-finite input: one rule on every path (issue 29) -----------------------------------------
+
+
+def with_non_finite(t: Tensor) -> Tensor:
+    """A leaf like ``t`` (its values, strides and storage offset) with NaN, inf and -inf at every
+    fifth, seventh and eleventh position."""
+    storage = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype)
+    v = storage.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(t.detach())
+    idx = torch.arange(v.numel()).view(v.shape)
+    for every, value in ((5, float("nan")), (7, float("inf")), (11, float("-inf"))):
+        v.masked_fill_(idx % every == 0, value)
+    return v.requires_grad_()
+
+
+def same_numbers(a: Tensor, b: Tensor) -> bool:
+    """Equal NaN positions and, elsewhere, equal values with the same sign (``-0.0`` is not ``0.0``)."""
+    nan = a.isnan()
+    if not torch.equal(nan, b.isnan()):
+        return False
+    a, b = a.masked_fill(nan, 1), b.masked_fill(nan, 1)
+    return torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
+
+
+NON_FINITE_LAYOUTS = [(2, "contiguous"), (2, "channels_last"), (3, "channel_dim=-1"), (1, "strided")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("rank", "layout"), NON_FINITE_LAYOUTS, ids=[f"{r}d-{lay}" for r, lay in NON_FINITE_LAYOUTS])
+@pytest.mark.parametrize("mode", OP.modes, ids=OP.mode_ids())
+def test_non_finite_input_gives_x_times_zero_on_every_path(
+    monkeypatch: pytest.MonkeyPatch, mode: Mode, rank: int, layout: str, dtype: torch.dtype
+) -> None:
+    """Dropped elements are ``x * 0`` on every path, as torch's dropout gives: NaN where ``x`` is NaN
+    or infinite, a zero of ``x``'s sign elsewhere; kept ones ``x * scale``; the gradient likewise."""
+    clean, cd = make_input(rank, layout, dtype)
+    x = with_non_finite(clean)
+    kw = block_kwargs(mode, rank)
+    key = key_for(x)
+
+    def f(t: Tensor) -> Tensor:
+        return drop_block(t, 0.3, channel_dim=cd, key=key, **kw)
+
+    with path("sparse", monkeypatch):
+        mask_y = f(clean).detach()  # the same key: the same mask; a zero there is a drop
+        ref_y, ref_g = forward_backward("sparse", f, x, with_non_finite(nonzero_input(x.shape, dtype, seed=1)))
+    dropped = mask_y == 0
+    assert dropped.any()
+    assert not dropped.all()
+    xd = x.detach()
+    assert same_numbers(ref_y[dropped], xd[dropped] * 0), "dropped elements are not x * 0"
+    assert bool(ref_y[~dropped & xd.isnan()].isnan().all())
+    assert bool(ref_y[~dropped & xd.isinf()].isinf().all())
+    w = with_non_finite(nonzero_input(x.shape, dtype, seed=1)).detach()
+    assert same_numbers(ref_g[dropped], w[dropped] * 0), "dropped gradients are not g * 0"
+    paths = EAGER_PATHS if dtype in (torch.float32, torch.bfloat16) else ["torch-ops", "func", "dense"]
+    for name in paths:
+        with path(name, monkeypatch):
+            y, g = forward_backward(name, f, x, w)
+        assert same_numbers(y, ref_y), (name, "output")
+        assert same_numbers(g, ref_g), (name, "gradient")

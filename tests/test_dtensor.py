@@ -735,3 +735,62 @@ def test_unkeyed_drop_block_rate_is_p_at_every_position_shard_borders_included(
         both = int((dropped[..., 1:4, w] & dropped[..., 1:4, w + 1]).sum())  # rows away from the edges
         where = "across a shard border" if w in borders and w + 1 in borders else "inside a shard"
         assert_binomial(both, dropped[..., 1:4, w].numel(), both_p, f"columns {w}, {w + 1} {where}")
+
+
+# --- collectives on empty shards (issue 29): every rank joins the same ones ------------------------
+
+#: A dim of size 1 split over the ranks: one rank holds it whole, the others hold empty shards
+SIZE_ONE = [Sample("c1", (3, 1, 5, 4)), Sample("h1", (3, 4, 1, 5)), Sample("w1", (3, 4, 5, 1))]
+COLLECTIVE_TIMEOUT_S = 240.0
+
+
+def _collective_cases(world: int) -> list[Case]:
+    """Every layer and mode with the size-1 dim of each :data:`SIZE_ONE` input sharded. Unkeyed, each
+    layer makes an agreed key or noise table (a broadcast), and DropBlock's realized scale sums its
+    dropped counts (an all-reduce); keyed (DropBlock only: the others have no collective then), the
+    realized scale's all-reduce alone."""
+    return [
+        Case(o.name, mode.name, s, (world,), (f"S{s.shape.index(1)}",))
+        for o in DT_OPS
+        for mode in o.modes
+        for s in SIZE_ONE
+    ]
+
+
+def _collective_worker(rank: int, world: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.manual_seed(1000 + rank)
+    mesh = init_device_mesh("cpu", (world,))
+    results: dict[str, Any] = {}
+    for case in _collective_cases(world):
+        op = OPS_BY_NAME[case.op]
+        try:  # what the unsharded call refuses (a block larger than a size-1 map with seeding="valid")
+            op.run(_build(op, case, None), nonzero_input(case.sample.shape), seed=0)
+        except ValueError:
+            continue
+        for keyed in (True, False) if op.family == "block" else (False,):
+            try:
+                results[f"{case.id}-{keyed}"] = _run_case(case, mesh, keyed, rank)
+            except Exception:
+                results[f"{case.id}-{keyed}"] = {"error": traceback.format_exc()}
+    return results
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)], ids=["world2", "world4"])
+def test_layers_with_a_collective_do_not_hang_on_empty_shards(tmp_path: Path, world: int) -> None:
+    """A rank whose shard is empty joins the same collectives as the rank holding the whole dim
+    (``DropBlock(scale="realized")`` deadlocked on a dim of size 1); the results are the unsharded ones."""
+    res = run_world(_collective_worker, world, tmp_path, timeout_s=COLLECTIVE_TIMEOUT_S)
+    assert all(set(r) == set(res[0]) for r in res)
+    realized = [name for name in res[0] if "realized" in name and name.endswith("-False")]
+    assert len(realized) >= 3 * 2 * len(SIZE_ONE)  # drop_block, DropBlock, DropBlock2d; two modes each
+    for name in res[0]:
+        for rank in range(world):
+            assert "error" not in res[rank][name], (name, rank, res[rank][name].get("error"))
+            assert res[rank][name]["dtensor"], name
+            assert torch.equal(res[rank][name]["y"], res[0][name]["y"]), (name, "replicas disagree")
+        if name.endswith("-True"):  # keyed: the unsharded call's bits
+            r0 = res[0][name]
+            assert torch.equal(r0["y"], r0["ref"]), (name, "output")
+            assert torch.equal(r0["grad"], r0["ref_grad"]), (name, "gradient")

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import spatialdrop as sd
 from conftest import assert_binomial
 from spatialdrop import MaskKey
 from spatialdrop._dropblock.keyed_seeds import DOMAIN, chunk_length, draw_keyed_seeds, rule_key, seed_rule
@@ -161,3 +162,21 @@ def test_keyed_drop_block_same_on_any_batch_split(shared: bool) -> None:
     for lo, hi in ((0, 1), (1, 4), (4, 6)):
         part = drop_block(x[lo:hi], 0.3, (3, 2), shared_channels=shared, key=MaskKey(4, 8, 15, ids[lo:hi]))
         assert torch.equal(part, whole[lo:hi])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_keyed_seed_grid_past_2_34_places_names_block_size_and_the_input(shared: bool) -> None:
+    """A sample's keyed seed grid of more than 2**34 places is refused by the public function, naming
+    ``block_size`` and the input's size (not the internal ``draw_keyed_seeds``), for the module too."""
+    x = torch.ones(2, 3, 4, 4)
+    block = (2**17, 2**17)  # (4 + 2**17 - 1) ** 2 > 2**34 places per map
+    key = sd.MaskKey(1, 2, 3, torch.arange(2))
+    pattern = (
+        r"^drop_block: block_size must be small enough, for an input of size \(2, 3, 4, 4\), that a "
+        r"sample's keyed seed grid .* has at most 2\*\*34 places; it would have \d+, got \(131072, 131072\)$"
+    )
+    with pytest.raises(ValueError, match=pattern):
+        sd.functional.drop_block(x, 0.1, block, shared_channels=shared, key=key)
+    m = sd.keyed_masks(sd.DropBlock2d(0.1, block, shared_channels=shared), 1)
+    with pytest.raises(ValueError, match=pattern), sd.mask_context(step=2, sample_ids=torch.arange(2)):
+        m(x)

@@ -329,13 +329,22 @@ def sum_over_shards(x: DTensor, table: Tensor, dims: Sequence[int]) -> None:
     """
     import torch.distributed as dist
 
-    for mesh_dim, placement in enumerate(x.placements):
-        if (
-            placement.is_shard()
-            and getattr(placement, "dim", None) in dims
-            and x.device_mesh.size(mesh_dim) > 1
-        ):
-            dist.all_reduce(table, group=x.device_mesh.get_group(mesh_dim))
+    for mesh_dim in split_mesh_dims(x, dims):
+        dist.all_reduce(table, group=x.device_mesh.get_group(mesh_dim))
+
+
+def split_mesh_dims(x: DTensor, dims: Sequence[int]) -> list[int]:
+    """The mesh dims (of size > 1) that shard ``x`` along one of ``dims``: those :func:`sum_over_shards` sums over.
+
+    From the placements alone, so every rank gets the same answer, whatever its shard's size
+    (a dim of size 1 split over two ranks leaves one empty shard): every rank joins the same
+    collectives.
+    """
+    return [
+        mesh_dim
+        for mesh_dim, placement in enumerate(x.placements)
+        if placement.is_shard() and getattr(placement, "dim", None) in dims and x.device_mesh.size(mesh_dim) > 1
+    ]
 
 
 def check_sharding(fn: str, x: Tensor) -> None:

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from ._dropblock.geometry import Geometry, check_representable, geometry
+from ._dropblock.keyed_seeds import _MAX_ROW as _MAX_KEYED_ROW
 from ._dropblock.ops import run
 from ._dropblock.scale import POLICIES, scale_factor
 from ._dropblock.window import local_geometry, window_of
@@ -42,6 +43,7 @@ from ._dtensor import (
     is_dtensor,
     local_range,
     local_rows,
+    split_mesh_dims,
     sum_over_shards,
 )
 from ._keyed import check_key_arg
@@ -216,6 +218,8 @@ def drop_block(
             block_size,
         )
     check_representable(fn, geo, block_size)
+    if key is not None or is_dtensor(input):  # a keyed draw (a DTensor's unkeyed call agrees on a key)
+        _check_keyed_row(fn, geo, input, block_size)
     check_sharding(fn, input)
     if not training or p == 0.0 or input.numel() == 0:
         return input
@@ -223,6 +227,24 @@ def drop_block(
     if is_dtensor(input):
         return _sharded(input, p, geo, seeding, scale, generator, key, inplace)
     return run(input, p, geo, seeding, scale, generator, key, inplace)
+
+
+def _check_keyed_row(fn: str, geo: Geometry, input: Tensor, block_size: Any) -> None:
+    """Refuse, naming ``block_size`` and the input's size, a sample's keyed seed grid past 2**34 places.
+
+    The keyed seed rule counts a sample's places in 32-bit counters of 4 places each.
+    """
+    n = input.shape[0]
+    row = geo.places // n if n else 0
+    if row > _MAX_KEYED_ROW:
+        per = "" if geo.shared else f", times {geo.channels} channels"
+        fail(
+            fn,
+            "block_size",
+            f"small enough, for an input of size {tuple(input.shape)}, that a sample's keyed seed grid "
+            f"(map size + block_size - 1 per dim{per}) has at most 2**34 places; it would have {row}",
+            block_size,
+        )
 
 
 @eager_under_compile
@@ -255,7 +277,8 @@ def _sharded(
     local = x.to_local()  # type: ignore[attr-defined]
     geo_l = local_geometry(local.shape, geo.channel_dim, geo.blocks, geo.shared)
     counted = [d for d in range(1, x.dim()) if not (geo.shared and d == geo.channel_dim)]
-    split = any(ranges[d][1] != x.shape[d] for d in counted)
+    # from the placements, not the shard's size: every rank joins the all-reduce or none does
+    split = bool(split_mesh_dims(x, counted))  # type: ignore[arg-type]
     local_scale = "none" if scale == "realized" and split else scale
     out = (
         local.clone()

@@ -24,7 +24,8 @@ block, and this file builds with any C compiler as an ordinary extension module
 which gives the same bits.
 
 Exactness: the product is ``src * factor`` in the input's float type (``factor`` rounded to it
-first), as torch's ``mul`` by a scalar computes it; zeros are +0.0. No fast-math.
+first), as torch's ``mul`` by a scalar computes it; a dropped element is that times 0 (NaN for
+NaN or infinite input, as torch's dropout gives). No fast-math.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -143,12 +144,43 @@ static void locate(int64_t seed, const int64_t *P, const divisors_t *v, block_t 
     b->last = last;
 }
 
-/* Zeroing a block row by row. Rows are short (the block's side), so a memset call per row, or
-   a store per element, would cost more than the stores themselves: each row is written with
-   the fewest fixed-size stores that cover it, overlapping where its length is no multiple of
-   theirs (a fixed-size memcpy from zeros compiles to one store), and the kind of store is
+/* Zeroing a block row by row: each dropped element becomes ``x * 0`` (a zero of x's sign, NaN
+   where x is NaN or infinite), as torch's dropout multiplies, so that every path gives the same
+   answer on non-finite input; the rows were just written, so the loads hit the cache. Rows are
+   short (the block's side), so a loop call per row, or an operation per element, would cost
+   more than the stores themselves: each row is done with the fewest fixed-size loads,
+   multiplies and stores that cover it, overlapping where its length is no multiple of theirs
+   (``x * 0 * 0`` is ``x * 0``: an element done twice gets the same bits), and the kind is
    chosen once per block, not per row. */
-static const char zeros[64] = {0};
+#if defined(__GNUC__)
+typedef float f32x2 __attribute__((vector_size(8)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef double f64x2 __attribute__((vector_size(16)));
+typedef double f64x4 __attribute__((vector_size(32)));
+#endif
+
+/* ``*at *= 0`` for a value of type T at an unaligned address (one load, multiply, store) */
+#define DROP(T, at)                        \
+    do {                                   \
+        T v_;                              \
+        memcpy(&v_, (at), sizeof v_);      \
+        v_ *= (T){0};                      \
+        memcpy((at), &v_, sizeof v_);      \
+    } while (0)
+
+/* the same at two addresses that may overlap: both loaded before either is stored (no load
+   waits on the other's store) */
+#define DROP2(T, a, b)                     \
+    do {                                   \
+        T u_, w_;                          \
+        memcpy(&u_, (a), sizeof u_);       \
+        memcpy(&w_, (b), sizeof w_);       \
+        u_ *= (T){0};                      \
+        w_ *= (T){0};                      \
+        memcpy((a), &u_, sizeof u_);       \
+        memcpy((b), &w_, sizeof w_);       \
+    } while (0)
 
 #define ROWS(STORE)                                                   \
     for (int32_t i = 0; i < b->extent[0]; i++) {                      \
@@ -159,26 +191,54 @@ static const char zeros[64] = {0};
 static void zero_block(char *dst, int64_t esize, const block_t *b, const int64_t *P) {
     const int64_t s0 = P[P_STRIDES] * esize, s1 = P[P_STRIDES + 1] * esize, s2 = P[P_STRIDES + 2];
     const size_t row = (size_t)b->extent[2] * (size_t)esize; /* a multiple of 4 */
+    const int32_t n = b->extent[2];
     char *base = dst + b->first * esize;
-    if (s2 != 1) { /* the last dim strided (channels-last): element by element */
-        ROWS(for (int32_t m = 0; m < b->extent[2]; m++) memcpy(at + m * s2 * esize, zeros, (size_t)esize));
-    } else if (row <= 4) {
-        ROWS(memcpy(at, zeros, 4));
-    } else if (row <= 8) {
-        ROWS(memcpy(at, zeros, 4); memcpy(at + row - 4, zeros, 4));
-    } else if (row <= 16) {
-        ROWS(memcpy(at, zeros, 8); memcpy(at + row - 8, zeros, 8));
-    } else if (row <= 32) {
-        ROWS(memcpy(at, zeros, 16); memcpy(at + row - 16, zeros, 16));
-    } else if (row <= 64) {
-        ROWS(memcpy(at, zeros, 32); memcpy(at + row - 32, zeros, 32));
+#if defined(__GNUC__)
+    const int by_element = s2 != 1;
+#else
+    const int by_element = 1;
+#endif
+    if (by_element) { /* the last dim strided (channels-last): element by element */
+        if (esize == 4) {
+            ROWS(for (int32_t m = 0; m < n; m++) DROP(float, at + m * s2 * 4));
+        } else {
+            ROWS(for (int32_t m = 0; m < n; m++) DROP(double, at + m * s2 * 8));
+        }
+#if defined(__GNUC__)
+    } else if (esize == 4) {
+        if (row <= 4) {
+            ROWS(DROP(float, at));
+        } else if (row <= 8) {
+            ROWS(DROP(f32x2, at));
+        } else if (row <= 16) {
+            ROWS(DROP2(f32x2, at, at + row - 8));
+        } else if (row <= 32) {
+            ROWS(DROP2(f32x4, at, at + row - 16));
+        } else if (row <= 64) {
+            ROWS(DROP2(f32x8, at, at + row - 32));
+        } else {
+            ROWS(f32x8 t_; memcpy(&t_, at + row - 32, 32); t_ *= (f32x8){0};
+                 for (int32_t m = 0; m + 8 <= n; m += 8) DROP(f32x8, at + m * 4); memcpy(at + row - 32, &t_, 32));
+        }
     } else {
-        ROWS(memset(at, 0, row));
+        if (row <= 8) {
+            ROWS(DROP(double, at));
+        } else if (row <= 16) {
+            ROWS(DROP(f64x2, at));
+        } else if (row <= 32) {
+            ROWS(DROP2(f64x2, at, at + row - 16));
+        } else if (row <= 64) {
+            ROWS(DROP2(f64x4, at, at + row - 32));
+        } else {
+            ROWS(f64x4 t_; memcpy(&t_, at + row - 32, 32); t_ *= (f64x4){0};
+                 for (int32_t m = 0; m + 4 <= n; m += 4) DROP(f64x4, at + m * 8); memcpy(at + row - 32, &t_, 32));
+        }
+#endif
     }
 }
 
 /* With AVX-512, a block whose rows fit one 64-byte store (16 float32 or 8 float64: every block
-   side up to 16) is zeroed with one masked store per row, and a fixed number of them: the block's
+   side up to 16) is zeroed with one masked load, multiply and store per row, and a fixed number of them: the block's
    side in each outer dim, the rows past its cut extent masked off entirely. No branch depends on
    where the block was cut, which costs more than the stores themselves when seeds fall near
    the borders at random (a mispredicted branch per block). A masked-off lane is neither written
@@ -195,9 +255,8 @@ __attribute__((target("avx512f"))) static void zero_block_masked(char *dst, int6
     const int64_t s0 = P[P_STRIDES] * esize, s1 = P[P_STRIDES + 1] * esize;
     const int64_t n0 = P[P_BLOCKS] < P[P_SIZES] ? P[P_BLOCKS] : P[P_SIZES];
     const int64_t n1 = P[P_BLOCKS + 1] < P[P_SIZES + 1] ? P[P_BLOCKS + 1] : P[P_SIZES + 1];
-    const __m512i zero = _mm512_setzero_si512();
-    const uint32_t words = (uint32_t)(b->extent[2] * esize / 4); /* 1 .. 16 */
-    const uint32_t row = (1u << words) - 1u;
+    const uint32_t lanes = (uint32_t)b->extent[2]; /* 1 .. 16 float32 or 1 .. 8 float64 */
+    const uint32_t row = (1u << lanes) - 1u;
     const int64_t e0 = b->extent[0], e1 = b->extent[1];
     char *base = dst + b->first * esize;
     for (int64_t i = 0; i < n0; i++) {
@@ -205,7 +264,14 @@ __attribute__((target("avx512f"))) static void zero_block_masked(char *dst, int6
         const uint32_t plane = row & (uint32_t)((i - e0) >> 63);
         for (int64_t k = 0; k < n1; k++) {
             const uint32_t mask = plane & (uint32_t)((k - e1) >> 63);
-            _mm512_mask_storeu_epi32(base + i * s0 + k * s1, (__mmask16)mask, zero);
+            char *at = base + i * s0 + k * s1;
+            if (esize == 4) { /* x * 0: see zero_block */
+                const __m512 v = _mm512_maskz_loadu_ps((__mmask16)mask, at);
+                _mm512_mask_storeu_ps(at, (__mmask16)mask, _mm512_mul_ps(v, _mm512_setzero_ps()));
+            } else {
+                const __m512d v = _mm512_maskz_loadu_pd((__mmask8)mask, at);
+                _mm512_mask_storeu_pd(at, (__mmask8)mask, _mm512_mul_pd(v, _mm512_setzero_pd()));
+            }
         }
     }
 }

@@ -128,5 +128,5 @@ def drop_block_dense(
             kept = kept.movedim(1, geo.channel_dim)
         keep.copy_(kept)
     product = scaled(input, factor)
-    out = torch.where(keep, product, torch.zeros((), dtype=product.dtype, device=product.device))
+    out = product * keep  # x * 0 where dropped: NaN stays NaN, as on every path
     return out.to(input.dtype)

@@ -264,16 +264,24 @@ def _flat(t: Tensor) -> Tensor:
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
-def apply_plan(target: Tensor, value: float | bool, plan: Plan, last_stride: int) -> None:
+def apply_plan(target: Tensor, value: float | bool | None, plan: Plan, last_stride: int) -> None:
     """Write ``value`` into the dense tensor ``target`` at the runs given by ``plan``.
 
     A run of ``w`` positions is one row of an overlapping window view of ``target``'s storage
     (rows start one element apart, a row steps by ``last_stride``), so ``index_fill_`` writes
     it from its first offset alone. Overlapping rows only write the same value twice.
+
+    ``value=None`` drops the values there: each becomes ``x * 0`` (NaN where ``x`` is NaN or
+    infinite, as torch's dropout multiplies; an element dropped twice gets the same bits).
     """
     global _window_views
     for w, heads in plan:
         index = heads.long()
+        if value is None:
+            flat = _flat(target)
+            at = (index.unsqueeze(1) + torch.arange(w, device=index.device).mul_(last_stride)).reshape(-1)
+            flat.index_copy_(0, at, flat.index_select(0, at).mul_(0))
+            continue
         if _window_views:
             rows = target.numel() - (w - 1) * last_stride
             windows = target.as_strided((rows, w), (1, last_stride), target.storage_offset())
@@ -286,8 +294,8 @@ def apply_plan(target: Tensor, value: float | bool, plan: Plan, last_stride: int
         _flat(target).index_fill_(0, (index.unsqueeze(1) + span).reshape(-1), value)
 
 
-def paint_blocks(target: Tensor, value: float | bool, seeds: Tensor, geo: Geometry) -> None:
-    """Write ``value`` into ``target`` at every position the seeds drop.
+def paint_blocks(target: Tensor, value: float | bool | None, seeds: Tensor, geo: Geometry) -> None:
+    """Write ``value`` into ``target`` at every position the seeds drop (``None``: see :func:`apply_plan`).
 
     ``target`` is dense, in ``geo``'s input layout or shaped ``(maps, *sizes)``.
     """

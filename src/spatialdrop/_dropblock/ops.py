@@ -16,7 +16,7 @@ sparse   CPU input: eager,               ``spatialdrop::drop_block``:        the
                                                                              ``drop_block_backward``
 dense    ``torch.export``/ONNX, meta,    torch ops: a dense seed grid,       the bool keep mask
          devices without Triton, CPU     blocks grown by windowed ORs        (autograd of
-         with ``FORCE_STATIC_PATH``      (:mod:`.dense`)                     ``torch.where``)
+         with ``FORCE_STATIC_PATH``      (:mod:`.dense`)                     the multiply by it)
 Triton   CUDA input with triton (CPU     ``spatialdrop::drop_block_triton``  the seed or key words and
          in Triton's interpreter, for    (:mod:`.triton_kernels`): a         ``p``; backward runs the
          the tests)                      packed seed-bit grid, one fused     kernels on the gradient
@@ -26,6 +26,9 @@ Triton   CUDA input with triton (CPU     ``spatialdrop::drop_block_triton``  the
 In eager mode a plain tensor's call runs the sparse op's function under an ``autograd.Function``
 (:class:`~.autograd.EagerFunction`) rather than through the dispatcher, whose round trip cost
 more than the rest of a small call; the same function and formula, so the same bits.
+
+Every path drops an element as ``x * 0``, as torch's dropout does (NaN or infinite input gives
+NaN there, finite input a zero of its sign), forward and backward.
 
 The export check comes first, so exported programs never hold a custom op. Every path takes
 its ``Geometry`` from :mod:`.geometry`, its seed rate from :mod:`.calibration` and its scale

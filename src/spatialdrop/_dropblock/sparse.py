@@ -129,7 +129,7 @@ def seeds_backward(grad: Tensor, seeds: Tensor, factor: Optional[float], geo: Ge
     if fused.available(g, geo):
         fused.write(g, None, None, seeds, geo)
     else:
-        paint_blocks(g, 0, seeds.long(), geo)
+        paint_blocks(g, None, seeds.long(), geo)
     return g
 
 
@@ -174,6 +174,8 @@ def write_sparse(
 ) -> tuple[Optional[Plan], Optional[Tensor]]:
     """Write ``input * scale`` with every seed's block zeroed into ``out`` (dense, input's shape).
 
+    A dropped element is ``x * 0`` (NaN where ``x`` is NaN or infinite), on every path.
+
     Returns the per-channel write plan (``None`` for shared masks) and the scale factor. With a
     ``window`` (see :mod:`.window`) ``input`` is a window of larger maps and ``geo`` its local
     geometry (:func:`~.window.local_geometry`): the seeds are drawn for the global maps.
@@ -201,7 +203,7 @@ def write_sparse(
             dropped = mask.sum(dim=tuple(range(1, out.dim())), dtype=torch.int64)
         factor = scale_factor(scale, p, dropped, math.prod(input.shape[1:]), input)
         scaled(input, factor, out)
-        apply_plan(out, 0, plan, strides[-1])
+        apply_plan(out, None, plan, strides[-1])  # x * 0: NaN stays NaN
         return plan, factor
     keep = torch.ones((geo.maps, *geo.sizes), dtype=torch.bool, device=input.device)
     paint_blocks(keep, False, seeds, geo)
@@ -430,7 +432,7 @@ def backward_impl(
         counts = counts[: len(widths)]
         scaled(grad, factor if factor.numel() else None, g)
         parts = heads.narrow(0, 0, sum(counts)).split(counts)  # a static plan's buffer is longer
-        apply_plan(g, 0, list(zip(widths, parts)), strides[geo.spatial[-1]])
+        apply_plan(g, None, list(zip(widths, parts)), strides[geo.spatial[-1]])
         return g
     write_sparse(grad, g, geo, float(p), seeding, scale, seed, _key_of(key_words, step, sample_ids), window)
     return g

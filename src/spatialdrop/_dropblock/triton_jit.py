@@ -192,9 +192,14 @@ if triton is not None:
             if SCALE:
                 f = tl.load(factor_ptr + n, mask=m)
                 r = v.to(f.dtype) * f
-                if v.dtype == tl.bfloat16:  # noqa: SIM108 (a constexpr branch)
-                    v = _to_bf16_rne(r)
-                else:
-                    v = r.to(v.dtype)
-            v = tl.where(dropped != 0, tl.full([BLOCK], 0, v.dtype), v)  # 0 even where v is inf or nan
+            elif v.dtype == tl.float64:
+                r = v
+            else:  # exact in float32; 16-bit products are formed there
+                r = v.to(tl.float32)
+            # x * 0 where dropped, as on every path: NaN where x is NaN or infinite
+            r = tl.where(dropped != 0, r * 0.0, r)
+            if v.dtype == tl.bfloat16:  # noqa: SIM108 (a constexpr branch)
+                v = _to_bf16_rne(r)
+            else:
+                v = r.to(v.dtype)
             tl.store(out_ptr + o, v, mask=m)
