@@ -379,7 +379,9 @@ NON_FINITE_LAYOUTS = [(2, "contiguous"), (2, "channels_last"), (3, "channel_dim=
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(("rank", "layout"), NON_FINITE_LAYOUTS, ids=[f"{r}d-{lay}" for r, lay in NON_FINITE_LAYOUTS])
+@pytest.mark.parametrize(
+    ("rank", "layout"), NON_FINITE_LAYOUTS, ids=[f"{r}d-{lay}" for r, lay in NON_FINITE_LAYOUTS]
+)
 @pytest.mark.parametrize("mode", OP.modes, ids=OP.mode_ids())
 def test_non_finite_input_gives_x_times_zero_on_every_path(
     monkeypatch: pytest.MonkeyPatch, mode: Mode, rank: int, layout: str, dtype: torch.dtype
@@ -396,7 +398,9 @@ def test_non_finite_input_gives_x_times_zero_on_every_path(
 
     with path("sparse", monkeypatch):
         mask_y = f(clean).detach()  # the same key: the same mask; a zero there is a drop
-        ref_y, ref_g = forward_backward("sparse", f, x, with_non_finite(nonzero_input(x.shape, dtype, seed=1)))
+        ref_y, ref_g = forward_backward(
+            "sparse", f, x, with_non_finite(nonzero_input(x.shape, dtype, seed=1))
+        )
     dropped = mask_y == 0
     assert dropped.any()
     assert not dropped.all()

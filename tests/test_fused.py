@@ -428,3 +428,59 @@ def test_seeds_past_32_bits_are_located_in_64() -> None:
     fused.write(out, x, 2.0, seeds, geo)
     assert torch.equal(out, _reference(x, 2.0, seeds.tolist(), geo))
     assert (out == 0).sum() == 1 + 2 + 3 + 2 + 1
+
+
+def _non_finite(x: Tensor) -> Tensor:
+    """``x`` (same layout) with NaN, inf and -inf at every fifth, seventh and eleventh position."""
+    v = x.detach().clone()
+    idx = torch.arange(v.numel()).view(v.shape)
+    for every, value in ((5, float("nan")), (7, float("inf")), (11, float("-inf"))):
+        v.masked_fill_(idx % every == 0, value)
+    return v
+
+
+def _same_numbers(a: Tensor, b: Tensor) -> bool:
+    """Equal NaN positions; elsewhere equal values of the same sign (``-0.0`` is not ``0.0``)."""
+    nan = a.isnan()
+    if not torch.equal(nan, b.isnan()):
+        return False
+    a, b = a.masked_fill(nan, 1), b.masked_fill(nan, 1)
+    return torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("block", [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 20, 33])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_pass_drops_as_x_times_zero(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, layout: str, block: int, threads: int
+) -> None:
+    """Every row width of the zero stores (1 to 33 elements: each store size and the long-row loop,
+    float32 and float64, element by element when channels-last), split over threads: a dropped element
+    is ``x * 0`` (NaN for NaN and infinite input, a zero of x's sign), as the torch ops and torch's
+    dropout give, forward and backward."""
+    monkeypatch.setattr(fused, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(fused, "_CHUNK_BYTES", 256)
+    x, _ = _input((2, 3, 11, 40), layout, dtype)
+    x = _non_finite(x)
+    w = _non_finite(torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=dtype))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for enabled in (True, False):
+            monkeypatch.setattr(fused, "ENABLED", enabled)
+            xi = x.clone().requires_grad_()
+            y = drop_block(xi, 0.3, block, generator=torch.Generator().manual_seed(4))
+            y.backward(w)
+            results.append((y.detach(), xi.grad))
+    finally:
+        torch.set_num_threads(before)
+    (y1, g1), (y2, g2) = results
+    assert _same_numbers(y1, y2), "output"
+    assert _same_numbers(g1, g2), "gradient"
+    clean = drop_block(torch.ones_like(x), 0.3, block, generator=torch.Generator().manual_seed(4))
+    dropped = clean == 0
+    assert dropped.any()
+    assert _same_numbers(y1[dropped], x[dropped] * 0)
+    assert _same_numbers(g1[dropped], w[dropped] * 0)

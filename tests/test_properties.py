@@ -17,18 +17,31 @@ minutes) and ``release`` (``HYPOTHESIS_PROFILE=release``: 2000 random examples p
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import spatialdrop as sd
-from optable import OPS, Mode, OpInfo, check_gradient, check_output, nonzero_input, watchdog
+from optable import (
+    FLOAT_DTYPES,
+    OPS,
+    Mode,
+    OpInfo,
+    check_gradient,
+    check_output,
+    nonzero_input,
+    watchdog,
+)
 
 ACTIVATION = [op for op in OPS if op.kind != "filter"]
 TIME_BOUND = 5.0  # seconds per example: a correct op answers these small inputs in milliseconds
@@ -359,3 +372,120 @@ def test_keyed_uniform_and_normal_are_bounded_and_split_consistent(
     if n > 1:
         part = key._replace(sample_ids=key.sample_ids[1:])
         assert torch.equal(sd.keyed_uniform(part, per), u[1:])
+
+
+# --- non-finite input and forward-mode AD (issue 29) ----------------------------------------------
+
+
+@contextlib.contextmanager
+def dropblock_path(name: str) -> Iterator[None]:
+    """Route CPU DropBlock through ``name``: ``sparse`` (fused C pass), ``torch-ops``, ``dense``."""
+    from spatialdrop._dropblock import fused, ops
+
+    saved = (ops.FORCE_STATIC_PATH, fused.ENABLED, os.environ.get("SPATIALDROP_BACKEND"))
+    ops.FORCE_STATIC_PATH = name == "dense"
+    fused.ENABLED = name != "torch-ops"
+    if name == "dense":
+        os.environ["SPATIALDROP_BACKEND"] = "torch"
+    try:
+        yield
+    finally:
+        ops.FORCE_STATIC_PATH, fused.ENABLED = saved[0], saved[1]
+        if saved[2] is None:
+            os.environ.pop("SPATIALDROP_BACKEND", None)
+        else:
+            os.environ["SPATIALDROP_BACKEND"] = saved[2]
+
+
+@st.composite
+def sane_calls(draw: st.DrawFn, op: OpInfo, dtypes: tuple[torch.dtype, ...]) -> dict[str, Any]:
+    """A call that must succeed: a sample of the op's table with its sizes redrawn (1 to 5), a mode,
+    a dtype, ``p`` in [0.05, 0.9], a seed and (DropBlock) a path."""
+    sample = draw(st.sampled_from([s for s in op.samples() if 0 not in s.shape]))
+    shape = sample.shape if op.kind == "filter" else tuple(draw(st.integers(1, 5)) for _ in sample.shape)
+    mode = draw(st.sampled_from(op.modes))
+    if op.family == "block" and mode.kwargs.get("seeding") == "valid":
+        mode = Mode(mode.name, {**mode.kwargs, "block_size": 1})  # a whole block fits any map
+    return {
+        "sample": sample,
+        "shape": shape,
+        "mode": mode,
+        "dtype": draw(st.sampled_from(dtypes)),
+        "p": draw(st.floats(0.05, 0.9))
+        if op.allow_p_one or op.family != "block"
+        else draw(st.floats(0.05, 0.6)),
+        "seed": draw(st.integers(0, 2**31)),
+        "path": draw(st.sampled_from(["sparse", "torch-ops", "dense"])) if op.family == "block" else "sparse",
+    }
+
+
+def _build(op: OpInfo, case: dict[str, Any]) -> nn.Module:
+    channel_dim = case["sample"].channel_dim if op.has_channel_dim else 1
+    return op.build(case["p"], case["mode"], channel_dim=channel_dim)
+
+
+def _same_numbers(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal NaN positions; elsewhere equal values of the same sign (``-0.0`` is not ``0.0``)."""
+    nan = a.isnan()
+    if not torch.equal(nan, b.isnan()):
+        return False
+    a, b = a.masked_fill(nan, 1), b.masked_fill(nan, 1)
+    return torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
+
+
+@pytest.mark.parametrize("op", [pytest.param(op, id=op.name) for op in ACTIVATION])
+@given(data=st.data())
+@settings(max_examples=40)
+def test_non_finite_input_follows_one_rule(op: OpInfo, data: st.DataObject) -> None:
+    """Every layer and (DropBlock) path is ``y = x a + b`` per element, ``a``, ``b`` finite and drawn
+    apart from ``x``, as torch's dropout: NaN gives NaN, inf where dropped (``a = 0``) gives NaN and
+    where kept an inf, and every finite element the bits it has without the non-finite ones."""
+    case = data.draw(sane_calls(op, FLOAT_DTYPES))
+    x = nonzero_input(case["shape"], case["dtype"], seed=data.draw(st.integers(0, 9)))
+    where = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    kind = torch.randint(0, 8, x.shape, generator=where)  # 0: NaN, 1: inf, 2: -inf, else finite
+    xn = x.masked_fill(kind == 0, float("nan")).masked_fill(kind == 1, float("inf"))
+    xn = xn.masked_fill(kind == 2, float("-inf"))
+    m = _build(op, case)
+    with dropblock_path(case["path"]), torch.no_grad():
+        y1, y2, yn = (op.run(m, t, seed=case["seed"]) for t in (x, x * 2, xn))
+    dropped = y1 == y2  # a = 0: the output does not depend on x there
+    finite = kind > 2
+    assert _same_numbers(yn[finite], y1[finite]), f"{op.name} {case['path']}: finite elements changed"
+    assert bool(yn[kind == 0].isnan().all()), f"{op.name} {case['path']}: NaN did not give NaN"
+    inf = (kind == 1) | (kind == 2)
+    assert bool(yn[inf & dropped].isnan().all()), f"{op.name} {case['path']}: a dropped inf is not NaN"
+    assert bool(yn[inf & ~dropped].isinf().all()), f"{op.name} {case['path']}: a kept inf is not inf"
+
+
+@pytest.mark.parametrize("op", [pytest.param(op, id=op.name) for op in OPS])
+@given(data=st.data())
+@settings(max_examples=40)
+def test_forward_mode_ad_is_mask_times_scale_times_tangent(op: OpInfo, data: st.DataObject) -> None:
+    """``torch.func.jvp`` and ``torch.autograd.forward_ad`` on every layer, mode and (DropBlock) path
+    of the table: the primal is the output and the tangent ``J t``, which for these ops (affine in the
+    input under fixed randomness) is ``f(x + t) - f(x)``: mask x scale x tangent; never a silent zero."""
+    case = data.draw(sane_calls(op, (torch.float64,)))
+    how = data.draw(st.sampled_from(["torch.func", "forward_ad"]))
+    x = nonzero_input(case["shape"], torch.float64, seed=1)
+    t = nonzero_input(case["shape"], torch.float64, seed=2)
+    m = _build(op, case)
+    if op.kind == "filter":
+        m = m.double()
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return op.run(m, z, seed=case["seed"])
+
+    with dropblock_path(case["path"]):
+        if how == "torch.func":
+            y, jt = torch.func.jvp(f, (x,), (t,))
+        else:
+            with fwAD.dual_level():
+                out = f(fwAD.make_dual(x, t))
+                y, jt = fwAD.unpack_dual(out)
+        assert jt is not None, f"{op.name} {case['path']} {how}: no tangent"
+        ref_y, ref_t = f(x), f(x + t) - f(x)
+    assert torch.equal(y, ref_y), f"{op.name} {case['path']} {how}: primal"
+    torch.testing.assert_close(
+        jt, ref_t, rtol=1e-9, atol=1e-9, msg=f"{op.name} {case['path']} {how}: tangent"
+    )

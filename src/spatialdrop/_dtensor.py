@@ -334,7 +334,7 @@ def sum_over_shards(x: DTensor, table: Tensor, dims: Sequence[int]) -> None:
 
 
 def split_mesh_dims(x: DTensor, dims: Sequence[int]) -> list[int]:
-    """The mesh dims (of size > 1) that shard ``x`` along one of ``dims``: those :func:`sum_over_shards` sums over.
+    """The mesh dims (of size > 1) that shard ``x`` along one of ``dims`` (what :func:`sum_over_shards` sums).
 
     From the placements alone, so every rank gets the same answer, whatever its shard's size
     (a dim of size 1 split over two ranks leaves one empty shard): every rank joins the same
@@ -343,7 +343,9 @@ def split_mesh_dims(x: DTensor, dims: Sequence[int]) -> list[int]:
     return [
         mesh_dim
         for mesh_dim, placement in enumerate(x.placements)
-        if placement.is_shard() and getattr(placement, "dim", None) in dims and x.device_mesh.size(mesh_dim) > 1
+        if placement.is_shard()
+        and getattr(placement, "dim", None) in dims
+        and x.device_mesh.size(mesh_dim) > 1
     ]
 
 

@@ -152,8 +152,7 @@ def _backward_jvp(ctx: Any, tangent: Optional[Tensor], *_: Any) -> Optional[Tens
 
 
 def _function(name: str, op: Any, setup: Any, grads: Any, jvp: Any) -> type[torch.autograd.Function]:
-    """An ``autograd.Function`` that calls ``op`` with its formula (``setup``, ``grads``, ``jvp``), for
-    torch.func and forward-mode AD."""
+    """An ``autograd.Function`` that calls ``op`` with its formulas, for torch.func and forward AD."""
 
     def forward(*args: Any) -> Any:
         return op(*args)
@@ -319,8 +318,7 @@ def call_forward(*args: Any) -> tuple[Tensor, ...]:
 
 
 def call_backward(*args: Any) -> Tensor:
-    """Call ``spatialdrop::drop_block_backward``, through :class:`BackwardFunction` under torch.func or
-    forward AD."""
+    """Call ``spatialdrop::drop_block_backward``: :class:`BackwardFunction` under torch.func, forward AD."""
     if functorch_active() or has_tangent(args[0]):
         return BackwardFunction.apply(*args)
     if not torch.is_grad_enabled() and direct_call_ok(args[0]):  # no graph to record: the function
