@@ -126,6 +126,11 @@ def drop_block(
     path and gives the same result; every order of derivative works. CUDA and meta input, and
     ``torch.export``, take a static-shape dense path with no device-to-host synchronisation.
 
+    Numerics. As torch's ``dropout``, every path multiplies: a dropped element is ``x * 0``, so
+    NaN or infinite input gives NaN there (and finite input a zero of its sign); the gradient
+    and the forward-mode tangent (``torch.func.jvp``, ``torch.autograd.forward_ad``) are
+    ``mask * scale * grad`` (``docs/guide/numerics.md``).
+
     Args:
         input: a floating-point tensor ``(N, C, *spatial)`` with at least one spatial dim.
         p: probability of dropping each position, in ``[0, 1)``. Default: 0.1.
