@@ -1,21 +1,32 @@
-"""What the data-dependent kept count of ResidualDropPath costs under ``torch.compile`` (issue 18).
+"""Compiled ViT training steps: ResidualDropPath against timm's DropPath (issue 33).
 
-A ViT-S block's MLP branch (LayerNorm, 384 -> 1536 -> 384 with GELU) on (N, 197, 384) tokens,
-p = 0.3, forward + backward with the branch's weight gradients, one thread. Printed:
+timm's ``vit_tiny_patch16_224`` at ``img_size`` 112 (50 tokens), batch 32, every block's two
+residual branches dropped at a uniform ``p`` (0.4), in four versions of the same weights:
 
-1. graph counts and graph breaks (``torch._dynamo.explain``) of ``ResidualDropPath(branch)``
-   compiled by default and with ``torch._dynamo.config.capture_dynamic_output_shape_ops = True``,
-   and of a plain gather (``nonzero`` -> ``index_select`` -> branch -> ``index_add``) compiled
-   without the flag, with the frames it compiles over a few steps (the kept count changes);
-2. fwd+bwd times, interleaved in one process (median of the repeats): eager ours, eager
-   ``x + DropPath(p)(branch(x))`` (timm's where installed, else ``spatialdrop.functional.drop_path``,
-   the same bits), both compiled by default, and ours compiled with the flag.
+- ``timm``: timm's blocks with ``DropPath(p)`` put in by hand (``drop_path1``/``drop_path2``);
+- ``per_sample``: each block's branches ``norm1 -> attn -> ls1`` and ``norm2 -> mlp -> ls2``
+  wrapped by hand in ``ResidualDropPath(branch, p)``, DropPath's law, the branch on the kept
+  samples (under ``torch.compile`` an unbacked kept count);
+- ``exact_count``: the same with ``draw="exact_count"`` (DINOv2's law, ``round(n (1 - p))``
+  samples kept, a static shape);
+- ``none``: no drop path at all (p = 0), for scale.
 
-    PYTHONPATH=src python benchmarks/bench_residual_compile.py [N] [repeats]   # default 16 9
+A step is forward, cross-entropy, backward with fresh gradients (``set_to_none``). Each version
+runs compiled (``torch.compile``, default mode, no dynamo flag) and, with ``--eager``, eagerly.
+One thread, ``time.thread_time()``: the CPU time of the calling thread (where a CPU backward
+runs), so other processes on a shared machine count little. Rounds alternate the versions, the
+order reversed every other round; a round times ``--steps`` steps per version. Printed: the
+median of the per-round ratios ``timm / version`` (> 1: faster than timm's DropPath), its
+min-max, the medians in ms per step, and the graphs dynamo compiled (``unique_graphs``; the kept
+counts change at every step).
+
+    PYTHONPATH=src python benchmarks/bench_residual_compile.py [--rounds 15] [--steps 2] [--eager]
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import statistics
 import sys
 import time
@@ -26,100 +37,111 @@ import torch._dynamo
 from torch import Tensor, nn
 
 from spatialdrop import ResidualDropPath
-from spatialdrop.functional import drop_path
-
-P = 0.3
 
 
-def _baseline_drop() -> tuple[Callable[[Tensor], Tensor], str]:
-    try:
-        from timm.layers import DropPath
-    except ImportError:
-        return (lambda y: drop_path(y, P)), "x + drop_path(branch(x), p)"
-    return DropPath(P), "x + timm DropPath(p)(branch(x))"
+class SkipBlock(nn.Module):
+    """A timm ViT block whose two residual branches are ResidualDropPath layers (same submodules)."""
+
+    def __init__(self, block: nn.Module, p: float, draw: str) -> None:
+        super().__init__()
+        self.attn = ResidualDropPath(nn.Sequential(block.norm1, block.attn, block.ls1), p, draw=draw)
+        self.mlp = ResidualDropPath(nn.Sequential(block.norm2, block.mlp, block.ls2), p, draw=draw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.attn(x))
 
 
-def _naive_gather(branch: nn.Module) -> Callable[[Tensor], Tensor]:
-    """The gather written plainly: without the flag, ``nonzero`` is a graph break."""
+def build(img: int, p: float) -> dict[str, nn.Module]:
+    """The versions, with the same weights."""
+    import timm
+    from timm.layers import DropPath
 
-    def f(x: Tensor) -> Tensor:
-        idx = (torch.rand(x.shape[0]) >= P).nonzero().squeeze(1)
-        return x.index_add(0, idx, branch(x.index_select(0, idx)), alpha=1 / (1 - P))
-
-    return f
-
-
-def main(argv: list[str]) -> int:
-    n = int(argv[0]) if argv else 16
-    repeats = int(argv[1]) if len(argv) > 1 else 9
-    torch.set_num_threads(1)
     torch.manual_seed(0)
-    branch = nn.Sequential(nn.LayerNorm(384), nn.Linear(384, 1536), nn.GELU(), nn.Linear(1536, 384))
-    ours = ResidualDropPath(branch, P)
-    drop, base_call = _baseline_drop()
+    base = timm.create_model("vit_tiny_patch16_224", img_size=img, num_classes=100)
+    models: dict[str, nn.Module] = {}
+    ref = copy.deepcopy(base)
+    for blk in ref.blocks:
+        blk.drop_path1, blk.drop_path2 = DropPath(p), DropPath(p)
+    models["timm"] = ref
+    for draw in ("per_sample", "exact_count"):
+        m = copy.deepcopy(base)
+        m.blocks = nn.Sequential(*(SkipBlock(b, p, draw) for b in m.blocks))
+        models[draw] = m
+    models["none"] = copy.deepcopy(base)
+    for m in models.values():
+        m.train()
+    return models
 
-    def base(x: Tensor) -> Tensor:
-        return x + drop(branch(x))
 
-    x = torch.randn(n, 197, 384, requires_grad=True)
-    params = tuple(branch.parameters())
-    print(f"ResidualDropPath(ViT-S MLP branch, p={P}), input ({n}, 197, 384), torch {torch.__version__}")
-    for flag in (False, True):
-        torch._dynamo.reset()
-        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=flag):
-            e = torch._dynamo.explain(ours)(x)
-        graphs = f"{e.graph_count} graph(s), {e.graph_break_count} break(s)"
-        print(f"  ours, capture_dynamic_output_shape_ops={flag}: {graphs}")
-    torch._dynamo.reset()
-    naive = _naive_gather(branch)
-    e = torch._dynamo.explain(naive)(x)
-    why = str(e.break_reasons[0].reason).splitlines()[0] if e.break_reasons else "-"
-    print(f"  plain gather, no flag: {e.graph_count} graphs, {e.graph_break_count} break(s): {why}")
+def step_fn(model: nn.Module, compiled: bool) -> Callable[[Tensor, Tensor], None]:
+    fwd = torch.compile(model) if compiled else model
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(x: Tensor, y: Tensor) -> None:
+        model.zero_grad(set_to_none=True)
+        loss_fn(fwd(x), y).backward()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--img", type=int, default=112)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--p", type=float, default=0.4)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=2, help="steps per version per round")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--eager", action="store_true", help="also time the eager versions")
+    ap.add_argument("--versions", default="timm,per_sample,exact_count,none")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
-    counters.clear()
-    compiled_naive = torch.compile(naive)
-    for _ in range(6):
-        compiled_naive(x).sum().backward()
-    print(f"  plain gather, no flag, 6 steps: {counters['stats']['unique_graphs']} graphs compiled")
-    torch._dynamo.reset()
+    models = build(args.img, args.p)
+    names = args.versions.split(",")
+    steps: dict[str, Callable[[Tensor, Tensor], None]] = {}
+    graphs: dict[str, int] = {}
+    gen = torch.Generator().manual_seed(1)
 
-    compiled_ours = torch.compile(ours)
-    compiled_base = torch.compile(base)
-    with_flag = torch.compile(ResidualDropPath(branch, P))
+    def batch() -> tuple[Tensor, Tensor]:
+        x = torch.randn(args.batch, 3, args.img, args.img, generator=gen)
+        return x, torch.randint(0, 100, (args.batch,), generator=gen)
 
-    def flagged(t: Tensor) -> Tensor:
-        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-            return with_flag(t)
-
-    impls: dict[str, Callable[[Tensor], Tensor]] = {
-        "eager ResidualDropPath": ours,
-        f"eager {base_call}": base,
-        "compiled ResidualDropPath (default: whole batch)": compiled_ours,
-        f"compiled {base_call}": compiled_base,
-        "compiled ResidualDropPath, capture_dynamic_output_shape_ops": flagged,
-    }
-    grad = torch.ones_like(x)
-
-    def step(fn: Callable[[Tensor], Tensor]) -> float:
-        start = time.perf_counter()
-        torch.autograd.grad(fn(x), (x, *params), grad, allow_unused=True)
-        return time.perf_counter() - start
-
-    for fn in impls.values():  # compile and warm up
-        step(fn)
-        step(fn)
-    times: dict[str, list[float]] = {k: [] for k in impls}
-    for rep in range(repeats):
-        order = list(impls.items())
-        for name, fn in order if rep % 2 == 0 else order[::-1]:
-            times[name].append(step(fn))
-    ref = statistics.median(times[f"eager {base_call}"])
-    print(f"  fwd+bwd, median of {repeats} interleaved repeats; speed-up = eager baseline / row")
-    for name, ts in times.items():
-        m = statistics.median(ts)
-        print(f"  {name:62s} {m * 1e3:8.1f} ms  speed-up {ref / m:.2f}")
+    for mode in ("compiled", "eager") if args.eager else ("compiled",):
+        for name in names:
+            key = f"{mode} {name}"
+            steps[key] = step_fn(models[name], mode == "compiled")
+            before = counters["stats"]["unique_graphs"]
+            t0 = time.perf_counter()
+            for _ in range(args.warmup):
+                steps[key](*batch())
+            graphs[key] = counters["stats"]["unique_graphs"] - before
+            print(f"warm {key}: {time.perf_counter() - t0:.1f} s wall, {graphs[key]} graph(s)", flush=True)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    order = list(steps)
+    for r in range(args.rounds):
+        data = [batch() for _ in range(args.steps)]
+        for key in order if r % 2 == 0 else order[::-1]:
+            start = time.thread_time()
+            for x, y in data:
+                steps[key](x, y)
+            times[key].append((time.thread_time() - start) / args.steps)
+    after = {k: counters["stats"]["unique_graphs"] for k in ("all",)}
+    print(
+        f"\nvit_tiny_patch16_224 img {args.img}, batch {args.batch}, p={args.p} uniform, torch "
+        f"{torch.__version__}, 1 thread, {args.rounds} rounds x {args.steps} steps, thread_time; "
+        f"graphs compiled in all: {after['all']}"
+    )
+    print(f"{'version':28s} {'ms/step':>9s} {'timm/version':>13s} {'(min-max)':>13s} {'graphs':>7s}")
+    for key in steps:
+        mode = key.split()[0]
+        base = times[f"{mode} timm"]
+        ratios = [b / t for b, t in zip(base, times[key])]
+        print(
+            f"{key:28s} {statistics.median(times[key]) * 1e3:9.1f} {statistics.median(ratios):13.2f} "
+            f"  ({min(ratios):.2f}-{max(ratios):.2f}) {graphs[key]:7d}"
+        )
     return 0
 
 

@@ -30,6 +30,7 @@ PUBLIC = [
     "SpatialDropout3d",
     "__version__",
     "add_dropout",
+    "batch_coupled_modules",
     "convert_dropout",
     "drop_path_rates",
     "filter_dropout",

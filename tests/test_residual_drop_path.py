@@ -342,7 +342,9 @@ class ViTish(nn.Module):
         self.embed = nn.Linear(8, 8)
         self.attn = sd.ResidualDropPath(Attention(), p)
         self.mlp = sd.ResidualDropPath(
-            nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.BatchNorm1d(5), nn.Linear(16, 8)), p
+            nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.BatchNorm1d(5), nn.Linear(16, 8)),
+            p,
+            allow_batch_coupled=True,
         )
         self.head = nn.Linear(8, 3)
 
@@ -350,6 +352,7 @@ class ViTish(nn.Module):
         return self.head(self.mlp(self.attn(self.embed(x))).mean(1))
 
 
+@pytest.mark.filterwarnings("ignore:.*batch-coupled modules:UserWarning")
 def test_state_dict_deepcopy_and_nested_names() -> None:
     net = ViTish()
     keys = list(net.state_dict())
@@ -409,10 +412,13 @@ def test_keyed_masks_equal_drop_path_s_for_the_same_key() -> None:
 
 
 def test_batchnorm_in_the_branch_sees_only_the_kept_samples() -> None:
-    """The documented difference: batch statistics of a branch come from the kept samples."""
+    """With the opt-in (and its warning), batch statistics of a branch come from the kept samples."""
     bn = nn.BatchNorm1d(3, momentum=1.0)  # running stats = the last batch's statistics
     x = torch.randn(16, 3) * 3 + 1
-    y = drop_path_residual(x, bn, 0.5, generator=torch.Generator().manual_seed(5))
+    with pytest.warns(UserWarning, match=r"batch-coupled modules \['\(BatchNorm1d\)'\]"):
+        y = drop_path_residual(
+            x, bn, 0.5, generator=torch.Generator().manual_seed(5), allow_batch_coupled=True
+        )
     keep = kept_rows(y, x)
     assert 2 <= int(keep.sum()) < 16
     torch.testing.assert_close(bn.running_mean, x[keep].mean(0))
@@ -454,9 +460,9 @@ COMPILE_CASES = [
 def test_compile_fullgraph_gives_eager_s_law_and_gradients(
     backend: str, dynamic: bool, capture: bool
 ) -> None:
-    """Keyed masks, so eager and compiled draw alike. By default the compiled layer computes the
-    branch on the whole batch and multiplies (one graph, no ``nonzero``); with
-    ``capture_dynamic_output_shape_ops`` it gathers the kept rows (an unbacked size), still one graph."""
+    """Keyed masks, so eager and compiled draw alike. With or without
+    ``capture_dynamic_output_shape_ops`` the compiled layer gathers the kept rows (an unbacked size
+    from ``spatialdrop::kept_index``) in one graph."""
     net = sd.keyed_masks(Block(), seed=4)
     twin = copy.deepcopy(net)
     partial: list[bool] = []  # per eager layer call: were some samples dropped and some kept?
@@ -471,7 +477,7 @@ def test_compile_fullgraph_gives_eager_s_law_and_gradients(
             with sd.mask_context(step=0, sample_ids=torch.arange(16)):
                 explained = torch._dynamo.explain(net)(x)
             assert (explained.graph_count, explained.graph_break_count) == (1, 0)
-            assert any("nonzero" in op for op in _graph_ops(explained)) == capture
+            assert any("kept_index" in op for op in _graph_ops(explained))  # the gather, any flags
             torch._dynamo.reset()
             compiled = torch.compile(net, backend=backend, dynamic=dynamic, fullgraph=True)
             for step, n in enumerate((16, 16, 10) if dynamic else (16, 16)):

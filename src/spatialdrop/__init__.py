@@ -19,7 +19,7 @@ from .gaussian import (
     GaussianSpatialDropout3d,
 )
 from .keyed import MaskKey, keyed_masks, keyed_normal, keyed_uniform, mask_context
-from .residual_drop_path import ResidualDropPath
+from .residual_drop_path import ResidualDropPath, batch_coupled_modules
 from .schedule import DropSchedule
 from .spatial_dropout import SpatialDropout, SpatialDropout1d, SpatialDropout2d, SpatialDropout3d
 from .tools import MCPrediction, add_dropout, mc_dropout, mc_predict
@@ -51,6 +51,7 @@ __all__ = [
     "SpatialDropout3d",
     "__version__",
     "add_dropout",
+    "batch_coupled_modules",
     "convert_dropout",
     "drop_path_rates",
     "filter_dropout",

@@ -11,14 +11,18 @@ where the API moved.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 __all__ = [
     "captures_dynamic_output_shapes",
     "dispatch_mode_active",
     "in_vmap",
+    "inductor_layout_optimization",
     "is_compiling",
     "is_exporting",
+    "new_unbacked_size",
 ]
 
 
@@ -60,3 +64,36 @@ def in_vmap() -> bool:
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
+def new_unbacked_size(op: Any, max: int | None = None) -> torch.SymInt:
+    """A fresh data-dependent size in ``[0, max]``, for the fake kernel of a custom op (``op``).
+
+    ``torch.library.get_ctx().new_dynamic_size()`` refuses unless dynamo captures ops with
+    data-dependent output shapes (``capture_dynamic_output_shape_ops``, off by default, or
+    ``fullgraph=True``): without either, such an op is a graph break. The size below is the same
+    unbacked symbol (``torch._library.fake_impl.allocate_size``, what ``new_dynamic_size``
+    returns) made without that check, as torch's own ``device_mesh`` ops do. Only a fake kernel
+    that runs under a shape environment can make one; elsewhere (a fake mode without one) this
+    raises torch's ``DynamicOutputShapeException``, as ``new_dynamic_size`` would.
+    """
+    from torch._library.fake_impl import allocate_size
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
+    shape_env = torch.library.get_ctx()._shape_env
+    if shape_env is None:
+        raise DynamicOutputShapeException(op)
+    return allocate_size(shape_env, 0, max)
+
+
+def inductor_layout_optimization() -> bool:
+    """Whether inductor may turn a graph's convolutions to channels-last (``layout_optimization``).
+
+    On by default. With an unbacked batch size on a CPU build with mkldnn, inductor's layout
+    optimisation predicts a channels-last convolution output that the kernel does not give (an
+    assertion on size/stride at the first call, torch 2.13-2.14; plain ``index_select`` then a
+    convolution fails the same way).
+    """
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.layout_optimization)

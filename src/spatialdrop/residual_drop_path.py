@@ -10,7 +10,9 @@ on the whole batch, as ``x + branch(x) * keep / (1 - p)``.
 
 from __future__ import annotations
 
+import math
 import numbers
+import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -19,13 +21,21 @@ import torch.fx
 from torch import Tensor, nn
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
-from ._compat import captures_dynamic_output_shapes, dispatch_mode_active, in_vmap, is_compiling, is_exporting
+from ._compat import (
+    dispatch_mode_active,
+    in_vmap,
+    inductor_layout_optimization,
+    is_compiling,
+    is_exporting,
+    new_unbacked_size,
+)
 from ._dtensor import check_sharding, is_dtensor
 from ._keyed import check_key_arg
 from ._module import StructuredDropout
 from ._validation import (
     Shown,
     check_bool,
+    check_choice,
     check_float_input,
     check_generator,
     check_min_rank,
@@ -35,9 +45,9 @@ from ._validation import (
     fail,
 )
 from .drop_path import _draw_keep, drop_path
-from .keyed import MaskKey
+from .keyed import MaskKey, keyed_uniform
 
-__all__ = ["ResidualDropPath", "drop_path_residual"]
+__all__ = ["DRAWS", "ResidualDropPath", "batch_coupled_modules", "drop_path_residual"]
 
 _LAYOUT = "(N, *) with the batch at dim 0"
 _BATCHED_ALLOWED = "a collection of ints (positions in args) and strs (names in kwargs)"
@@ -82,34 +92,147 @@ def _check_extra(
             Shown(type(kwargs).__name__),
             kind=TypeError,
         )
-    batched = check_batched_args(fn, batched_args)
-    for item in batched:
+    present: list[int | str] = []  # an optional batched argument absent or None is not gathered
+    for item in check_batched_args(fn, batched_args):
         if isinstance(item, int):
-            if item >= len(args):
-                fail(fn, "batched_args", f"positions in args (it has {len(args)})", batched_args)
-            name, value = f"args[{item}]", args[item]
+            value = args[item] if item < len(args) else None
+            name = f"args[{item}]"
         else:
-            if item not in kwargs:
-                fail(fn, "batched_args", f"names in kwargs (it has {sorted(kwargs)})", batched_args)
-            name, value = f"kwargs[{item!r}]", kwargs[item]
+            value = kwargs.get(item)
+            name = f"kwargs[{item!r}]"
+        if value is None:
+            continue
         if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != n:
             got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
             fail(fn, name, f"a tensor with the batch ({n}) at dim 0, as batched_args says", Shown(got))
-    return tuple(args), dict(kwargs), batched
+        present.append(item)
+    return tuple(args), dict(kwargs), tuple(present)
 
 
-def _can_skip(input: Tensor) -> bool:
+def _has_conv(branch: Callable[..., Tensor]) -> bool:
+    """Whether ``branch`` is a module holding a convolution (``nn.Conv1d/2d/3d``, transposed ones)."""
+    return isinstance(branch, nn.Module) and any(
+        isinstance(m, nn.modules.conv._ConvNd) for m in branch.modules()
+    )
+
+
+def _can_skip(input: Tensor, branch: Callable[..., Tensor]) -> bool:
     """Whether the kept samples can be gathered: the kept count is a size the call may depend on.
 
     Eager mode: yes (on an accelerator reading the count costs one host synchronisation). Under
-    ``torch.compile`` only when dynamo captures ops with data-dependent output shapes
-    (``torch._dynamo.config.capture_dynamic_output_shape_ops = True``: the count becomes an
-    unbacked size); by default the whole batch is computed, which keeps the graph in one piece.
-    Not under ``torch.export`` / ONNX export, ``vmap``, fake or meta tensors (no data to read).
+    ``torch.compile``: yes, in any dynamo configuration, as an unbacked size (the op
+    ``spatialdrop::kept_index``), except for a convolution branch on the CPU while inductor's
+    ``layout_optimization`` is on (see :func:`~spatialdrop._compat.inductor_layout_optimization`:
+    torch's crash, whatever the dynamo flags). Not under ``torch.export`` / ONNX export,
+    ``vmap``, fake or meta tensors (no data to read).
     """
     if is_compiling():  # first: nothing below may be traced by dynamo
-        return captures_dynamic_output_shapes() and not is_exporting()
+        if is_exporting():
+            return False
+        return not (input.device.type == "cpu" and inductor_layout_optimization() and _has_conv(branch))
     return input.device.type != "meta" and not dispatch_mode_active() and not in_vmap()
+
+
+@torch.library.custom_op("spatialdrop::kept_index", mutates_args=())
+def kept_index(keep: Tensor) -> Tensor:
+    """The positions of the nonzero entries of the 1-D ``keep``, ascending (``nonzero``).
+
+    One op whose output size depends on the data: under ``torch.compile`` its fake kernel gives
+    an unbacked size, in any dynamo configuration, where ``nonzero`` is a graph break unless
+    ``capture_dynamic_output_shape_ops`` is set. The kept count never recompiles the graph.
+    """
+    return keep.nonzero().squeeze(1)
+
+
+@kept_index.register_fake
+def _(keep: Tensor) -> Tensor:
+    n = keep.shape[0]
+    size = new_unbacked_size(torch.ops.spatialdrop.kept_index.default, n if isinstance(n, int) else None)
+    return keep.new_empty((size,), dtype=torch.long)
+
+
+DRAWS = ("per_sample", "exact_count")
+"""The laws of :func:`drop_path_residual`'s ``draw``: see its docstring."""
+
+
+def batch_coupled_modules(branch: Callable[..., Tensor]) -> list[str]:
+    """The submodules of ``branch`` whose result for one sample depends on the other samples.
+
+    Counted, in their current mode: a BatchNorm (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``,
+    the lazy ones: any ``nn.modules.batchnorm._BatchNorm``) in training mode, or without running
+    statistics (it normalises with the batch's); an InstanceNorm with
+    ``track_running_stats=True`` in training mode (its output is per sample, but its running
+    averages pool the batch). LayerNorm, GroupNorm, RMSNorm, linear layers, convolutions and
+    attention within a sample are per sample. A branch that is not a module, or whose own code
+    mixes samples, cannot be inspected: that is the caller's to know.
+
+    Returns:
+        ``"name (Class)"`` for each such submodule, ``"(Class)"`` for the branch itself.
+
+    Examples:
+        >>> from torch import nn
+        >>> from spatialdrop import batch_coupled_modules
+        >>> branch = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        >>> batch_coupled_modules(branch)
+        ['1 (BatchNorm2d)']
+        >>> batch_coupled_modules(branch.eval())  # eval: running statistics, per sample
+        []
+    """
+    if not isinstance(branch, nn.Module):
+        return []
+    found = []
+    for name, m in branch.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            coupled = m.training or m.running_mean is None
+        elif isinstance(m, nn.modules.instancenorm._InstanceNorm):
+            coupled = m.training and m.track_running_stats
+        else:
+            coupled = False
+        if coupled:
+            found.append(f"{name} ({type(m).__name__})" if name else f"({type(m).__name__})")
+    return found
+
+
+def _check_coupled(fn: str, branch: Callable[..., Tensor], allow: bool) -> bool:
+    """Refuse a batch-coupled branch unless ``allow``; whether it is one."""
+    coupled = batch_coupled_modules(branch)
+    if coupled and not allow:
+        fail(
+            fn,
+            "branch",
+            "one that treats the samples independently (it runs on the kept samples only), or "
+            "allow_batch_coupled=True to run it on them anyway",
+            Shown(f"one with batch-coupled modules {coupled}"),
+        )
+    if coupled and not is_compiling():
+        warnings.warn(
+            f"{fn}: the branch has batch-coupled modules {coupled}: allow_batch_coupled=True runs "
+            "them on the kept samples only (their batch statistics and running averages come from "
+            "those), eagerly and compiled alike",
+            stacklevel=3,
+        )
+    return bool(coupled)
+
+
+def _draw_subset(
+    input: Tensor, p: float, generator: torch.Generator | None, key: MaskKey | None
+) -> tuple[Tensor, int]:
+    """``draw="exact_count"``: ``k = floor(n (1 - p) + 1/2)`` samples out of ``n``, uniformly.
+
+    The ``k`` samples with the smallest uniform numbers (``torch.rand``, or the key's
+    :func:`~spatialdrop.keyed_uniform` column), in batch order.
+    """
+    n = input.shape[0]
+    k = math.floor(n * (1.0 - p) + 0.5) if isinstance(n, int) else torch.sym_int(n * (1.0 - p) + 0.5)
+    with torch.no_grad():
+        if key is not None:
+            u = keyed_uniform(key, 1, device=input.device)[:, 0]
+        elif generator is None:  # no generator= keyword: see _validation.generator_kwargs
+            u = torch.rand(n, dtype=torch.float32, device=input.device)
+        else:
+            u = torch.rand(n, generator=generator, dtype=torch.float32, device=input.device)
+        idx = u.topk(k, largest=False, sorted=False).indices.sort().values
+    return idx, k
 
 
 def _checked_output(fn: str, out: Any, rows: Tensor, exact_batch: bool) -> Tensor:
@@ -203,6 +326,8 @@ def drop_path_residual(
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
     batched_args: Collection[int | str] = (),
+    draw: str = "per_sample",
+    allow_batch_coupled: bool = False,
 ) -> Tensor:
     r"""``input + drop_path(branch(input), p)``, calling ``branch`` on the kept samples only.
 
@@ -227,19 +352,36 @@ def drop_path_residual(
     gives its branch parameters no gradient: see the README (``find_unused_parameters=True``).
 
     The branch must treat the samples independently, as LayerNorm, linear layers, convolutions
-    and attention within a sample do. A branch whose result for one sample depends on the others
-    (BatchNorm in training mode: its batch statistics and running averages) sees only the kept
-    samples, so its output differs from the branch run on the whole batch.
+    and attention within a sample do. A branch with batch-coupled modules (BatchNorm in training
+    mode, see :func:`~spatialdrop.batch_coupled_modules`) would see only the kept samples, so its
+    output and running averages would differ from the branch run on the whole batch: it is
+    refused with a ``ValueError`` unless ``allow_batch_coupled=True``, which runs it on the kept
+    samples (a ``UserWarning`` in eager mode), eagerly and compiled alike; where the rows cannot
+    be gathered (see below) it is then refused.
 
     Whole-batch cases: in eval mode (``training=False``), for ``p = 0`` and for an input with no
     elements the branch is called once on the whole batch and ``input + branch(input)`` is
     returned. When every sample is dropped (always at ``p = 1``) the branch is not called and
     ``input`` itself is returned; when none is, the branch runs on the input itself (no gather).
-    Under ``torch.compile`` (unless ``torch._dynamo.config.capture_dynamic_output_shape_ops`` is
-    set), ``torch.export``, ``vmap`` and on fake or meta tensors the branch runs on the whole batch
-    and the result is ``input + branch(input) * mask / (1 - p)``: the same law, no saving. With
-    that flag the compiled graph gathers the kept rows (an unbacked size) and, when none is kept,
-    calls the branch on zero rows.
+
+    Under ``torch.compile`` (any mode, ``dynamic=True`` or not, no dynamo flag needed) the kept
+    rows are gathered too: the kept count is an unbacked size made by the op
+    ``spatialdrop::kept_index``, so a changing count never recompiles, and when no sample is
+    kept the branch is called on zero rows. One exception, for torch's own crash: a branch
+    module holding a convolution, on the CPU, while ``torch._inductor.config.layout_optimization``
+    is on (the default), runs on the whole batch (``input + branch(input) * mask / (1 - p)``:
+    the same law, no saving); set that flag to ``False`` for the saving. Under ``torch.export``,
+    ``vmap``, DTensor and on fake or meta tensors the branch also runs on the whole batch.
+
+    ``draw="exact_count"`` draws another law, DINOv2's ("DINOv2: Learning Robust Visual Features
+    without Supervision", https://arxiv.org/abs/2304.07193, ``drop_add_residual_stochastic_depth``):
+    exactly ``k = floor(n (1 - p) + 1/2)`` of the ``n`` samples are kept, chosen uniformly at
+    random without replacement (the ``k`` smallest of ``n`` uniform numbers, from ``generator``
+    or the ``key``), and their branch outputs are scaled by ``n / k``, so that
+    ``E[output] = input + branch(input)`` for a per-sample branch. The kept count is fixed by
+    ``n`` and ``p``, a static shape: compiled, it needs no unbacked size and works for every
+    branch. It is not ``drop_path``'s draw: samples are not independent, and a keyed sample's
+    fate depends on the others in its batch. ``k = 0`` returns ``input``.
 
     Args:
         input: a floating-point tensor with at least 1 dim; dim 0 is always the batch.
@@ -253,8 +395,15 @@ def drop_path_residual(
         kwargs: keyword arguments for the branch. Default: none.
         batched_args: which of ``args`` (by position) and ``kwargs`` (by name) hold the batch at
             dim 0 (a key padding mask of shape ``(N, L)``, per-sample conditioning): they are
-            gathered with the kept rows. Every other argument is passed unchanged to every call
-            (a shared ``(L, L)`` attention mask, a rotary table). Default: none.
+            gathered with the kept rows; one that is absent or ``None`` is not gathered. Every
+            other argument is passed unchanged to every call (a shared ``(L, L)`` attention mask,
+            a rotary table). Default: none.
+        draw: ``"per_sample"``: each sample kept independently with probability ``1 - p`` and
+            scaled by ``1 / (1 - p)``, ``drop_path``'s law and bits. ``"exact_count"``:
+            ``round(n (1 - p))`` samples kept, scaled by ``n / k`` (above). Default:
+            ``"per_sample"``.
+        allow_batch_coupled: run a branch with batch-coupled modules on the kept samples
+            (warning) instead of refusing it. Default: False.
 
     Shape:
         - Input: :math:`(N, *)`, any number of trailing dims (tokens, channels, spatial).
@@ -295,6 +444,8 @@ def drop_path_residual(
             args=args,
             kwargs=kwargs,
             batched_args=batched_args,
+            draw=draw,
+            allow_batch_coupled=allow_batch_coupled,
         )
     fn = "drop_path_residual"
     check_float_input(fn, input)
@@ -310,6 +461,8 @@ def drop_path_residual(
     p = check_p(fn, p)
     check_bool(fn, "training", training)
     check_generator(fn, generator)
+    check_choice(fn, "draw", draw, DRAWS)
+    check_bool(fn, "allow_batch_coupled", allow_batch_coupled)
     n = input.shape[0]
     check_key_arg(fn, key, generator, n)
     args, kwargs, batched = _check_extra(fn, n, args, kwargs, batched_args)
@@ -318,33 +471,107 @@ def drop_path_residual(
         return input + _checked_output(fn, branch(input, *args, **kwargs), input, True)
     if p == 1.0:
         return input
+    coupled = _check_coupled(fn, branch, allow_batch_coupled)
+    if draw == "exact_count":
+        if is_dtensor(input):
+            fail(fn, "draw", "'per_sample' for a DTensor input", draw)
+        idx, k = _draw_subset(input, p, generator, key)
+        if not is_compiling() and k == 0:  # static: compiled, k is an int or a backed size
+            return input
+        scale: Any = n / k
+        if not _can_gather(input, branch, fn, coupled, unbacked=False):
+            shape = (n,) + (1,) * (input.dim() - 1)
+            keep = torch.zeros(n, dtype=input.dtype, device=input.device).index_fill_(0, idx, scale)
+            out = _checked_output(fn, branch(input, *args, **kwargs), input, True)
+            return input + out * keep.reshape(shape).to(out.dtype)
+        if not is_compiling() and k == n:
+            return input + _checked_output(fn, branch(input, *args, **kwargs), input, True)
+        return _gather_run_add(fn, input, branch, idx, args, kwargs, batched, scale, p=None)
     check_scale_fits(fn, p, input.dtype, 1.0 / (1.0 - p), "1/(1-p)")
     if is_dtensor(input):  # each rank's part of one draw (drop_path's); the branch on the whole batch
+        _can_gather(input, branch, fn, coupled, unbacked=True)
         out = _checked_output(fn, branch(input, *args, **kwargs), input, True)
         return input + drop_path(out, p, training=True, generator=generator, key=key)
     noise = _draw_keep(input, p, True, generator, key)  # (N, 1, ...): 0 or 1/(1-p), drop_path's draw
-    if not _can_skip(input):
+    if not _can_gather(input, branch, fn, coupled, unbacked=True):
         out = _checked_output(fn, branch(input, *args, **kwargs), input, True)
         return input + out * noise.to(out.dtype)
-    idx = noise.reshape(n).nonzero().squeeze(1)
-    if not is_compiling():  # eager: the count is an int; compiled, an unbacked size (no branching on it)
+    if is_compiling():  # the kept count: an unbacked size (no branching on it), in any dynamo mode
+        idx = torch.ops.spatialdrop.kept_index(noise.reshape(n))
+    else:  # eager: the count is an int
+        idx = noise.reshape(n).nonzero().squeeze(1)
         kept = idx.shape[0]
         if kept == 0:
             return input
         if kept == n:
             out = _checked_output(fn, branch(input, *args, **kwargs), input, True)
             return input + out * noise.to(out.dtype)
+    # drop_path's scale, rounded to the branch output's dtype (below); the add fuses it (one rounding).
+    # Compiled, the kept rows' factors (a tensor): a float p would be specialised (a recompile per p)
+    scale = noise.reshape(n).index_select(0, idx) if is_compiling() else 1.0 / (1.0 - p)
+    return _gather_run_add(fn, input, branch, idx, args, kwargs, batched, scale, p=p)
+
+
+def _can_gather(
+    input: Tensor, branch: Callable[..., Tensor], fn: str, coupled: bool, *, unbacked: bool
+) -> bool:
+    """Whether the kept rows can be gathered here (``unbacked``: the kept count is data-dependent).
+
+    :func:`_can_skip` for a data-dependent count. A batch-coupled branch that would run on the
+    whole batch here, unlike eagerly, is refused.
+    """
+    if is_dtensor(input):
+        ok = False
+    elif unbacked:
+        ok = _can_skip(input, branch)
+    elif is_compiling():  # a static count: only the tracers without data (export, vmap, fake) refuse
+        ok = not is_exporting()
+    else:
+        ok = input.device.type != "meta" and not dispatch_mode_active() and not in_vmap()
+    if coupled and not ok:
+        fail(
+            fn,
+            "branch",
+            "one that treats the samples independently where the kept samples cannot be gathered "
+            "(DTensor, torch.export, vmap, fake tensors, or a convolution branch compiled on the CPU "
+            "with inductor's layout_optimization on: then draw='exact_count', or "
+            "torch._inductor.config.layout_optimization = False)",
+            Shown("a batch-coupled one"),
+        )
+    return ok
+
+
+def _gather_run_add(
+    fn: str,
+    input: Tensor,
+    branch: Callable[..., Tensor],
+    idx: Tensor,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    batched: tuple[int | str, ...],
+    scale: Any,
+    *,
+    p: float | None,
+) -> Tensor:
+    """``input`` plus ``branch`` of its rows ``idx`` (and of the batched arguments' rows) times ``scale``.
+
+    ``p`` given: the scale is drop_path's ``1 / (1 - p)`` rounded to the branch output's dtype.
+    """
     rows = _rows_like(input.index_select(0, idx), input)
     a = tuple(t.index_select(0, idx) if i in batched else t for i, t in enumerate(args))
     kw = {k: v.index_select(0, idx) if k in batched else v for k, v in kwargs.items()}
     out = _checked_output(fn, branch(rows, *a, **kw), rows, not is_compiling())
     dtype = torch.promote_types(input.dtype, out.dtype)
     base = input if input.dtype == dtype else input.to(dtype)
-    # drop_path's scale, rounded to the branch output's dtype; the add fuses it (one rounding)
-    scale = torch.ones((), dtype=out.dtype).div_(1.0 - p).item() if not is_compiling() else 1.0 / (1.0 - p)
     if is_compiling():
-        return _add_rows(base, idx, out.to(dtype), scale)
-    return _AddKeptRows.apply(base, idx, out.to(dtype), scale)
+        if isinstance(scale, Tensor):  # per kept row
+            scale = scale.reshape((-1,) + (1,) * (out.dim() - 1)).to(out.dtype)
+        if not isinstance(scale, (int, float)):  # a tensor, or n / k with a symbolic batch size
+            return _add_rows(base, idx, (out * scale).to(dtype), 1.0)
+        return _add_rows(base, idx, out.to(dtype), float(scale))
+    if p is not None:  # drop_path's scale, rounded to the branch output's dtype
+        scale = torch.ones((), dtype=out.dtype).div_(1.0 - p).item()
+    return _AddKeptRows.apply(base, idx, out.to(dtype), float(scale))
 
 
 def residual_forward(
@@ -379,7 +606,13 @@ class ResidualDropPath(StructuredDropout):
         branch: the residual branch, a module whose output has its input's shape.
         p: probability of dropping a sample's branch, in ``[0, 1]``. Default: 0.1.
         batched_args: positions in ``args`` (0 is the first argument after ``x``) and names in
-            ``kwargs`` of the extra arguments that hold the batch at dim 0. Default: none.
+            ``kwargs`` of the extra arguments that hold the batch at dim 0; one that a call leaves
+            out or passes as ``None`` is not gathered. Default: none.
+        draw: ``"per_sample"`` (DropPath's law) or ``"exact_count"`` (DINOv2's): see
+            :func:`~spatialdrop.functional.drop_path_residual`. Default: ``"per_sample"``.
+        allow_batch_coupled: run a branch with batch-coupled modules (BatchNorm in training
+            mode, see :func:`batch_coupled_modules`) on the kept samples, with a warning; by
+            default such a branch is refused. Default: False.
 
     Shape:
         - Input: :math:`(N, *)`.
@@ -405,9 +638,17 @@ class ResidualDropPath(StructuredDropout):
     has_channel_dim = False
     branch: nn.Module
     batched_args: tuple[int | str, ...]
+    draw: str
+    allow_batch_coupled: bool
 
     def __init__(
-        self, branch: nn.Module, p: float = 0.1, *, batched_args: Collection[int | str] = ()
+        self,
+        branch: nn.Module,
+        p: float = 0.1,
+        *,
+        batched_args: Collection[int | str] = (),
+        draw: str = "per_sample",
+        allow_batch_coupled: bool = False,
     ) -> None:
         super().__init__(p)
         name = type(self).__name__
@@ -415,6 +656,8 @@ class ResidualDropPath(StructuredDropout):
             fail(name, "branch", "a torch.nn.Module", Shown(type(branch).__name__), kind=TypeError)
         self.branch = branch
         self.batched_args = check_batched_args(name, batched_args)
+        self.draw = check_choice(name, "draw", draw, DRAWS)
+        self.allow_batch_coupled = check_bool(name, "allow_batch_coupled", allow_batch_coupled)
 
     def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """``input + drop_path(branch(input, *args, **kwargs))``, the branch on the kept samples."""
@@ -439,8 +682,13 @@ class ResidualDropPath(StructuredDropout):
             args=args,
             kwargs=kwargs,
             batched_args=self.batched_args,
+            draw=self.draw,
+            allow_batch_coupled=self.allow_batch_coupled,
         )
 
     def extra_repr(self) -> str:
         """``p`` and, when set, ``batched_args`` (there is no ``inplace``: the input is never written)."""
-        return f"p={self.p}" + (f", batched_args={self.batched_args!r}" if self.batched_args else "")
+        out = f"p={self.p}" + (f", batched_args={self.batched_args!r}" if self.batched_args else "")
+        if self.draw != "per_sample":
+            out += f", draw={self.draw!r}"
+        return out + (", allow_batch_coupled=True" if self.allow_batch_coupled else "")

@@ -8,6 +8,7 @@ that is not installed). The library is used only through its public API.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -332,7 +333,15 @@ RESIDUAL_RATES = (0.1, 0.3)
 
 
 def _skipping(branch: torch.nn.Module, p: float) -> Fn:
-    return lambda x: drop_path_residual(x, branch, p)
+    if not spatialdrop.batch_coupled_modules(branch):
+        return lambda x: drop_path_residual(x, branch, p)
+
+    def run(x: Tensor) -> Tensor:  # the bottleneck's BatchNorms: on the kept samples, as timed before
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "drop_path_residual: the branch has batch-coupled modules")
+            return drop_path_residual(x, branch, p, allow_batch_coupled=True)
+
+    return run
 
 
 def _then(branch: torch.nn.Module, drop: Callable[[Tensor], Tensor]) -> Fn:
