@@ -42,6 +42,7 @@ PUBLIC = [
     "mc_dropout",
     "mc_predict",
     "remove_filter_dropout",
+    "skip_dropped_compute",
 ]
 
 FUNCTIONAL = [

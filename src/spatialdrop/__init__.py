@@ -21,6 +21,7 @@ from .gaussian import (
 from .keyed import MaskKey, keyed_masks, keyed_normal, keyed_uniform, mask_context
 from .residual_drop_path import ResidualDropPath, batch_coupled_modules
 from .schedule import DropSchedule
+from .skip_compute import skip_dropped_compute
 from .spatial_dropout import SpatialDropout, SpatialDropout1d, SpatialDropout2d, SpatialDropout3d
 from .tools import MCPrediction, add_dropout, mc_dropout, mc_predict
 
@@ -63,4 +64,5 @@ __all__ = [
     "mc_dropout",
     "mc_predict",
     "remove_filter_dropout",
+    "skip_dropped_compute",
 ]
