@@ -793,10 +793,11 @@ def _print(
     ]
     rows += left
     rows += [(n, type(model.get_submodule(n)).__name__, "skips already") for n in done]
+    listed = tuple(r[0] + "." for r in left)
     plain = [
-        (n, "DropPath", "plain: not in a known block")
+        (n, "DropPath", "plain: in a block it does not know")
         for n, m in model.named_modules()
-        if type(m) is DropPath and id(m) not in in_blocks
+        if type(m) is DropPath and id(m) not in in_blocks and not n.startswith(listed)
     ]
     rows += plain
     order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
