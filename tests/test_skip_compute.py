@@ -306,7 +306,9 @@ def test_verbose_lists_every_block_and_why(capsys: pytest.CaptureFixture[str]) -
         "not",
         "know",
     ]
-    assert lines[4].endswith("left: unscaled DropPath (scale_by_keep=False): drop_path_residual always scales")
+    assert lines[4].endswith(
+        "left: unscaled DropPath (scale_by_keep=False): drop_path_residual always scales"
+    )
     assert lines[-1] == (
         "skips the dropped samples' compute in 1 block: timm vision_transformer.Block x1; 1 plain DropPath layer"
     )
@@ -379,3 +381,263 @@ def test_batch_coupled_opt_in_warns_and_the_statistics_come_from_the_kept_sample
 def test_the_table_names_each_block_once() -> None:
     labels = [(b.module, b.name) for b in BLOCKS]
     assert len(set(labels)) == len(labels) == 15
+
+
+# --- real models (timm, torchvision): the `models` environment -----------------------------------
+# small configurations (2-4 blocks, widths 8-32, 28-56 px images) of the models each block class
+# comes from; every drop rate 0.5 (timm's first block gets 0 and stays as it is)
+
+
+def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, drop_path_rate=0.5, num_classes=5, **kw)
+
+    return make
+
+
+def _timm_mixer() -> nn.Module:
+    from timm.models.mlp_mixer import MlpMixer
+
+    return MlpMixer(num_classes=5, img_size=32, patch_size=8, num_blocks=2, embed_dim=32, drop_path_rate=0.5)
+
+
+def _tv_convnext() -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt(
+        [CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)], stochastic_depth_prob=0.5, num_classes=5
+    )
+
+
+def _tv_swin(v2: bool = False) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        from torchvision.models import swin_transformer as tv
+
+        kw: dict[str, Any] = (
+            {"block": tv.SwinTransformerBlockV2, "downsample_layer": tv.PatchMergingV2} if v2 else {}
+        )
+        return tv.SwinTransformer(
+            [4, 4], 16, [2, 2], [1, 2], [4, 4], stochastic_depth_prob=0.5, num_classes=5, **kw
+        )
+
+    return make
+
+
+def _tv_efficientnet() -> nn.Module:
+    from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig, MBConvConfig
+
+    setting = [FusedMBConvConfig(1, 3, 1, 16, 16, 2), MBConvConfig(4, 3, 2, 16, 24, 2)]
+    return EfficientNet(setting, dropout=0.1, stochastic_depth_prob=0.5, num_classes=5)  # type: ignore[arg-type]
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {  # (builder, image size)
+    "timm-vit": (
+        _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2),
+        32,
+    ),
+    # patch dropout gives each sample its own rope table, which must travel with the kept rows
+    "timm-eva": (
+        _timm(
+            "eva02_tiny_patch14_224",
+            img_size=28,
+            patch_size=7,
+            depth=2,
+            embed_dim=32,
+            num_heads=2,
+            patch_drop_rate=0.25,
+        ),
+        28,
+    ),
+    "timm-swin": (
+        _timm(
+            "swin_tiny_patch4_window7_224",
+            img_size=56,
+            window_size=7,
+            depths=(2, 2),
+            num_heads=(1, 2),
+            embed_dim=16,
+        ),
+        56,
+    ),
+    "timm-convnext": (_timm("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 16, 32)), 32),
+    "timm-mixer": (_timm_mixer, 32),
+    "tv-convnext": (_tv_convnext, 32),
+    "tv-swin": (_tv_swin(), 32),
+    "tv-swin_v2": (_tv_swin(v2=True), 32),
+    # batch-coupled (BatchNorm): rewritten with allow_batch_coupled=True only
+    "timm-resnet": (_timm("resnet18", layers=(1, 1, 1, 1)), 32),
+    "timm-efficientnet": (_timm("efficientnet_b0"), 32),
+    "tv-efficientnet": (_tv_efficientnet, 32),
+}
+COUPLED = {"timm-resnet", "timm-efficientnet", "tv-efficientnet"}
+# per block class: (drop path, the first module of its branch), to count the rows each branch sees
+PROBES: dict[str, list[tuple[str, str]]] = {
+    "Block": [("drop_path1", "norm1"), ("drop_path2", "norm2")],
+    "EvaBlock": [("drop_path1", "norm1"), ("drop_path2", "norm2")],
+    "timm SwinTransformerBlock": [("drop_path1", "norm1"), ("drop_path2", "norm2")],
+    "ConvNeXtBlock": [("drop_path", "conv_dw")],
+    "MixerBlock": [("drop_path", "norm1"), ("drop_path", "norm2")],
+    "CNBlock": [("stochastic_depth", "block")],
+    "torchvision SwinTransformerBlock": [("stochastic_depth", "norm1"), ("stochastic_depth", "norm2")],
+    "SwinTransformerBlockV2": [("stochastic_depth", "attn"), ("stochastic_depth", "mlp")],
+    "BasicBlock": [("drop_path", "conv1")],
+    "InvertedResidual": [("drop_path", "conv_pw")],
+    "DepthwiseSeparableConv": [("drop_path", "conv_dw")],
+    "MBConv": [("stochastic_depth", "block")],
+    "FusedMBConv": [("stochastic_depth", "block")],
+}
+
+
+def _probes(block: nn.Module) -> list[tuple[str, str]]:
+    base = type(block)._skip_base  # type: ignore[attr-defined]
+    return PROBES.get(base.__name__) or PROBES[f"{base.__module__.split('.')[0]} {base.__name__}"]
+
+
+def _real_pair(name: str) -> tuple[nn.Module, nn.Module, Tensor]:
+    build, size = MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plain, skipping = _pair(model, allow_batch_coupled=name in COUPLED)
+    coupled = [w for w in record if "allow_batch_coupled=True" in str(w.message)]
+    assert len(coupled) == (name in COUPLED)
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return plain, skipping, x
+
+
+def _bn_eval(model: nn.Module) -> nn.Module:
+    """BatchNorm in eval mode: each sample's output its own, so both models compute the same."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("name", list(MODELS))
+def test_real_model(name: str) -> None:
+    plain, model, x = _real_pair(name)
+    blocks = [m for m in model.modules() if is_skipping(m)]
+    assert blocks, "every model here has blocks to rewrite"
+    # state_dict: the same keys and values as the converted model's
+    state, ref = model.state_dict(), plain.state_dict()
+    assert list(state) == list(ref) and all(torch.equal(state[k], ref[k]) for k in ref)
+    # eval: the same bits
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+    # training with keyed masks: the same output and gradients, each branch on its kept rows only
+    model.train(), plain.train()
+    if name in COUPLED:
+        _bn_eval(model), _bn_eval(plain)
+    n, expected = x.shape[0], []
+    probes = [(getattr(b, dp), getattr(b, child)) for b in blocks for dp, child in _probes(b)]
+    seen, hooks = _count_rows([child for _, child in probes])
+    for step in range(2):
+        torch.manual_seed(step)  # eva's patch dropout draws from torch's generator
+        got = _run(model, x, step)
+        torch.manual_seed(step)
+        _assert_same_run(got, _run(plain, x, step))
+        expected += [k for k in (_kept(dp, n, step) for dp, _ in probes) if k > 0]
+    for h in hooks:
+        h.remove()
+    assert sorted(seen) == sorted(expected) and sum(seen) < n * len(probes) * 2  # some rows were skipped
+
+
+@pytest.mark.models
+def test_real_model_pickles() -> None:
+    _, model, x = _real_pair("timm-vit")
+    copy_ = pickle.loads(pickle.dumps(model))
+    assert [type(m) for m in copy_.modules()] == [type(m) for m in model.modules()]
+    assert torch.equal(copy_.eval()(x), model.eval()(x))
+
+
+@pytest.mark.models
+def test_real_batchnorm_models_are_refused_by_default() -> None:
+    for name in sorted(COUPLED):
+        model = MODELS[name][0]()
+        with pytest.raises(
+            ValueError, match=r"or allow_batch_coupled=True: a branch run on the kept samples only"
+        ):
+            skip_dropped_compute(model)
+        assert not any(is_skipping(m) for m in model.modules())
+
+
+@pytest.mark.models
+def test_real_convnext_block_with_a_downsampling_shortcut() -> None:
+    from timm.models.convnext import ConvNeXtBlock
+
+    torch.manual_seed(0)
+    block = ConvNeXtBlock(8, 16, stride=2, drop_path=0.5)
+    plain, model = _pair(block)
+    x = torch.randn(6, 8, 8, 8)
+    for step in range(3):
+        _assert_same_run(_run(model, x, step), _run(plain, x, step))
+
+
+# --- distributed: DDP and FSDP2 on 2 gloo ranks equal 1 rank; a rank with nothing kept joins in -----
+
+
+def _dist_worker(rank: int, world: int) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    n = 4
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    local = slice(rank * n // world, (rank + 1) * n // world)
+    out: dict[str, Any] = {}
+    for name in ("timm-vit", "tv-convnext"):
+        for wrap in ("ddp", "fsdp2"):
+            torch.manual_seed(0)
+            model = keyed_masks(skip_dropped_compute(MODELS[name][0]()), seed=11)
+            dps = [m for m in model.modules() if isinstance(m, DropPath)]
+            if wrap == "ddp":
+                model = DDP(model)
+            else:
+                for m in list(model.modules()):
+                    if is_skipping(m):
+                        fully_shard(m)
+                fully_shard(model)
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            losses = []
+            for step in range(6):
+                with mask_context(step=step, sample_ids=torch.arange(n)[local]):
+                    loss = model(x[local]).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                total = loss.detach().clone()
+                if world > 1:
+                    torch.distributed.all_reduce(total)
+                losses.append(total / world)
+            out[f"{name}-{wrap}"] = torch.stack(losses)
+        # steps at which some branch keeps nothing of one rank's half and something of the other's
+        halves = [(0, 1), (2, 3)]
+        out[f"{name}-lonely"] = sum(
+            (_kept_ids(dp, step, halves[0]) == 0) != (_kept_ids(dp, step, halves[1]) == 0)
+            for dp in dps
+            for step in range(6)
+        )
+    return out
+
+
+def _kept_ids(dp: DropPath, step: int, ids: tuple[int, ...]) -> int:
+    with mask_context(step=step, sample_ids=torch.tensor(ids)):
+        key = dp.mask_key(len(ids), torch.device("cpu"))
+    return int(drop_path(torch.ones(len(ids), 1), dp.p, key=key).count_nonzero())
+
+
+@pytest.mark.models
+@pytest.mark.slow
+def test_real_models_under_ddp_and_fsdp2_equal_one_rank(tmp_path: Path) -> None:
+    (one,) = run_world(_dist_worker, 1, tmp_path / "1", timeout_s=300)
+    two = run_world(_dist_worker, 2, tmp_path / "2", timeout_s=300)
+    for key, losses in one.items():
+        if key.endswith("-lonely"):
+            assert losses > 0, key  # a rank kept nothing of some branch while the other kept rows
+            continue
+        torch.testing.assert_close(two[0][key], losses, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(two[1][key], losses, rtol=1e-5, atol=1e-6, msg=key)
