@@ -601,7 +601,7 @@ def _dist_worker(rank: int, world: int) -> dict[str, Any]:
                     if is_skipping(m):
                         fully_shard(m)
                 fully_shard(model)
-            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            opt = torch.optim.SGD(model.parameters(), lr=0.02)
             losses = []
             for step in range(6):
                 with mask_context(step=step, sample_ids=torch.arange(n)[local]):
@@ -633,11 +633,13 @@ def _kept_ids(dp: DropPath, step: int, ids: tuple[int, ...]) -> int:
 @pytest.mark.models
 @pytest.mark.slow
 def test_real_models_under_ddp_and_fsdp2_equal_one_rank(tmp_path: Path) -> None:
+    (tmp_path / "1").mkdir(), (tmp_path / "2").mkdir()
     (one,) = run_world(_dist_worker, 1, tmp_path / "1", timeout_s=300)
     two = run_world(_dist_worker, 2, tmp_path / "2", timeout_s=300)
     for key, losses in one.items():
         if key.endswith("-lonely"):
             assert losses > 0, key  # a rank kept nothing of some branch while the other kept rows
             continue
-        torch.testing.assert_close(two[0][key], losses, rtol=1e-5, atol=1e-6, msg=key)
-        torch.testing.assert_close(two[1][key], losses, rtol=1e-5, atol=1e-6, msg=key)
+        msg = f"{key}: {losses.tolist()} on 1 rank, {two[0][key].tolist()} on 2"
+        torch.testing.assert_close(two[0][key], losses, rtol=1e-4, atol=1e-6, msg=msg)
+        torch.testing.assert_close(two[1][key], losses, rtol=1e-4, atol=1e-6, msg=msg)

@@ -45,7 +45,7 @@ class _ZeroGrads(torch.autograd.Function):
 
     @staticmethod
     def forward(input: Tensor, *params: Tensor) -> Tensor:
-        return input.view_as(input)
+        return input.clone()  # not a view: FSDP's hooks and in-place adds after the block stay sound
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
