@@ -200,9 +200,8 @@ def test_timm_drop_paths_are_converted_and_p_read_at_call_time() -> None:
     model = vit()
     skip_dropped_compute(model)
     dps = [m for m in model.modules() if isinstance(m, DropPath)]
-    assert len(dps) == 6 and not any(
-        type(m).__name__ == "DropPath" and type(m) is not DropPath for m in model.modules()
-    )
+    assert len(dps) == 6
+    assert not any(type(m).__name__ == "DropPath" and type(m) is not DropPath for m in model.modules())
     sched = DropSchedule(model, target_p=1.0, total_steps=2)
     sched.step(2)  # every drop path at p = 1: no branch runs
     seen, hooks = _count_rows([b.mlp for b in model])
@@ -293,7 +292,8 @@ def test_verbose_lists_every_block_and_why(capsys: pytest.CaptureFixture[str]) -
         "drop_path2",
         "(p=0.2)",
     ]
-    assert lines[2].split()[:2] == ["1", "timm"] and lines[2].endswith("left: no drop path")
+    assert lines[2].split()[:2] == ["1", "timm"]
+    assert lines[2].endswith("left: no drop path")
     assert lines[3].split() == [
         "2.drop_path",
         "DropPath",
@@ -310,7 +310,8 @@ def test_verbose_lists_every_block_and_why(capsys: pytest.CaptureFixture[str]) -
         "left: unscaled DropPath (scale_by_keep=False): drop_path_residual always scales"
     )
     assert lines[-1] == (
-        "skips the dropped samples' compute in 1 block: timm vision_transformer.Block x1; 1 plain DropPath layer"
+        "skips the dropped samples' compute in 1 block: timm vision_transformer.Block x1; "
+        "1 plain DropPath layer"
     )
     assert isinstance(model[2].drop_path, DropPath)  # converted, computing every sample
 
@@ -322,7 +323,9 @@ def scale_by_keep_false() -> Callable[[float], nn.Module]:
 def test_exclude_leaves_blocks_and_their_drop_paths() -> None:
     model = vit()
     skip_dropped_compute(model, exclude=["1", "2.drop_path2"])
-    assert is_skipping(model[0]) and not is_skipping(model[1]) and not is_skipping(model[2])
+    assert is_skipping(model[0])
+    assert not is_skipping(model[1])
+    assert not is_skipping(model[2])
     assert type(model[1].drop_path1).__module__ == "timm.layers.drop"  # not converted either
     assert type(model[2].drop_path2).__module__ == "timm.layers.drop"
     assert type(model[2].drop_path1) is DropPath  # converted: its block is left, computing every sample
@@ -347,7 +350,8 @@ def test_batch_coupled_branch_is_refused_and_nothing_changes() -> None:
     before = copy.deepcopy(model)
     with pytest.raises(
         ValueError,
-        match=r"0 \(torchvision efficientnet.MBConv\) with block.1 \(BatchNorm2d: batch statistics\) and 1 more",
+        match=r"0 \(torchvision efficientnet.MBConv\) with block.1 "
+        r"\(BatchNorm2d: batch statistics\) and 1 more",
     ):
         skip_dropped_compute(model)
     assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
@@ -370,7 +374,8 @@ def test_batch_coupled_opt_in_warns_and_the_statistics_come_from_the_kept_sample
         model(x), plain(x)
     kept_rows, all_rows = conv_out
     kept = _kept(model[0].stochastic_depth, 8, step)
-    assert kept_rows.shape[0] == kept and all_rows.shape[0] == 8
+    assert kept_rows.shape[0] == kept
+    assert all_rows.shape[0] == 8
     bn, bn_plain = model[0].block[1], plain[0].block[1]
     # running mean after one step: momentum * the batch mean, over the kept samples only
     torch.testing.assert_close(bn.running_mean, 0.1 * kept_rows.mean((0, 2, 3)))
@@ -524,7 +529,8 @@ def test_real_model(name: str) -> None:
     assert blocks, "every model here has blocks to rewrite"
     # state_dict: the same keys and values as the converted model's
     state, ref = model.state_dict(), plain.state_dict()
-    assert list(state) == list(ref) and all(torch.equal(state[k], ref[k]) for k in ref)
+    assert list(state) == list(ref)
+    assert all(torch.equal(state[k], ref[k]) for k in ref)
     # eval: the same bits
     model.eval(), plain.eval()
     with torch.no_grad():
@@ -544,7 +550,8 @@ def test_real_model(name: str) -> None:
         expected += [k for k in (_kept(dp, n, step) for dp, _ in probes) if k > 0]
     for h in hooks:
         h.remove()
-    assert sorted(seen) == sorted(expected) and sum(seen) < n * len(probes) * 2  # some rows were skipped
+    assert sorted(seen) == sorted(expected)
+    assert sum(seen) < n * len(probes) * 2
 
 
 @pytest.mark.models
