@@ -101,7 +101,7 @@ CASES = [
     Case(
         "torchvision swin_t",
         "linear 0 -> 0.2 (recipe)",
-        lambda: _tv("swin_t", stochastic_depth_prob=0.2),
+        lambda: _tv("swin_t"),  # stochastic_depth_prob=0.2, its recipe
         16,
         112,
         5,

@@ -650,3 +650,49 @@ def test_real_models_under_ddp_and_fsdp2_equal_one_rank(tmp_path: Path) -> None:
         msg = f"{key}: {losses.tolist()} on 1 rank, {two[0][key].tolist()} on 2"
         torch.testing.assert_close(two[0][key], losses, rtol=1e-4, atol=1e-6, msg=msg)
         torch.testing.assert_close(two[1][key], losses, rtol=1e-4, atol=1e-6, msg=msg)
+
+
+# --- torch.compile: a compiled training run equals eager, in few graphs -----------------------------
+
+
+def _compiled_run(build: Callable[[], nn.Module], x: Tensor, dynamic: bool, steps: int = 20) -> None:
+    """Train eager and compiled copies side by side with keyed masks: the same losses, <= 2 graphs."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = keyed_masks(skip_dropped_compute(build()), seed=3)
+    twin = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")  # inductor compiles take minutes here
+    compiled = torch.compile(twin, backend=counter, dynamic=dynamic)
+    runs = []
+    for model, params in ((eager, eager.parameters()), (compiled, twin.parameters())):
+        opt = torch.optim.SGD(params, lr=0.01)
+        losses = []
+        for step in range(steps):
+            with mask_context(step=step, sample_ids=torch.arange(x.shape[0])):
+                loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        runs.append(torch.stack(losses))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-5)
+    assert 1 <= counter.frame_count <= 2, counter.frame_count
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_training_equals_eager(dynamic: bool) -> None:
+    _compiled_run(vit, torch.randn(6, 5, 8), dynamic)
+
+
+@pytest.mark.models
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("name", [n for n in MODELS if n not in COUPLED])
+def test_real_model_compiled_training_equals_eager(name: str, dynamic: bool) -> None:
+    build, size = MODELS[name]
+    _compiled_run(
+        build, torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1)), dynamic, 8
+    )
