@@ -623,10 +623,12 @@ def skip_dropped_compute(
             now come from the kept samples only.
 
     Examples:
-        With timm (``docs/guide/skip-compute.md`` has the measured speed-ups)::
+        With timm (the guide "The compute-skipping conversion" has the measured speed-ups):
 
-            model = timm.create_model("vit_small_patch16_224", drop_path_rate=0.4)
-            skip_dropped_compute(model, verbose=True)  # every Block skips its dropped samples
+        ```python
+        model = timm.create_model("vit_small_patch16_224", drop_path_rate=0.4)
+        skip_dropped_compute(model, verbose=True)  # every Block skips its dropped samples
+        ```
 
         A block of your own is not rewritten (wrap its branches in :class:`ResidualDropPath`):
 
