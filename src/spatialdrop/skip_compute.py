@@ -22,13 +22,12 @@ from torch import Tensor, nn
 
 from ._module import StructuredDropout
 from ._validation import Shown, check_bool, fail
-from .convert import _peer_of_class, convert_dropout, peer_dropout
+from .convert import Exclude, _exclusions, _peer_of_class, convert_dropout, peer_dropout
 from .drop_path import DropPath
 from .residual_drop_path import drop_path_residual
 
 __all__ = ["skip_dropped_compute"]
 
-Exclude = Union[str, type, Iterable[Union[str, type]]]
 Params = Sequence[Union[nn.Module, Tensor, None]]
 
 # --- the residual of one branch ----------------------------------------------------------------
@@ -529,23 +528,6 @@ def _branch_layers(block: nn.Module, entry: KnownBlock) -> Iterable[tuple[str, n
         yield from child.named_modules(prefix=child_name)
 
 
-def _check_exclude(fn: str, model: nn.Module, exclude: Exclude) -> tuple[tuple[str, ...], tuple[type, ...]]:
-    items: Any = [exclude] if isinstance(exclude, (str, type)) else exclude
-    try:
-        items = list(items)
-    except TypeError:
-        fail(fn, "exclude", "module names, module types or an iterable of them", exclude, kind=TypeError)
-    names = tuple(i for i in items if isinstance(i, str))
-    types = tuple(i for i in items if isinstance(i, type))
-    if len(names) + len(types) != len(items) or not all(issubclass(t, nn.Module) for t in types):
-        fail(fn, "exclude", "module names (str) and nn.Module types", exclude, kind=TypeError)
-    present = {name for name, _ in model.named_modules(remove_duplicate=False)}
-    for name in names:
-        if name not in present:
-            fail(fn, "exclude", "names from model.named_modules()", name)
-    return names, types
-
-
 def skip_dropped_compute(
     model: nn.Module,
     *,
@@ -652,7 +634,7 @@ def skip_dropped_compute(
         fail(fn, "model", "an nn.Module", Shown(type(model).__name__), kind=TypeError)
     check_bool(fn, "allow_batch_coupled", allow_batch_coupled)
     check_bool(fn, "verbose", verbose)
-    names, types = _check_exclude(fn, model, exclude)
+    names, types = _exclusions(fn, model, exclude)
 
     def excluded(name: str, m: nn.Module) -> bool:
         return isinstance(m, types) or any(name == n or name.startswith(n + ".") or not n for n in names)
