@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ._compat import inductor_layout_optimization, is_compiling
 from ._module import StructuredDropout
 from ._validation import Shown, check_bool, fail
 from .convert import Exclude, _exclusions, _peer_of_class, convert_dropout, peer_dropout
@@ -67,6 +68,16 @@ def _params(items: Params) -> list[Tensor]:
     return list(out.values())
 
 
+def _has_conv(items: Params) -> bool:
+    """Whether the branch's modules hold a convolution."""
+    return any(
+        isinstance(m, nn.modules.conv._ConvNd)
+        for item in items
+        if isinstance(item, nn.Module)
+        for m in item.modules()
+    )
+
+
 def _per_sample(value: Any, n: int) -> bool:
     """Whether an extra argument holds the batch: a 4-D tensor ``(N, heads, L, S)`` with ``N`` rows.
 
@@ -96,6 +107,10 @@ def _residual(
     if dp is None or type(dp) is nn.Identity:
         return base + branch(src, **extra)
     if type(dp) is not DropPath or not dp.scale:
+        return base + dp(branch(src, **extra))
+    if is_compiling() and base.device.type == "cpu" and inductor_layout_optimization() and _has_conv(params):
+        # drop_path_residual's exception for a convolution branch (torch's crash on a conv of an
+        # unbacked batch): the whole batch, DropPath's law, as the block computed it before
         return base + dp(branch(src, **extra))
     n = base.shape[0]
     batched = tuple(k for k, v in extra.items() if _per_sample(v, n))
