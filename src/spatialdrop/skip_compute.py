@@ -234,7 +234,8 @@ def _tv_swin_block_v2(self: Any, x: Tensor) -> Tensor:
 def _tv_mbconv(self: Any, input: Tensor) -> Tensor:
     if not self.use_res_connect:
         return self.block(input)
-    return _residual(self.stochastic_depth, input, self.block, (self.block,))
+    # a closure, not the module: skip_dropped_compute has already refused or warned about its BatchNorm
+    return _residual(self.stochastic_depth, input, lambda r: self.block(r), (self.block,))
 
 
 def _timm_resnet_tail(self: Any, x: Tensor, branch: Callable[[Tensor], Tensor], act: nn.Module) -> Tensor:
