@@ -24,7 +24,7 @@ from ._compat import inductor_layout_optimization, is_compiling
 from ._module import StructuredDropout
 from ._validation import Shown, check_bool, fail
 from .convert import Exclude, _exclusions, _peer_of_class, convert_dropout, peer_dropout
-from .drop_path import DropPath
+from .drop_path import DropPath, drop_path
 from .residual_drop_path import drop_path_residual
 
 __all__ = ["skip_dropped_compute"]
@@ -95,6 +95,7 @@ def _residual(
     params: Params,
     *,
     source: Optional[Tensor] = None,
+    whole_compiled: bool = False,
     **extra: Any,
 ) -> Tensor:
     """``base + dp(branch(source, **extra))``, the branch on the samples that ``dp`` keeps.
@@ -108,11 +109,15 @@ def _residual(
         return base + branch(src, **extra)
     if type(dp) is not DropPath or not dp.scale:
         return base + dp(branch(src, **extra))
-    if is_compiling() and base.device.type == "cpu" and inductor_layout_optimization() and _has_conv(params):
-        # drop_path_residual's exception for a convolution branch (torch's crash on a conv of an
-        # unbacked batch): the whole batch, DropPath's law, as the block computed it before
-        return base + dp(branch(src, **extra))
     n = base.shape[0]
+    if is_compiling() and (
+        whole_compiled or (base.device.type == "cpu" and inductor_layout_optimization() and _has_conv(params))
+    ):
+        # under the compiler, a branch that cannot take an unbacked batch (Swin's window reshapes
+        # guard on it being nonzero; torch's crash on a convolution of one on the CPU, see
+        # drop_path_residual) runs on the whole batch: DropPath's law and draw, no saving
+        key = dp.mask_key(n, base.device)
+        return base + drop_path(branch(src, **extra), dp.p, dp.training, key=key)
     batched = tuple(k for k, v in extra.items() if _per_sample(v, n))
     key = dp.mask_key(n, base.device)
     if src is base:
@@ -183,9 +188,10 @@ def _timm_swin_block(self: Any, x: Tensor) -> Tensor:
     # the shifted-window attention mask is one per window position, shared by every sample: the
     # block reads it for however many samples it is given
     b, h, w, c = x.shape
-    x = _residual(self.drop_path1, x, lambda r: self._attn(self.norm1(r)), (self.norm1, self.attn))
+    attn, mlp = (self.norm1, self.attn), (self.norm2, self.mlp)
+    x = _residual(self.drop_path1, x, lambda r: self._attn(self.norm1(r)), attn, whole_compiled=True)
     x = x.reshape(b, -1, c)
-    x = _residual(self.drop_path2, x, lambda r: self.mlp(self.norm2(r)), (self.norm2, self.mlp))
+    x = _residual(self.drop_path2, x, lambda r: self.mlp(self.norm2(r)), mlp, whole_compiled=True)
     return x.reshape(b, h, w, c)
 
 
@@ -222,13 +228,37 @@ def _tv_cnblock(self: Any, input: Tensor) -> Tensor:
 
 
 def _tv_swin_block(self: Any, x: Tensor) -> Tensor:
-    x = _residual(self.stochastic_depth, x, lambda r: self.attn(self.norm1(r)), (self.norm1, self.attn))
-    return _residual(self.stochastic_depth, x, lambda r: self.mlp(self.norm2(r)), (self.norm2, self.mlp))
+    x = _residual(
+        self.stochastic_depth,
+        x,
+        lambda r: self.attn(self.norm1(r)),
+        (self.norm1, self.attn),
+        whole_compiled=True,
+    )
+    return _residual(
+        self.stochastic_depth,
+        x,
+        lambda r: self.mlp(self.norm2(r)),
+        (self.norm2, self.mlp),
+        whole_compiled=True,
+    )
 
 
 def _tv_swin_block_v2(self: Any, x: Tensor) -> Tensor:
-    x = _residual(self.stochastic_depth, x, lambda r: self.norm1(self.attn(r)), (self.norm1, self.attn))
-    return _residual(self.stochastic_depth, x, lambda r: self.norm2(self.mlp(r)), (self.norm2, self.mlp))
+    x = _residual(
+        self.stochastic_depth,
+        x,
+        lambda r: self.norm1(self.attn(r)),
+        (self.norm1, self.attn),
+        whole_compiled=True,
+    )
+    return _residual(
+        self.stochastic_depth,
+        x,
+        lambda r: self.norm2(self.mlp(r)),
+        (self.norm2, self.mlp),
+        whole_compiled=True,
+    )
 
 
 def _tv_mbconv(self: Any, input: Tensor) -> Tensor:
