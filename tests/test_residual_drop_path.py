@@ -9,6 +9,7 @@ without ``capture_dynamic_output_shape_ops``.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -548,3 +549,336 @@ def test_timm_block_as_the_branch_compiles_with_an_unbacked_kept_count() -> None
                     a.grad = b.grad = None
     finally:
         torch._dynamo.reset()
+
+
+# --- issue 29 item 6: optional batched arguments -------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_an_optional_batched_argument_absent_or_none_is_not_gathered(training: bool) -> None:
+    """``batched_args=["pad"]`` with no ``pad`` (or ``pad=None``, or a batched position past ``args``):
+    the call runs, with the rows the key drops, like the same call without ``batched_args``."""
+    torch.manual_seed(0)
+    attn = Attention()
+    x = torch.randn(12, 5, 8)
+    block = sd.ResidualDropPath(attn, 0.5, batched_args=["pad"]).train(training)
+    plain = sd.ResidualDropPath(attn, 0.5).train(training)
+    for kwargs in ({}, {"pad": None}):
+        torch.manual_seed(3)
+        y = block(x, **kwargs)
+        torch.manual_seed(3)
+        assert torch.equal(y, plain(x))
+    rec = Recorder(nn.Identity())
+    y = drop_path_residual(
+        x, rec, 0.5, training=training, args=(None,), batched_args=(0, 1), generator=torch.Generator()
+    )
+    assert rec.calls[0][1] == (None,)
+
+
+# --- batch-coupled branches --------------------------------------------------------------
+
+
+COUPLED = [
+    pytest.param(lambda: nn.BatchNorm1d(3), (8, 3), "(BatchNorm1d)", id="bn1d"),
+    pytest.param(
+        lambda: nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)),
+        (8, 3, 4, 4),
+        "1 (BatchNorm2d)",
+        id="bn2d",
+    ),
+    pytest.param(lambda: nn.BatchNorm3d(3), (8, 3, 2, 2, 2), "(BatchNorm3d)", id="bn3d"),
+    pytest.param(lambda: nn.SyncBatchNorm(3), (8, 3, 4), "(SyncBatchNorm)", id="syncbn"),
+    pytest.param(lambda: nn.LazyBatchNorm1d(), (8, 3), "(LazyBatchNorm1d)", id="lazybn"),
+    pytest.param(
+        lambda: nn.BatchNorm1d(3, track_running_stats=False).eval(),
+        (8, 3),
+        "(BatchNorm1d)",
+        id="bn-no-stats-eval",
+    ),
+    pytest.param(
+        lambda: nn.InstanceNorm1d(3, track_running_stats=True),
+        (8, 3, 4),
+        "(InstanceNorm1d)",
+        id="instancenorm-stats",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "shape", "name"), COUPLED)
+def test_a_batch_coupled_branch_is_refused_by_default(make: Any, shape: tuple[int, ...], name: str) -> None:
+    branch = make()
+    x = torch.randn(shape)
+    msg = (
+        r"^drop_path_residual: branch must be one that treats the samples independently .*"
+        rf"allow_batch_coupled=True .*, got one with batch-coupled modules \['{re.escape(name)}'\]$"
+    )
+    with pytest.raises(ValueError, match=msg):
+        drop_path_residual(x, branch, 0.5)
+    with pytest.raises(ValueError, match=msg):
+        sd.ResidualDropPath(branch, 0.5)(x)
+    with pytest.raises(ValueError, match=msg):  # draw="exact_count" is refused the same way
+        drop_path_residual(x, branch, 0.5, draw="exact_count")
+    # p = 0, eval: the whole batch, as the plain block: not refused
+    assert drop_path_residual(x, branch, 0.0).shape == x.shape
+    assert drop_path_residual(x, branch.eval(), 0.5, training=False).shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "branch",
+    [
+        nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4)),
+        nn.GroupNorm(1, 3),
+        nn.InstanceNorm1d(3),
+        nn.Sequential(nn.Conv1d(3, 3, 1), nn.BatchNorm1d(3).eval()),  # running statistics: per sample
+    ],
+    ids=["layernorm", "groupnorm", "instancenorm", "bn-eval"],
+)
+def test_per_sample_branches_are_not_batch_coupled(branch: nn.Module) -> None:
+    assert sd.batch_coupled_modules(branch) == []
+    x = torch.randn(8, 3, 4)
+    assert drop_path_residual(x, branch, 0.5).shape == x.shape
+
+
+def test_the_batch_coupled_opt_in_warns_and_uses_the_kept_rows() -> None:
+    bn = nn.BatchNorm1d(3, momentum=1.0)
+    x = torch.randn(32, 3)
+    with pytest.warns(UserWarning, match=r"^drop_path_residual: the branch has batch-coupled modules"):
+        y = sd.ResidualDropPath(bn, 0.5, allow_batch_coupled=True)(x)
+    keep = kept_rows(y, x)
+    torch.testing.assert_close(bn.running_mean, x[keep].mean(0))
+
+
+# --- draw="exact_count" (DINOv2's law) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "p"), [(32, 0.4), (10, 0.25), (7, 0.5), (3, 0.9)])
+def test_exact_count_keeps_round_n_times_1_minus_p_rows_scaled_n_over_k(n: int, p: float) -> None:
+    k = int(n * (1 - p) + 0.5)
+    x = torch.zeros(n, 2)
+    for seed in range(10):
+        rec = Recorder(nn.Identity())
+        y = (
+            drop_path_residual(
+                x + 1, rec, p, draw="exact_count", generator=torch.Generator().manual_seed(seed)
+            )
+            - 1
+        )
+        kept = y.abs().sum(1) > 0
+        assert int(kept.sum()) == k
+        if k:
+            torch.testing.assert_close(y[kept], torch.full((k, 2), n / k))
+            assert rec.calls[0][0].shape[0] == k if k < n else True
+        else:
+            assert rec.calls == []
+
+
+def test_exact_count_picks_each_sample_with_rate_k_over_n() -> None:
+    n, p, trials = 10, 0.3, 2000
+    counts = torch.zeros(n)
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(n, 1)
+    for _ in range(trials):
+        counts += (drop_path_residual(x, lambda t: t + 1, p, draw="exact_count", generator=g) != 0)[:, 0]
+    for c in counts.tolist():
+        assert_binomial(int(c), trials, 0.7, "sample kept")
+
+
+def test_exact_count_keyed_is_a_function_of_the_key_and_gradients_flow() -> None:
+    branch = mlp().double()
+    x = torch.randn(20, 3, 8, dtype=torch.float64, requires_grad=True)
+    key = sd.MaskKey(1, 2, 3, torch.arange(20))
+    f = lambda t: drop_path_residual(t, branch, 0.4, key=key, draw="exact_count")  # noqa: E731
+    a, b = f(x), f(x)
+    assert torch.equal(a, b)
+    assert int(kept_rows(a, x).sum()) == 12
+    assert torch.autograd.gradcheck(lambda t: f(t)[:, :1], (x,))
+
+
+def test_draw_and_options_are_checked_and_shown() -> None:
+    x = torch.randn(4, 3)
+    with pytest.raises(
+        ValueError,
+        match=r"^drop_path_residual: draw must be one of 'per_sample', 'exact_count', got 'dinov2'$",
+    ):
+        drop_path_residual(x, nn.Identity(), 0.5, draw="dinov2")
+    with pytest.raises(TypeError, match=r"^ResidualDropPath: allow_batch_coupled must be a bool, got 1$"):
+        sd.ResidualDropPath(nn.Identity(), allow_batch_coupled=1)  # type: ignore[arg-type]
+    layer = sd.ResidualDropPath(nn.Identity(), 0.3, draw="exact_count", allow_batch_coupled=True)
+    assert repr(layer).startswith(
+        "ResidualDropPath(\n  p=0.3, draw='exact_count', allow_batch_coupled=True\n"
+    )
+
+
+def test_kept_index_op_passes_opcheck() -> None:
+    from spatialdrop.residual_drop_path import kept_index
+
+    for keep in (torch.tensor([0.0, 2.0, 0.0, 2.0]), torch.zeros(3), torch.ones(5)):
+        assert torch.equal(kept_index(keep), keep.nonzero().squeeze(1))
+        torch.library.opcheck(kept_index, (keep,), test_utils=("test_schema", "test_faketensor"))
+
+
+# --- the saving and the law under torch.compile (issue 33) --------------------------------
+
+
+class DrawBlock(nn.Module):
+    """``Block`` with a chosen ``draw`` (and branch kinds): attention, MLP."""
+
+    def __init__(self, p: float = 0.4, draw: str = "per_sample") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = sd.ResidualDropPath(Attention(), p, draw=draw)
+        self.mlp = sd.ResidualDropPath(mlp(), p, draw=draw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.attn(x))
+
+
+def _train_compiled_and_eager(
+    net: nn.Module,
+    steps: int,
+    sizes: Any,
+    shape: tuple[int, ...],
+    *,
+    dynamic: bool | None = None,
+    fullgraph: bool = True,
+    backend: str = "inductor",
+) -> tuple[int, list[int]]:
+    """Keyed training steps, compiled and eager from the same weights: outputs, input and weight
+    gradients and buffers equal. Returns the graphs dynamo compiled and the rows kept per step."""
+    from torch._dynamo.utils import counters
+
+    twin = copy.deepcopy(net)
+    kept: list[int] = []
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(net, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+    for step in range(steps):
+        n = sizes(step)
+        xc = torch.randn(n, *shape).requires_grad_(True)
+        xe = xc.detach().clone().requires_grad_(True)
+        with sd.mask_context(step=step, sample_ids=torch.arange(n) * 7):
+            yc, ye = compiled(xc), twin(xe)
+        torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
+        kept.append(int(kept_rows(ye, xe).sum()))
+        w = torch.randn_like(yc)
+        (yc * w).sum().backward()
+        (ye * w).sum().backward()
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-5)
+        for a, b in zip(net.parameters(), twin.parameters()):  # BatchNorm's sums: rounding ~1e-5
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+            a.grad = b.grad = None
+        for a, b in zip(net.buffers(), twin.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    graphs = int(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    return graphs, kept
+
+
+def _explained_ops(net: nn.Module, x: Tensor) -> set[str]:
+    torch._dynamo.reset()
+    with sd.mask_context(step=0, sample_ids=torch.arange(x.shape[0])):
+        explained = torch._dynamo.explain(net)(x)
+    torch._dynamo.reset()
+    return _graph_ops(explained)
+
+
+@pytest.mark.parametrize(
+    ("draw", "dynamic"),
+    [
+        pytest.param("per_sample", None, id="per_sample"),
+        pytest.param("exact_count", None, id="exact_count"),
+        pytest.param("per_sample", True, id="per_sample-dynamic", marks=pytest.mark.slow),
+        pytest.param("exact_count", True, id="exact_count-dynamic", marks=pytest.mark.slow),
+    ],
+)
+def test_compiled_keyed_training_equals_eager_in_at_most_2_graphs_over_20_steps(
+    draw: str, dynamic: bool | None
+) -> None:
+    """The default dynamo configuration: the kept rows are gathered in the graph (``kept_index``
+    for DropPath's law, ``topk`` for the exact count), the kept count changes at every step, and
+    the compiled steps equal the eager ones; with ``dynamic=True`` the batch size changes too."""
+    net = sd.keyed_masks(DrawBlock(0.4, draw), seed=4)
+    ops = _explained_ops(net, torch.randn(16, 5, 8))
+    assert any(("kept_index" if draw == "per_sample" else "topk") in op for op in ops)
+    sizes = (lambda s: 16) if not dynamic else (lambda s: (16, 12, 9, 20)[s % 4])
+    graphs, kept = _train_compiled_and_eager(net, 20, sizes, (5, 8), dynamic=dynamic)
+    assert graphs <= 2, f"{graphs} graphs over 20 steps"
+    if draw == "per_sample":
+        assert len(set(kept)) >= 4  # the kept count did change
+    else:  # a sample is kept by either of the 2 layers: at least k = round(0.6 n) of the n
+        assert all(k >= round(sizes(s) * 0.6) for s, k in enumerate(kept))
+
+
+def conv_branch() -> nn.Module:
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param("default", id="default"),
+        pytest.param("capture", id="capture_dynamic_output_shape_ops"),
+        pytest.param("no-layout-opt", id="layout_optimization-off", marks=pytest.mark.slow),
+    ],
+)
+def test_conv_branch_compiles_on_the_cpu_without_inductor_s_crash(config: str) -> None:
+    """Inductor's layout optimisation crashes on a convolution of an unbacked batch (a size/stride
+    assertion, with or without ``capture_dynamic_output_shape_ops``): such a branch runs on the
+    whole batch (the same law) unless ``layout_optimization`` is off, where it is gathered."""
+    import torch._inductor.config as inductor_config
+
+    net = sd.keyed_masks(nn.Sequential(sd.ResidualDropPath(conv_branch(), 0.5)), seed=3)
+    patches = {
+        "default": {},
+        "capture": {"capture_dynamic_output_shape_ops": True},
+        "no-layout-opt": {},
+    }[config]
+    with (
+        torch._dynamo.config.patch(**patches),
+        inductor_config.patch(layout_optimization=config != "no-layout-opt"),
+    ):
+        gathered = any("kept_index" in op for op in _explained_ops(net, torch.randn(8, 4, 6, 6)))
+        assert gathered == (config == "no-layout-opt")
+        graphs, kept = _train_compiled_and_eager(net, 4, lambda s: 8, (4, 6, 6))
+    assert graphs == 1
+    assert any(0 < k < 8 for k in kept)
+
+
+def test_conv_and_batchnorm_branch_compiled_on_the_cpu_is_refused_or_exact_count() -> None:
+    """The issue's example: a conv + BatchNorm branch, opted in. Where inductor's crash keeps the
+    kept rows from being gathered the whole-batch fallback would normalise over other rows than
+    eager, so it is refused by name; ``draw="exact_count"`` (a static shape) gathers and equals eager."""
+    branch = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    net = sd.keyed_masks(
+        nn.Sequential(sd.ResidualDropPath(copy.deepcopy(branch), 0.5, allow_batch_coupled=True)), seed=1
+    )
+    torch._dynamo.reset()
+    with (
+        pytest.raises(Exception, match=r"layout_optimization = False"),
+        sd.mask_context(step=0, sample_ids=torch.arange(8)),
+    ):
+        torch.compile(net, backend="inductor")(torch.randn(8, 4, 3, 3))
+    exact = sd.keyed_masks(
+        nn.Sequential(sd.ResidualDropPath(branch, 0.5, draw="exact_count", allow_batch_coupled=True)), seed=1
+    )
+    with pytest.warns(UserWarning, match="batch-coupled"):
+        _, kept = _train_compiled_and_eager(exact, 3, lambda s: 8, (4, 3, 3))
+    assert kept == [4, 4, 4]
+
+
+@pytest.mark.filterwarnings("ignore:.*batch-coupled modules:UserWarning")
+@pytest.mark.parametrize(
+    "draw",
+    ["per_sample", pytest.param("exact_count", marks=pytest.mark.slow)],
+)
+def test_batch_coupled_opt_in_compiled_equals_eager(draw: str) -> None:
+    """BatchNorm in an MLP branch, opted in: the same kept rows eager and compiled, so the same
+    outputs, gradients and running statistics."""
+    torch.manual_seed(0)
+    branch = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(5), nn.GELU(), nn.Linear(16, 8))
+    net = sd.keyed_masks(
+        nn.Sequential(sd.ResidualDropPath(branch, 0.4, draw=draw, allow_batch_coupled=True)), seed=5
+    )
+    _, kept = _train_compiled_and_eager(net, 4, lambda s: 12, (5, 8), fullgraph=False)
+    assert any(1 < k < 12 for k in kept)
