@@ -882,3 +882,17 @@ def test_batch_coupled_opt_in_compiled_equals_eager(draw: str) -> None:
     )
     _, kept = _train_compiled_and_eager(net, 4, lambda s: 12, (5, 8), fullgraph=False)
     assert any(1 < k < 12 for k in kept)
+
+
+def test_exact_count_compiled_with_no_sample_kept_returns_the_input() -> None:
+    """``k = round(3 * 0.1) = 0``: the input, compiled as eagerly (no division by ``k``)."""
+    torch._dynamo.reset()
+    f = torch.compile(
+        lambda t: drop_path_residual(t, nn.Identity(), 0.9, draw="exact_count"),
+        backend="aot_eager",
+        fullgraph=True,
+    )
+    x = torch.randn(3, 2)
+    assert torch.equal(f(x), x)
+    assert int(kept_rows(f(torch.zeros(10, 2) + 1), torch.zeros(10, 2) + 1).sum()) == 1
+    torch._dynamo.reset()

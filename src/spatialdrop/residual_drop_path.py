@@ -476,7 +476,7 @@ def drop_path_residual(
         if is_dtensor(input):
             fail(fn, "draw", "'per_sample' for a DTensor input", draw)
         idx, k = _draw_subset(input, p, generator, key)
-        if not is_compiling() and k == 0:  # static: compiled, k is an int or a backed size
+        if k == 0:  # static: compiled, k is an int or a backed size (a guard, no graph break)
             return input
         scale: Any = n / k
         if not _can_gather(input, branch, fn, coupled, unbacked=False):
