@@ -842,18 +842,7 @@ def _residual_bad(module: bool) -> tuple[BadArg, ...]:
         out += [
             BadArg({"args": 3}, TypeError, "args"),
             BadArg({"kwargs": [1]}, TypeError, "kwargs"),
-            BadArg(
-                {"batched_args": (0,)},
-                ValueError,
-                "batched_args",
-                match=r"positions in args \(it has 0\)" + _got((0,)),
-            ),
-            BadArg(
-                {"batched_args": ("mask",)},
-                ValueError,
-                "batched_args",
-                match=r"names in kwargs \(it has \[\]\)",
-            ),
+            # an absent batched argument is not gathered (issue 29 item 6): no error for (0,) / ("mask",)
             BadArg({"args": (torch.ones(5),), "batched_args": (0,)}, ValueError, "args"),  # names args[0]
             # p = 0: the branch surely runs (and on the whole batch)
             BadArg(
