@@ -383,6 +383,24 @@ def test_batch_coupled_opt_in_warns_and_the_statistics_come_from_the_kept_sample
     assert not torch.allclose(bn.running_mean, bn_plain.running_mean)
 
 
+@pytest.mark.filterwarnings("ignore:.*allow_batch_coupled=True:UserWarning")
+def test_batch_coupled_opt_in_is_refused_where_the_compiled_block_cannot_gather() -> None:
+    """A conv + BatchNorm branch compiled on the CPU with inductor's layout optimisation on runs on
+    the whole batch: its BatchNorm would then normalise over other rows than eagerly, so the
+    opted-in block is refused by name instead (one law, eager and compiled)."""
+    import torch._inductor.config as inductor_config
+
+    assert inductor_config.layout_optimization  # the default, which forces the whole-batch path
+    model = keyed_masks(skip_dropped_compute(nn.Sequential(MBConv()), allow_batch_coupled=True), 1)
+    torch._dynamo.reset()
+    with (
+        pytest.raises(Exception, match=r"skip_dropped_compute: model .*holds 1 \(BatchNorm2d\)"),
+        mask_context(step=0, sample_ids=torch.arange(8)),
+    ):
+        torch.compile(model, backend="aot_eager")(torch.randn(8, 4, 5, 5))
+    torch._dynamo.reset()
+
+
 def test_the_table_names_each_block_once() -> None:
     labels = [(b.module, b.name) for b in BLOCKS]
     assert len(set(labels)) == len(labels) == 15

@@ -25,7 +25,7 @@ from ._module import StructuredDropout
 from ._validation import Shown, check_bool, fail
 from .convert import Exclude, _exclusions, _peer_of_class, convert_dropout, peer_dropout
 from .drop_path import DropPath, drop_path
-from .residual_drop_path import drop_path_residual
+from .residual_drop_path import batch_coupled_modules, drop_path_residual
 
 __all__ = ["skip_dropped_compute"]
 
@@ -115,7 +115,19 @@ def _residual(
     ):
         # under the compiler, a branch that cannot take an unbacked batch (Swin's window reshapes
         # guard on it being nonzero; torch's crash on a convolution of one on the CPU, see
-        # drop_path_residual) runs on the whole batch: DropPath's law and draw, no saving
+        # drop_path_residual) runs on the whole batch: DropPath's law and draw, no saving. A
+        # branch that couples samples (allow_batch_coupled=True) would take its batch statistics
+        # from every sample here and from the kept ones eagerly: refused, as drop_path_residual does
+        coupled = [c for item in params if isinstance(item, nn.Module) for c in batch_coupled_modules(item)]
+        if coupled:
+            fail(
+                "skip_dropped_compute",
+                "model",
+                "blocks whose batch-coupled branches can gather the kept samples under torch.compile "
+                "(a convolution branch on the CPU needs torch._inductor.config.layout_optimization = "
+                "False; Swin blocks never gather there)",
+                Shown(f"a compiled block whose branch holds {', '.join(coupled)}"),
+            )
         key = dp.mask_key(n, base.device)
         return base + drop_path(branch(src, **extra), dp.p, dp.training, key=key)
     batched = tuple(k for k, v in extra.items() if _per_sample(v, n))
