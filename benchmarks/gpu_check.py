@@ -154,7 +154,8 @@ def _triton_direct(
 ) -> Callable[[Tensor], Tensor] | None:
     try:
         from spatialdrop._dropblock.calibration import uniform_gamma
-        from spatialdrop._dropblock.triton_kernels import triton_available, triton_drop_block
+        from spatialdrop._dropblock.ops import triton_ready
+        from spatialdrop._dropblock.triton_kernels import triton_drop_block
     except ImportError:
         return None
     blocks = (block,) * (len(shape) - 2)
@@ -164,9 +165,7 @@ def _triton_direct(
         return triton_drop_block(x, gamma=gamma, blocks=blocks, p=p, shared=shared)
 
     return (
-        run
-        if triton_available(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu"))
-        else None
+        run if triton_ready(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")) else None
     )
 
 

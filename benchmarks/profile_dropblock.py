@@ -40,8 +40,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from spatialdrop._dropblock import autograd, fused, geometry, scale
-from spatialdrop._dropblock import seeds as seed_draws
+from spatialdrop._dropblock import autograd, fused, geometry, ops, scale
+from spatialdrop._dropblock import sampling as seed_draws
 from spatialdrop._dropblock.calibration import seed_rate
 from spatialdrop._dropblock.sparse import PLAN_EXACT, drop_block_backward, drop_block_op
 from spatialdrop.functional import drop_block
@@ -162,11 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         drop_block(x, p, block).backward(g)
 
     def torch_ops() -> None:
-        fused.ENABLED = False
-        try:
+        with ops.override(extension=False):
             ours()
-        finally:
-            fused.ENABLED = True
 
     fresh = x.numel() * x.element_size() // 4096 // 8
     whole, clean = alternate({"x * 2.0": multiply, "fused": ours, "torch ops": torch_ops}, args.reps, fresh)
@@ -184,9 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p_t = torch.tensor(p, dtype=torch.float64)
     op_args = (torch.tensor(7), p_t, list(blocks), 1, False, "uniform", "expected", None, None, None)
     _, heads, info, fac = drop_block_op(xd, *op_args, PLAN_EXACT, None)
-    fused.ENABLED = False
-    _, t_heads, t_info, _ = drop_block_op(xd, *op_args, PLAN_EXACT, None)
-    fused.ENABLED = True
+    with ops.override(extension=False):
+        _, t_heads, t_info, _ = drop_block_op(xd, *op_args, PLAN_EXACT, None)
 
     def fresh_scaled() -> None:
         scale.scaled(xd, factor, torch.empty_like(xd))
@@ -195,11 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         fused.write(torch.empty_like(xd), xd, float(factor), seeds, geo)
 
     def backward_torch_ops() -> None:
-        fused.ENABLED = False
-        try:
+        with ops.override(extension=False):
             drop_block_backward(g, t_heads, t_info, fac, *op_args, None)
-        finally:
-            fused.ENABLED = True
 
     steps = {
         "seeds": _median_ms(

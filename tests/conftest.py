@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -29,6 +32,25 @@ def assert_binomial(count: int, n: int, p: float, what: str = "count", alpha: fl
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def dropblock_path() -> Iterator[Callable[..., None]]:
+    """Steer DropBlock's paths for the rest of the test through its one switch, ``ops.override``.
+
+    ``dropblock_path(Path.DENSE)``, ``dropblock_path(extension=False)``; each call replaces the
+    previous one, ``dropblock_path()`` restores the usual choice.
+    """
+    from spatialdrop._dropblock import ops
+
+    stack = contextlib.ExitStack()
+
+    def steer(path: Any = None, *, extension: bool = True) -> None:
+        stack.close()
+        stack.enter_context(ops.override(path, extension=extension))
+
+    yield steer
+    stack.close()
 
 
 RANKS = [1, 2, 3]

@@ -157,9 +157,8 @@ class Net3d(nn.Module):
 @contextlib.contextmanager
 def dense_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """DropBlock by its static-shape path (what devices without Triton run)."""
-    monkeypatch.setattr(ops, "FORCE_STATIC_PATH", True)
-    monkeypatch.setenv("SPATIALDROP_BACKEND", "torch")
-    yield
+    with ops.override(ops.Path.DENSE):
+        yield
 
 
 SMALL = [(4, 3, 16, 16)] * 3

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -8,9 +9,10 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from conftest import ALPHA, FLOAT_DTYPES, RANKS, assert_binomial, binom_bounds, shape_for
 from spatialdrop import DropBlock, DropBlock1d, DropBlock2d, DropBlock3d, MaskKey
-from spatialdrop._dropblock import calibration, fused, geometry, ops
-from spatialdrop._dropblock import seeds as seed_draws
+from spatialdrop._dropblock import calibration, fused, geometry
+from spatialdrop._dropblock import sampling as seed_draws
 from spatialdrop._dropblock.geometry import Geometry
+from spatialdrop._dropblock.ops import Path
 from spatialdrop.functional import drop_block
 
 MODULES = {1: DropBlock1d, 2: DropBlock2d, 3: DropBlock3d}
@@ -194,14 +196,20 @@ def test_element_by_element_fallback_writes_the_same(
 @pytest.mark.parametrize("channel_dim", [1, -1])
 @pytest.mark.parametrize("dense", [False, True])
 def test_output_is_input_times_reference_mask(
-    monkeypatch: pytest.MonkeyPatch, rank: int, shared: bool, seeding: str, channel_dim: int, dense: bool
+    monkeypatch: pytest.MonkeyPatch,
+    dropblock_path: Callable[..., None],
+    rank: int,
+    shared: bool,
+    seeding: str,
+    channel_dim: int,
+    dense: bool,
 ) -> None:
     n, c, p = 3, 4, 0.2
     sizes, blocks = (7, 6, 5)[:rank], (3, 2, 4)[:rank]
     seeds = torch.rand((n if shared else n * c, *grid_shape(sizes, blocks, seeding))) < 0.05
     patch_seeds(monkeypatch, seeds)
     if dense:
-        monkeypatch.setattr(ops, "FORCE_STATIC_PATH", True)
+        dropblock_path(Path.DENSE)
     ref = loop_reference(seeds, sizes, blocks, seeding).reshape(n, 1 if shared else c, *sizes)
     x = torch.randn(n, c, *sizes)
     expected = torch.where(ref, torch.zeros(()), x * expected_scale(p))
@@ -213,14 +221,14 @@ def test_output_is_input_times_reference_mask(
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("dense", [False, True])
 def test_realized_scale_per_sample_and_all_dropped_sample(
-    monkeypatch: pytest.MonkeyPatch, shared: bool, dense: bool
+    monkeypatch: pytest.MonkeyPatch, dropblock_path: Callable[..., None], shared: bool, dense: bool
 ) -> None:
     n, c, sizes, blocks = 3, 2, (6, 5), (2, 3)
     seeds = torch.rand((n if shared else n * c, *grid_shape(sizes, blocks, "uniform"))) < 0.1
     seeds[: 1 if shared else c] = True  # sample 0 loses every position
     patch_seeds(monkeypatch, seeds)
     if dense:
-        monkeypatch.setattr(ops, "FORCE_STATIC_PATH", True)
+        dropblock_path(Path.DENSE)
     ref = loop_reference(seeds, sizes, blocks, "uniform").reshape(n, 1 if shared else c, *sizes)
     x = torch.randn(n, c, *sizes)
     y = drop_block(x, 0.3, blocks, shared_channels=shared, scale="realized")
@@ -325,8 +333,8 @@ def test_shared_channels_one_mask_per_sample_at_rate_p() -> None:
         assert_binomial(int(dropped[(slice(None), *pos)].sum()), n, p, name)
 
 
-def test_dense_path_rate(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ops, "FORCE_STATIC_PATH", True)
+def test_dense_path_rate(dropblock_path: Callable[..., None]) -> None:
+    dropblock_path(Path.DENSE)
     sizes, p = (10, 12), 0.3
     counts = dropped_counts(sizes, (4, 3), p, CAL_MAPS, seed=9)
     for name, pos in probe_positions(sizes).items():
@@ -424,7 +432,7 @@ def test_saved_for_backward_is_small_and_gradient_exact(
     # per channel, the fused pass (float32, not the realized scale) keeps its seeds (int32 grid
     # indices, fewer than the plan's runs); the torch ops keep their write plan (offsets of
     # dropped runs); either only when it takes at most 1/32 of the input's bytes
-    seeds_kept = fused.built() and scale != "realized" and block == 7
+    seeds_kept = (fused.extension() is not None) and scale != "realized" and block == 7
     if not shared and ((p, block) == (0.1, 7) or seeds_kept):
         assert [t.dim() for t in plan] == [1]
         assert 0 < nbytes <= x.numel() * x.element_size() / 32 + 256
@@ -601,13 +609,13 @@ def test_inplace(shared: bool, scale: str) -> None:
 @pytest.mark.parametrize("kwargs", [{}, {"seeding": "valid", "scale": "realized", "shared_channels": True}])
 @pytest.mark.parametrize("static", [False, True])
 def test_torch_compile_fullgraph_matches_eager(
-    monkeypatch: pytest.MonkeyPatch, kwargs: dict, static: bool
+    dropblock_path: Callable[..., None], kwargs: dict, static: bool
 ) -> None:
     # the sparse path is one opaque op: compiled code runs it as is; the static-shape path is
     # traced. With the compiler's RNG replaced by torch's, both match eager bit for bit.
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(ops, "FORCE_STATIC_PATH", static)
+    dropblock_path(Path.DENSE if static else None)
     x = torch.randn(4, 6, 9, 9, requires_grad=True)
     m = DropBlock2d(0.3, 3, **kwargs)
     torch._dynamo.reset()

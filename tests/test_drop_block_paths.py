@@ -25,7 +25,7 @@ from torch import Tensor
 
 import spatialdrop as sd
 from optable import OPS_BY_NAME, Mode, nonzero_input
-from spatialdrop._dropblock import fused, ops
+from spatialdrop._dropblock import ops
 from spatialdrop._dropblock.dense import keyed_seed_grid, seed_rate_op
 from spatialdrop._dropblock.sparse import (
     PLAN_EXACT,
@@ -71,23 +71,19 @@ def key_for(x: Tensor) -> sd.MaskKey:
 
 @contextlib.contextmanager
 def path(name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Route ``drop_block`` on CPU input through the named path."""
+    """Route ``drop_block`` on CPU input through the named path (``ops.override``)."""
     if name in ("sparse", "func", "compiled-sparse", "torch-ops"):
-        monkeypatch.setattr(ops, "FORCE_STATIC_PATH", False)
-        # torch-ops: the sparse path without the fused C pass (its write plans, torch's multiply)
-        monkeypatch.setattr(fused, "ENABLED", name != "torch-ops")
-        yield
+        # torch-ops: the sparse path without the C extension (its write plans, torch's multiply)
+        with ops.override(extension=name != "torch-ops"):
+            yield
         return
-    monkeypatch.setattr(ops, "FORCE_STATIC_PATH", True)
     if name in ("dense", "compiled-dense"):
-        monkeypatch.setenv("SPATIALDROP_BACKEND", "torch")
-        yield
+        with ops.override(ops.Path.DENSE):
+            yield
         return
-    from spatialdrop._dropblock.triton_kernels import cpu_interpreter
-
     monkeypatch.delenv("SPATIALDROP_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with cpu_interpreter():
+    with ops.override(ops.Path.TRITON):
         yield
 
 
@@ -261,7 +257,7 @@ def test_opcheck_seed_rate_and_keyed_grid_ops(seeding: str) -> None:
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install spatialdrop[triton])")
 @pytest.mark.parametrize(("name", "args"), FEW[::2], ids=[n for n, _ in FEW[::2]])
 def test_opcheck_triton_op(monkeypatch: pytest.MonkeyPatch, name: str, args: tuple[Any, ...]) -> None:
-    from spatialdrop._dropblock.triton_kernels import _key_tensors, cpu_interpreter, drop_block_triton
+    from spatialdrop._dropblock.triton_kernels import _key_tensors, drop_block_triton
 
     x, _, p, blocks, cd, shared, seeding, scale, words, step, ids, _ = args
     if x.dim() - 2 > 3:
@@ -270,7 +266,7 @@ def test_opcheck_triton_op(monkeypatch: pytest.MonkeyPatch, name: str, args: tup
     key = None if words is None else sd.MaskKey(1 | 2 << 32, step, 3 | 4 << 32, ids)
     s, sid, st, kw = _key_tensors(x.shape[0], x.device, torch.Generator().manual_seed(3), key)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with cpu_interpreter():
+    with ops.override(ops.Path.TRITON):
         _opcheck(
             drop_block_triton, (x, s, sid, st, p, kw, key is not None, blocks, cd, shared, seeding, scale)
         )
@@ -416,3 +412,88 @@ def test_non_finite_input_gives_x_times_zero_on_every_path(
             y, g = forward_backward(name, f, x, w)
         assert same_numbers(y, ref_y), (name, "output")
         assert same_numbers(g, ref_g), (name, "gradient")
+
+
+# --- the dispatcher: one table, one choice, one switch ------------------------------------------
+
+
+def test_the_path_table_has_one_row_per_path() -> None:
+    doc = ops.__doc__
+    assert doc is not None
+    rules = [i for i, line in enumerate(doc.splitlines()) if line.startswith("=====")]
+    body = doc.splitlines()[rules[1] + 1 : rules[2]]  # between the header's rule and the last
+    assert [line.split()[0] for line in body if line[:1].isupper()] == [p.name for p in ops.Path]
+
+
+def _geo(x: Tensor, shared: bool = False) -> Any:
+    from spatialdrop._dropblock.geometry import geometry
+
+    return geometry(x.shape, 1, (3,) * (x.dim() - 2), shared, "uniform")
+
+
+def test_select_path_follows_the_table() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    geo, shared = _geo(x), _geo(x, shared=True)
+    select = ops.select_path
+    expected_fused = ops.Path.FUSED if sd._dropblock.fused.extension() is not None else ops.Path.EAGER
+    assert select(x, geo, "expected", False, None) is expected_fused
+    assert select(x.half(), geo, "expected", False, None) is ops.Path.EAGER
+    assert select(x, geo, "realized", False, None) is ops.Path.EAGER
+    assert select(x, shared, "expected", False, None) is ops.Path.OP
+    assert select(x, geo, "expected", True, None) is ops.Path.INPLACE
+    assert select(x, geo, "expected", False, [3, 0, 8, 0, 8, 0]) is ops.Path.EAGER
+    seen: list[ops.Path] = []
+    torch.func.grad(lambda t: (seen.append(select(t, geo, "expected", False, None)), t.sum())[1])(x)
+    assert seen == [ops.Path.FUNC]
+    assert select(x.to("meta"), geo, "expected", False, None) is ops.Path.DENSE
+    with ops.override(ops.Path.DENSE):
+        assert select(x, geo, "expected", False, None) is ops.Path.DENSE
+    with ops.override(extension=False):
+        assert select(x, geo, "expected", False, None) is ops.Path.EAGER
+        assert sd._dropblock.fused.extension() is None
+    with pytest.raises(ValueError, match="override: path must be"), ops.override(ops.Path.FUSED):
+        pass
+
+
+def test_every_path_runs_under_its_table_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the same keyed call by each CPU path the table lists, bit for bit
+    calls: list[ops.Path] = []
+    real = ops.select_path
+    monkeypatch.setattr(ops, "select_path", lambda *a: calls.append(real(*a)) or calls[-1])
+    x = nonzero_input((2, 3, 8, 8), torch.float32)
+    key = sd.MaskKey(1, 2, 3, torch.arange(2))
+    ref = drop_block(x, 0.3, 3, key=key)
+    results = {
+        "half": drop_block(x.double(), 0.3, 3, key=key, scale="none").float() * (1 / 0.7),
+        "inplace": drop_block(x.clone(), 0.3, 3, key=key, inplace=True),
+        "func": torch.func.vmap(lambda t: drop_block(t, 0.3, 3, key=key), randomness="same")(x[None])[0],
+    }
+    with ops.override(ops.Path.DENSE):
+        results["dense"] = drop_block(x, 0.3, 3, key=key)
+    with ops.override(extension=False):
+        results["eager"] = drop_block(x, 0.3, 3, key=key)
+    for name, y in results.items():
+        assert torch.equal(y == 0, ref == 0), name
+    assert torch.equal(results["inplace"], ref)
+    assert torch.equal(results["dense"], ref)
+    assert torch.equal(results["eager"], ref)
+    fused_or_eager = ops.Path.FUSED if sd._dropblock.fused.extension() is not None else ops.Path.EAGER
+    assert calls[:2] == [fused_or_eager, fused_or_eager]
+    assert {ops.Path.INPLACE, ops.Path.DENSE, ops.Path.EAGER} <= set(calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_more_than_three_spatial_dims_equal_the_torch_ops(dtype: torch.dtype) -> None:
+    # the C pass's parameter block holds 3 sizes per kind: 4 spatial dims must not reach it
+    # (it read misplaced sizes and zeroed the wrong blocks); the torch ops and the dense path agree
+    x = nonzero_input((2, 3, 5, 6, 4, 5), dtype)
+    key = sd.MaskKey(1, 2, 3, torch.arange(2))
+
+    def f(t: Tensor) -> Tensor:
+        return drop_block(t, 0.3, (2, 3, 2, 2), key=key, seeding="valid")
+
+    ref = f(x)
+    with ops.override(extension=False):
+        assert torch.equal(f(x), ref)
+    with ops.override(ops.Path.DENSE):
+        assert torch.equal(f(x), ref)

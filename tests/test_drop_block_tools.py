@@ -4,14 +4,15 @@ the regression tests of issues 9 and 10 that concern DropBlock."""
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import spatialdrop as sd
-from spatialdrop._dropblock import ops
-from spatialdrop._dropblock import seeds as seed_draws
+from spatialdrop._dropblock import sampling as seed_draws
+from spatialdrop._dropblock.ops import Path
 from spatialdrop.functional import drop_block
 
 SCALES = ["expected", "realized", "none"]
@@ -147,7 +148,7 @@ def test_float16_near_p_one_gives_no_nan(scale: str, shared: bool) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scale", SCALES)
 def test_every_path_gives_the_same_bits_for_the_same_seeds(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, scale: str
+    monkeypatch: pytest.MonkeyPatch, dropblock_path: Callable[..., None], dtype: torch.dtype, scale: str
 ) -> None:
     # issue 11.3: sparse eager, sparse compiled, dense eager and dense compiled share one policy
     n, c, sizes, block = 3, 4, (9, 10), 3
@@ -179,12 +180,12 @@ def test_every_path_gives_the_same_bits_for_the_same_seeds(
         reference = f(x)
         assert (reference == 0).any()
         for static in (False, True):
-            monkeypatch.setattr(ops, "FORCE_STATIC_PATH", static)
+            dropblock_path(Path.DENSE if static else None)
             torch._dynamo.reset()
             assert torch.equal(f(x), reference), ("eager", shared, static)
             if not static:  # compiled, the dense path draws inside an op (tests/test_drop_block_paths.py)
                 assert torch.equal(torch.compile(f, fullgraph=True)(x), reference), ("compiled", shared)
-        monkeypatch.setattr(ops, "FORCE_STATIC_PATH", False)
+        dropblock_path()
 
 
 # --- torch.func, vmap ---------------------------------------------------------------------------
@@ -265,9 +266,9 @@ def test_compile_dynamic_batch_and_map_size() -> None:
 @pytest.mark.parametrize(
     "kw", [*MODES, {"key": keyed(2)}, {"key": keyed(2), "shared_channels": True}], ids=mode_id
 )
-def test_static_path_has_no_data_dependent_read(monkeypatch: pytest.MonkeyPatch, kw: dict) -> None:
+def test_static_path_has_no_data_dependent_read(dropblock_path: Callable[..., None], kw: dict) -> None:
     # issue 12.1: under FakeTensorMode any device-to-host read (item, nonzero, ...) raises
-    monkeypatch.setattr(ops, "FORCE_STATIC_PATH", True)
+    dropblock_path(Path.DENSE)
     with FakeTensorMode(allow_non_fake_inputs=True):
         x = torch.randn(2, 3, 8, 9, requires_grad=True)
         y = drop_block(x, 0.2, 3, **kw)

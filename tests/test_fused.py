@@ -2,7 +2,7 @@
 
 The fused pass writes ``input * scale`` and zeroes each seed's block in one sweep, and backward
 reuses the forward's seeds. Everything here is compared bit for bit with the same call through
-the sparse path's torch ops (``fused.ENABLED = False``): output, gradient, in place, keyed and
+the sparse path's torch ops (``ops.override(extension=False)``): output, gradient, in place, keyed and
 unkeyed, over ranks, layouts, dtypes, block shapes, both seedings, and the storage ranges that
 more than one thread splits the sweep into (blocks that straddle two ranges included).
 """
@@ -17,15 +17,21 @@ import torch
 from torch import Tensor
 
 import spatialdrop as sd
-from spatialdrop._dropblock import autograd, fused, sampling
+from spatialdrop._dropblock import autograd, fused, ops, sampling
 from spatialdrop._dropblock.geometry import Geometry
 from spatialdrop._dropblock.scale import expected_factor
 from spatialdrop.functional import drop_block
 
+pytestmark = pytest.mark.skipif(
+    fused.extension() is None, reason="the C extension is not built (no C compiler): the rest runs without it"
+)
+
 
 def test_the_extension_is_built() -> None:
     # pip install builds it (a C compiler is needed); without it every call takes the torch ops
-    assert fused.built(), "spatialdrop._dropblock._cfused is missing: reinstall with a C compiler"
+    assert fused.extension() is not None, (
+        "spatialdrop._dropblock._cfused is missing: reinstall with a C compiler"
+    )
 
 
 def _input(shape: tuple[int, ...], layout: str, dtype: torch.dtype) -> tuple[Tensor, int]:
@@ -49,10 +55,10 @@ def _both(fn: Any, x: Tensor, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Ten
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(x.dtype)
     results = []
     for enabled in (True, False):
-        monkeypatch.setattr(fused, "ENABLED", enabled)
-        xi = x.detach().clone().requires_grad_()
-        y = fn(xi)
-        y.backward(w)
+        with ops.override(extension=enabled):
+            xi = x.detach().clone().requires_grad_()
+            y = fn(xi)
+            y.backward(w)
         assert xi.grad is not None
         results.append((y.detach(), xi.grad))
     return results
@@ -197,15 +203,15 @@ def test_seed_sampler_in_c_equals_the_torch_ops(trial: int) -> None:
     if trial == 0:
         numel, gamma = 10, 0.999  # tops up: the first draw's gaps fall short of the grid's end
     state = gen.get_state()
-    in_c = sampling._draw_seeds_c(numel, gamma, gen)
+    cpu = torch.device("cpu")
+    in_c = sampling.draw_seeds(numel, gamma, gen, cpu, dense=False)
     gen.set_state(state)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sampling, "_cgaps", None)
-        in_torch = sampling.draw_seeds(numel, gamma, gen, torch.device("cpu"), dense=False)
+    with ops.override(extension=False):
+        in_torch = sampling.draw_seeds(numel, gamma, gen, cpu, dense=False)
     assert in_c.dtype == in_torch.dtype == torch.int64
     assert torch.equal(in_c, in_torch)
     gen.set_state(state)
-    small = sampling._draw_seeds_c(numel, gamma, gen, int32=True)  # what the fused pass keeps
+    small = sampling.draw_seeds(numel, gamma, gen, cpu, dense=False, small=True)  # what the fused pass keeps
     assert small.dtype == torch.int32
     assert torch.equal(small.long(), in_torch)
 
@@ -360,14 +366,14 @@ def test_double_backward_through_the_fused_function(monkeypatch: pytest.MonkeyPa
     key = sd.MaskKey(3, 1, 4, torch.arange(2)) if keyed else None
     results = []
     for enabled in (True, False):
-        monkeypatch.setattr(fused, "ENABLED", enabled)
-        gen = None if keyed else torch.Generator().manual_seed(5)
-        xi = x.detach().clone().requires_grad_()
-        y = drop_block(xi, 0.25, 5, generator=gen, key=key)
-        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
-        (g,) = torch.autograd.grad(y, xi, w, create_graph=True)
-        v = torch.randn(g.shape, generator=torch.Generator().manual_seed(2))
-        (gw,) = torch.autograd.grad((g * v).sum(), w)
+        with ops.override(extension=enabled):
+            gen = None if keyed else torch.Generator().manual_seed(5)
+            xi = x.detach().clone().requires_grad_()
+            y = drop_block(xi, 0.25, 5, generator=gen, key=key)
+            w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+            (g,) = torch.autograd.grad(y, xi, w, create_graph=True)
+            v = torch.randn(g.shape, generator=torch.Generator().manual_seed(2))
+            (gw,) = torch.autograd.grad((g * v).sum(), w)
         results.append((y.detach(), g.detach(), gw))
     assert calls == [1]  # the fused run went through it, the torch-op run did not
     (y1, g1, gw1), (y2, g2, gw2) = results
@@ -403,10 +409,10 @@ def test_a_gradient_in_another_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     w = torch.randn(x.shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     grads = []
     for enabled in (True, False):
-        monkeypatch.setattr(fused, "ENABLED", enabled)
-        xi = x.detach().clone().requires_grad_()
-        y = drop_block(xi, 0.3, 3, generator=torch.Generator().manual_seed(8))
-        (g,) = torch.autograd.grad(y, xi, w)
+        with ops.override(extension=enabled):
+            xi = x.detach().clone().requires_grad_()
+            y = drop_block(xi, 0.3, 3, generator=torch.Generator().manual_seed(8))
+            (g,) = torch.autograd.grad(y, xi, w)
         grads.append(g)
     assert calls == [1]
     assert torch.equal(grads[0], grads[1])
@@ -469,10 +475,10 @@ def test_fused_pass_drops_as_x_times_zero(
     try:
         results = []
         for enabled in (True, False):
-            monkeypatch.setattr(fused, "ENABLED", enabled)
-            xi = x.clone().requires_grad_()
-            y = drop_block(xi, 0.3, block, generator=torch.Generator().manual_seed(4))
-            y.backward(w)
+            with ops.override(extension=enabled):
+                xi = x.clone().requires_grad_()
+                y = drop_block(xi, 0.3, block, generator=torch.Generator().manual_seed(4))
+                y.backward(w)
             results.append((y.detach(), xi.grad))
     finally:
         torch.set_num_threads(before)
@@ -484,3 +490,31 @@ def test_fused_pass_drops_as_x_times_zero(
     assert dropped.any()
     assert _same_numbers(y1[dropped], x[dropped] * 0)
     assert _same_numbers(g1[dropped], w[dropped] * 0)
+
+
+def test_the_c_side_checks_the_lengths_it_is_given() -> None:
+    # the parameter block is a buffer of its own length, and the ranges it names must lie in the
+    # buffers whose lengths come with their addresses: a mismatch is refused before any write
+    ext = fused.extension()
+    assert ext is not None
+    x = torch.ones(2, 3, 8, 8)
+    geo = Geometry(x.shape, 1, (3, 3), False, "uniform")
+    seeds = torch.tensor([0, 50], dtype=torch.int32)
+    n, ptr, sp = x.numel(), x.data_ptr(), seeds.data_ptr()
+    ext.fused(ptr, n, ptr, sp, 2, fused._params(x, seeds, geo, 0, n, 0), 0, 1, 2.0)
+    assert int((x == 0).sum()) > 0
+    assert int((x == 2).sum()) > 0
+    bad = [
+        ((ptr, n, 0, sp, 2, fused._params(x, seeds, geo, 0, n, 0)[:-1], 0, 0, 1.0), "parameter block"),
+        ((ptr, n, 0, sp, 2, fused._params(x, seeds, geo, 0, n + 1, 0), 0, 0, 1.0), r"\[lo, hi\)"),
+        ((ptr, n - 1, 0, sp, 2, fused._params(x, seeds, geo, 0, n, 0), 0, 0, 1.0), r"\[lo, hi\)"),
+        ((ptr, n, 0, sp, 3, fused._params(x, seeds, geo, 0, n, 0), 0, 0, 1.0), "nseeds"),
+    ]
+    before = x.clone()
+    for args, match in bad:
+        with pytest.raises(ValueError, match=match):
+            ext.fused(*args)
+    assert torch.equal(x, before)
+    logs, out = torch.full((4,), -0.5, dtype=torch.float64), torch.empty(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="out must hold n"):
+        ext.gaps(logs.data_ptr(), 4, -0.1, 0.0, 100.0, out.data_ptr(), 3, 8)

@@ -18,7 +18,6 @@ minutes) and ``release`` (``HYPOTHESIS_PROFILE=release``: 2000 random examples p
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -380,21 +379,10 @@ def test_keyed_uniform_and_normal_are_bounded_and_split_consistent(
 @contextlib.contextmanager
 def dropblock_path(name: str) -> Iterator[None]:
     """Route CPU DropBlock through ``name``: ``sparse`` (fused C pass), ``torch-ops``, ``dense``."""
-    from spatialdrop._dropblock import fused, ops
+    from spatialdrop._dropblock import ops
 
-    saved = (ops.FORCE_STATIC_PATH, fused.ENABLED, os.environ.get("SPATIALDROP_BACKEND"))
-    ops.FORCE_STATIC_PATH = name == "dense"
-    fused.ENABLED = name != "torch-ops"
-    if name == "dense":
-        os.environ["SPATIALDROP_BACKEND"] = "torch"
-    try:
+    with ops.override(ops.Path.DENSE if name == "dense" else None, extension=name != "torch-ops"):
         yield
-    finally:
-        ops.FORCE_STATIC_PATH, fused.ENABLED = saved[0], saved[1]
-        if saved[2] is None:
-            os.environ.pop("SPATIALDROP_BACKEND", None)
-        else:
-            os.environ["SPATIALDROP_BACKEND"] = saved[2]
 
 
 @st.composite

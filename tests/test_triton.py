@@ -7,7 +7,7 @@ Shapes are small: the interpreter runs the kernels in numpy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,26 +17,21 @@ from conftest import assert_binomial
 pytest.importorskip("triton", reason="triton is not installed (pip install spatialdrop[triton])")
 
 from spatialdrop import MaskKey
+from spatialdrop._dropblock import ops
 from spatialdrop._dropblock.calibration import uniform_gamma, valid_gamma
 from spatialdrop._dropblock.keyed_seeds import draw_keyed_seeds
-from spatialdrop._dropblock.triton_kernels import (
-    cpu_interpreter,
-    seed_bits,
-    triton_available,
-    triton_drop_block,
-)
+from spatialdrop._dropblock.ops import Path, triton_ready
+from spatialdrop._dropblock.triton_kernels import seed_bits, triton_drop_block
 from spatialdrop.functional import drop_block
 
 pytestmark = pytest.mark.triton
 
 
 @pytest.fixture(autouse=True)
-def _interpret(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
     # the kernels are defined for the mode at the time of the call: set per test, no leak
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("SPATIALDROP_BACKEND", raising=False)
-    with cpu_interpreter():
-        yield
 
 
 def _gamma(p: float, blocks: tuple[int, ...], sizes: tuple[int, ...], seeding: str) -> float:
@@ -215,17 +210,20 @@ def test_backward_saves_no_per_element_tensor() -> None:
 
 def test_backend_switch_and_availability(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.ones(1, 1, 4)
-    assert triton_available(x)
-    monkeypatch.setenv("SPATIALDROP_BACKEND", "torch")
-    assert not triton_available(x)
-    monkeypatch.delenv("SPATIALDROP_BACKEND")
+    assert not triton_ready(x)  # CPU input never takes Triton outside the override
+    with ops.override(Path.TRITON):
+        assert triton_ready(x)
+        monkeypatch.setenv("SPATIALDROP_BACKEND", "torch")
+        assert not triton_ready(x)
+        monkeypatch.delenv("SPATIALDROP_BACKEND")
+        with ops.override(Path.TRITON):
+            pass
+        assert triton_ready(x)  # still inside the outer override
+        assert not triton_ready(torch.ones(1, 1, 4, device="meta"))
+    assert not triton_ready(x)
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert not triton_available(x)  # CPU input never takes Triton outside the interpreter
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with cpu_interpreter():
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"), ops.override(Path.TRITON):
         pass
-    assert triton_available(x)  # still inside the fixture's cpu_interpreter
-    assert not triton_available(torch.ones(1, 1, 4, device="meta"))
 
 
 def test_empty_and_zero_rate() -> None:
@@ -279,22 +277,22 @@ def test_drop_block_dispatches_the_static_path_to_triton(
 ) -> None:
     # drop_block itself: the CPU sparse path, the dense static path and the Triton kernel (what
     # CUDA input runs) give the same keyed output, bit for bit
-    from spatialdrop._dropblock import ops
-
     x = torch.randn(2, 3, 9, 9)
     key = MaskKey(3, 5, 7, torch.arange(2))
     kw = {"key": key, "shared_channels": shared, "seeding": seeding, "scale": scale}
-    monkeypatch.setattr(ops, "FORCE_STATIC_PATH", False)
     sparse = drop_block(x, 0.3, 3, **kw)
     calls: list[int] = []
     real = ops.triton_drop_block
     monkeypatch.setattr(ops, "triton_drop_block", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(ops, "FORCE_STATIC_PATH", True)
-    fused = drop_block(x, 0.3, 3, **kw)
-    assert calls == [1]
-    monkeypatch.setenv("SPATIALDROP_BACKEND", "torch")
-    dense = drop_block(x, 0.3, 3, **kw)
+    with ops.override(Path.TRITON):
+        fused = drop_block(x, 0.3, 3, **kw)
+        assert calls == [1]
+        monkeypatch.setenv("SPATIALDROP_BACKEND", "torch")
+        dense = drop_block(x, 0.3, 3, **kw)
     assert calls == [1]  # the backend switch keeps the kernel out
+    with ops.override(Path.DENSE):
+        assert torch.equal(drop_block(x, 0.3, 3, **kw), dense)
+    assert calls == [1]
     assert 0 < int((sparse == 0).sum()) < sparse.numel()
     assert torch.equal(sparse, dense)
     assert torch.equal(sparse, fused)

@@ -11,12 +11,17 @@ where the API moved.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 __all__ = [
     "captures_dynamic_output_shapes",
+    "compile_cached",
     "dispatch_mode_active",
     "in_vmap",
     "inductor_layout_optimization",
@@ -24,6 +29,25 @@ __all__ = [
     "is_exporting",
     "new_unbacked_size",
 ]
+
+
+def compile_cached(maxsize: int) -> Callable[[F], F]:
+    """A decorator: ``fn`` behind an LRU cache of ``maxsize`` calls, uncached under ``torch.compile``.
+
+    Dynamo traces the function itself either way (it ignores the cache), and warns when it meets
+    a cached call: the one compile-aware cache of host-side constants.
+    """
+
+    def wrap(fn: F) -> F:
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any) -> Any:
+            return fn(*args) if is_compiling() else cached(*args)
+
+        return wrapper  # type: ignore[return-value]
+
+    return wrap
 
 
 def is_compiling() -> bool:

@@ -13,10 +13,11 @@ How it is fast. ``gamma`` is tiny (about 0.002 for ``p = 0.1`` and a 7 x 7 block
 drawn sparsely: the gaps between successes of a Bernoulli(``gamma``) sequence are geometric, so
 drawing the gaps gives exactly a Bernoulli seed grid at the cost of a few random numbers per
 *seed* rather than one per position. Per-channel masks are never materialised: the output is
-``input * scale`` with the dropped positions zeroed through a write plan of block rows.
+``input * scale`` with each seed's block zeroed, straight from the seeds (a C sweep for
+float32/float64 on the CPU) or through a write plan of block rows (torch ops).
 
-This module holds the public op and modules; the internals are in :mod:`spatialdrop._dropblock`
-(sampling, calibration, geometry, scale policy, the custom ops and their autograd).
+This module holds the public op and modules; the internals are in :mod:`spatialdrop._dropblock`,
+whose dispatcher (:mod:`spatialdrop._dropblock.ops`) lists every path a call can take.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from ._dropblock.geometry import Geometry, check_representable, geometry
 from ._dropblock.keyed_seeds import _MAX_ROW as _MAX_KEYED_ROW
-from ._dropblock.ops import run
+from ._dropblock.ops import Call, run
 from ._dropblock.scale import POLICIES, scale_factor
 from ._dropblock.window import local_geometry, window_of
 from ._dtensor import (
@@ -117,14 +118,16 @@ def drop_block(
 
     Memory and paths. No float mask is built. On the CPU, per-channel masks are applied by
     zeroing the dropped positions of ``input * scale`` (work per seed, not per position): for
-    float32/float64 in one sweep of a small C extension that zeroes each block right after
-    multiplying its rows, at about the cost of the multiply alone; for backward autograd keeps
-    the seeds (int32, or else the positions to zero as int32 block-row offsets) when they take at
-    most 1/32 of the input's bytes, else nothing of per-element size: the mask is re-created from
-    a saved 64-bit seed (or the key), as it always is for shared masks. The op is opaque to
-    ``torch.compile`` (custom ops ``spatialdrop::drop_block_*``), so compiled code runs the same
-    path and gives the same result; every order of derivative works. CUDA and meta input, and
-    ``torch.export``, take a static-shape dense path with no device-to-host synchronisation.
+    float32/float64 in one sweep of a small C extension (optional: without it, torch ops give
+    the same bits) that zeroes each block straight from the seeds right after multiplying its
+    rows; for backward autograd keeps the seeds (int32, or else the positions to zero as int32
+    block-row offsets) when they take at most 1/32 of the input's bytes, else nothing of
+    per-element size: the mask is re-created from a saved 64-bit seed (or the key), as it
+    always is for shared masks. The op is opaque to ``torch.compile`` (custom ops
+    ``spatialdrop::drop_block_*``), so compiled code runs the same path and gives the same
+    result; every order of derivative works. CUDA input takes fused Triton kernels when
+    ``triton`` is installed (else, like meta input and ``torch.export``, a static-shape dense
+    path); neither synchronises with the host.
 
     Numerics. As torch's ``dropout``, every path multiplies: a dropped element is ``x * 0``, so
     NaN or infinite input gives NaN there (and finite input a zero of its sign); the gradient
@@ -231,7 +234,7 @@ def drop_block(
     check_inplace_target(fn, input, inplace)
     if is_dtensor(input):
         return _sharded(input, p, geo, seeding, scale, generator, key, inplace)
-    return run(input, p, geo, seeding, scale, generator, key, inplace)
+    return run(Call(input, p, geo, seeding, scale, generator, key, inplace))
 
 
 def _check_keyed_row(fn: str, geo: Geometry, input: Tensor, block_size: Any) -> None:
@@ -288,13 +291,13 @@ def _sharded(
     out = (
         local.clone()
         if local.numel() == 0
-        else run(local, p, geo_l, seeding, local_scale, None, local_key, False, window)
+        else run(Call(local, p, geo_l, seeding, local_scale, None, local_key, False, window))
     )
     if local_scale != scale:  # a sample's kept fraction, over all the ranks that hold a part of it
         dropped = torch.zeros(local.shape[0], dtype=torch.int64, device=local.device)
         if local.numel():
             ones = torch.ones_like(local)
-            mask = run(ones, p, geo_l, seeding, "none", None, local_key, False, window) == 0
+            mask = run(Call(ones, p, geo_l, seeding, "none", None, local_key, False, window)) == 0
             if geo.shared:
                 mask = mask.narrow(geo.channel_dim, 0, 1)
             dropped += mask.sum(dim=tuple(range(1, mask.dim())), dtype=torch.int64)

@@ -12,14 +12,14 @@ draws, in the usual layout) are walked: each seed is located as the sweep reache
 nothing per seed is stored (``run_streaming``). Other layouts (channels-last, strided, permuted)
 locate every block first and bucket them by the chunk of their last element.
 
-Where the time goes, per seed (2-D (32, 256, 28, 28), block 7: 20 000 seeds, 140 000 block
-rows, against a multiply of 1.1 ms): mispredicted branches (where a block is cut by the border,
-which map a seed falls in) cost more than the arithmetic and the stores, so neither is decided
-by a branch where the CPU allows: the map by a multiply, the rows by masked stores (AVX-512).
+Per seed, mispredicted branches (where a block is cut by the border, which map a seed falls in)
+cost more than the arithmetic and the stores, so neither is decided by a branch where the CPU
+allows: the map by a multiply, the rows by masked stores (AVX-512).
 
 The seeds are flat indices into the per-channel seed grid ``(N * C, *grid)`` (see
-``geometry.py``). No torch headers: the Python side passes raw addresses and an int64 parameter
-block, and this file builds with any C compiler as an ordinary extension module
+``geometry.py``). No torch headers: the Python side passes raw addresses with the lengths of
+their buffers and an int64 parameter block (a buffer, whose length is checked here, as are the
+ranges it names against the buffers' lengths), and this file builds with any C compiler as an ordinary extension module
 (``spatialdrop._dropblock._cfused``). When it cannot be built, the library uses its torch-op path,
 which gives the same bits.
 
@@ -536,23 +536,37 @@ static int run(char *dst, const char *src, int dtype, int scale, double factor, 
     return 0;
 }
 
-/* fused(dst, src, seeds, params, dtype, scale, factor): addresses as ints; src may equal dst;
-   src 0 means dst already holds the values (only the zeros are written). */
+/* fused(dst, numel, src, seeds, nseeds, params, dtype, scale, factor): addresses as ints, with the
+   element counts of dst (and src, laid out alike) and of seeds; params a buffer of P_COUNT int64;
+   src may equal dst; src 0 means dst already holds the values (only the zeros are written). */
 static PyObject *fused(PyObject *self, PyObject *args) {
-    unsigned long long dst, src, seeds, params;
+    unsigned long long dst, src, seeds;
+    long long numel, nseeds;
+    Py_buffer params;
     int dtype, scale;
     double factor;
-    if (!PyArg_ParseTuple(args, "KKKKiid", &dst, &src, &seeds, &params, &dtype, &scale, &factor)) return NULL;
-    if (dtype != 0 && dtype != 1) {
-        PyErr_SetString(PyExc_ValueError, "fused: dtype code must be 0 (float32) or 1 (float64)");
+    if (!PyArg_ParseTuple(args, "KLKKLy*iid", &dst, &numel, &src, &seeds, &nseeds, &params, &dtype, &scale,
+                          &factor))
+        return NULL;
+    const int64_t *P = (const int64_t *)params.buf;
+    const char *bad = NULL;
+    if (params.len != P_COUNT * (Py_ssize_t)sizeof(int64_t)) bad = "the parameter block must hold P_COUNT int64";
+    else if (dtype != 0 && dtype != 1) bad = "dtype code must be 0 (float32) or 1 (float64)";
+    else if (P[P_NUMEL] != numel || P[P_LO] < 0 || P[P_LO] > P[P_HI] || P[P_HI] > numel)
+        bad = "the range [lo, hi) must lie in dst's numel elements";
+    else if (P[P_NSEEDS] != nseeds || (P[P_SEED_BYTES] != 4 && P[P_SEED_BYTES] != 8))
+        bad = "the seeds must be nseeds int32 or int64";
+    if (bad) {
+        PyBuffer_Release(&params);
+        PyErr_Format(PyExc_ValueError, "fused: %s", bad);
         return NULL;
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = run((char *)(uintptr_t)dst, src ? (const char *)(uintptr_t)src : (const char *)(uintptr_t)dst,
-             dtype, src ? scale : 0, factor, (const void *)(uintptr_t)seeds,
-             (const int64_t *)(uintptr_t)params);
+             dtype, src ? scale : 0, factor, (const void *)(uintptr_t)seeds, P);
     Py_END_ALLOW_THREADS
+    PyBuffer_Release(&params);
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -563,15 +577,19 @@ static PyObject *fused(PyObject *self, PyObject *args) {
    ``logs`` holds ``log1p(-u)`` for ``n`` uniforms (float64, computed by torch); seed i is at
    ``(cumsum_i(floor(logs / log_q) + 1) - 1) + base``, the same float64 operations in the same
    order as the torch ops (so the same bits). Writes the positions below ``numel`` to ``out``
-   (int64, or int32 with ``out_bytes`` 4; they are a prefix, ascending) and returns their count
-   and the last position. */
+   (``out_len`` elements, at least ``n``: int64, or int32 with ``out_bytes`` 4; they are a prefix,
+   ascending) and returns their count and the last position. */
 static PyObject *gaps(PyObject *self, PyObject *args) {
     unsigned long long logs_addr, out_addr;
-    long long n;
+    long long n, out_len;
     double log_q, base, numel;
     int out_bytes;
-    if (!PyArg_ParseTuple(args, "KLdddKi", &logs_addr, &n, &log_q, &base, &numel, &out_addr, &out_bytes))
+    if (!PyArg_ParseTuple(args, "KLdddKLi", &logs_addr, &n, &log_q, &base, &numel, &out_addr, &out_len, &out_bytes))
         return NULL;
+    if (out_len < n || n < 0 || (out_bytes != 4 && out_bytes != 8)) {
+        PyErr_SetString(PyExc_ValueError, "gaps: out must hold n int32 or int64");
+        return NULL;
+    }
     if (out_bytes == 4 && numel > 2147483648.0) {
         PyErr_SetString(PyExc_ValueError, "gaps: int32 output needs at most 2**31 places");
         return NULL;

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import Counter
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from .._compat import compile_cached
 
 __all__ = ["p_tensor", "seed_rate", "solve_valid_gamma", "uniform_gamma", "valid_gamma"]
 
@@ -71,13 +72,11 @@ def solve_valid_gamma(p: float, sizes: tuple[int, ...], blocks: tuple[int, ...])
     return 0.5 * (lo + hi)
 
 
-valid_gamma = functools.lru_cache(maxsize=512)(solve_valid_gamma)
+valid_gamma = compile_cached(512)(solve_valid_gamma)
 
 
-def seed_rate(
-    p: float, sizes: tuple[int, ...], blocks: tuple[int, ...], seeding: str, *, cached: bool = True
-) -> float:
-    """``gamma`` for ``seeding``; ``cached=False`` while dynamo traces (it cannot trace the cache)."""
+def seed_rate(p: float, sizes: tuple[int, ...], blocks: tuple[int, ...], seeding: str) -> float:
+    """``gamma`` for ``seeding``."""
     if seeding == "uniform":
         return uniform_gamma(p, blocks)
-    return (valid_gamma if cached else solve_valid_gamma)(p, sizes, blocks)
+    return valid_gamma(p, sizes, blocks)

@@ -1,10 +1,10 @@
 """DropBlock's dense, static-shape path: a dense seed grid, blocks grown by windowed ORs.
 
 No data-dependent shape and no device-to-host read: it serves devices without the fused Triton
-kernel, meta tensors, ``torch.export``/ONNX export, and CPU input when the tests force the
-static path. It is composed of torch ops, so autograd differentiates it (it saves the bool keep
-mask: a byte per element) and the compiler sees through it. The same seeds give the same
-output as the sparse path, bit for bit (the same scale policy, :mod:`.scale`).
+kernel, meta tensors, ``torch.export``/ONNX export, and CPU input under ``ops.override(Path.DENSE)``
+(tests). It is composed of torch ops, so autograd differentiates it (it saves the bool keep mask:
+a byte per element) and the compiler sees through it. The same seeds give the same output as the
+sparse path, bit for bit (the same scale policy, :mod:`.scale`).
 
 Under ``torch.compile`` the seed rate and the keyed seed grid depend on ``p`` through host
 arithmetic (the calibration's bisection, the keyed rule's chunk length and integer thresholds),
@@ -25,12 +25,11 @@ from torch import Tensor
 
 from .._compat import is_compiling
 from ..keyed import MaskKey
-from . import seeds as _seeds
+from . import sampling
 from .calibration import p_tensor, seed_rate
 from .geometry import Geometry, grow_blocks
-from .keyed_seeds import draw_keyed_seeds
-from .sampling import rand
 from .scale import scale_factor, scaled
+from .sparse import KeyWords
 from .window import global_geometry, localize_dense
 
 __all__ = ["drop_block_dense", "keyed_seed_grid", "seed_rate_op"]
@@ -60,14 +59,21 @@ def keyed_seed_grid(
 ) -> Tensor:
     """The keyed dense seed grid (bool, ``numel`` places, on the ids' device) for ``p`` (a CPU tensor)."""
     gamma = seed_rate(float(p), tuple(sizes), tuple(blocks), seeding)
-    key = MaskKey(key_words[0] | key_words[1] << 32, step, key_words[2] | key_words[3] << 32, sample_ids)
-    return draw_keyed_seeds(numel, gamma, key, sample_ids.device, dense=True)
+    key = KeyWords(key_words, step, sample_ids).key()
+    return sampling.draw_grid(numel, gamma, None, sample_ids.device, dense=True, key=key)
 
 
 @keyed_seed_grid.register_fake
-def _(p: Tensor, sizes: list[int], blocks: list[int], seeding: str, numel: int, *args: object) -> Tensor:
-    sample_ids = args[-1]
-    assert isinstance(sample_ids, Tensor)
+def _(
+    p: Tensor,
+    sizes: list[int],
+    blocks: list[int],
+    seeding: str,
+    numel: int,
+    key_words: list[int],
+    step: Tensor,
+    sample_ids: Tensor,
+) -> Tensor:
     return torch.empty((numel,), dtype=torch.bool, device=sample_ids.device)
 
 
@@ -81,13 +87,13 @@ def _seed_grid(
 ) -> Tensor:
     """The dense bool seed grid of ``geo.places`` places (see the module docstring)."""
     if not is_compiling() or torch.compiler.is_exporting():
-        gamma = seed_rate(p, geo.sizes, geo.blocks, seeding, cached=not is_compiling())
-        return _seeds.draw_grid(geo.places, gamma, generator, device, dense=True, key=key)
+        gamma = seed_rate(p, geo.sizes, geo.blocks, seeding)
+        return sampling.draw_grid(geo.places, gamma, generator, device, dense=True, key=key)
     sizes, blocks = list(geo.sizes), list(geo.blocks)
-    if key is None:
-        return rand(geo.places, generator, device) < seed_rate_op(p_tensor(p), sizes, blocks, seeding)
-    words = [key.seed & 0xFFFFFFFF, key.seed >> 32, key.layer & 0xFFFFFFFF, key.layer >> 32]
-    step = key.step if isinstance(key.step, Tensor) else torch.tensor(key.step, dtype=torch.int64)
+    if key is None:  # the rate from an op (p a tensor), the draw as in eager mode
+        rate = seed_rate_op(p_tensor(p), sizes, blocks, seeding)
+        return sampling.draw_grid(geo.places, rate, generator, device, dense=True)
+    words, step, _ = KeyWords.of(key)
     ids = key.sample_ids.to(device=device, dtype=torch.int64)
     return keyed_seed_grid(p_tensor(p), sizes, blocks, seeding, geo.places, words, step, ids)
 

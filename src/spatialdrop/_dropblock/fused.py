@@ -16,26 +16,26 @@ is released); blocks that straddle two ranges are zeroed after all ranges are wr
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import threading
 from array import array
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from types import ModuleType
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .geometry import Geometry, is_dense
 
+_cfused: Optional[ModuleType]  # None while ``ops.override(extension=False)`` hides it
 try:
-    from . import _cfused
-except ImportError:  # pragma: no cover - the build skipped the optional extension
+    _cfused = importlib.import_module("._cfused", __package__)
+except ImportError:  # the build skipped the optional extension (no C compiler)
     _cfused = None
 
-__all__ = ["ENABLED", "available", "same_layout", "write"]
-
-# Internal switch (tests, benchmarks): False sends every call to the torch-op path.
-ENABLED = True
+__all__ = ["available", "extension", "same_layout", "set_extension", "write"]
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 _CHUNK_BYTES = 16384  # as in _cfused.c: ranges split at chunk boundaries
@@ -46,20 +46,27 @@ _pool_key = (0, 0)  # (pid, threads) the pool was made for
 _pool_lock = threading.Lock()
 
 
-def built() -> bool:
-    """Whether the C extension was built and imported."""
-    return _cfused is not None
+def extension() -> Optional[ModuleType]:
+    """The C extension module, or ``None`` when it was not built (or ``ops.override`` hides it)."""
+    return _cfused
+
+
+def set_extension(module: Optional[ModuleType]) -> None:
+    """Hide (``None``) or restore the C extension: for ``ops.override`` only."""
+    global _cfused
+    _cfused = module
 
 
 def available(out: Tensor, geo: Geometry, require_dense: bool = True) -> bool:
     """Whether :func:`write` takes ``out`` (a dense float32/float64 CPU tensor, per-channel masks).
 
+    At most 3 spatial dims (the C side's parameter block holds 3 per dim kind).
     ``require_dense=False``: for a tensor ``empty_like`` of which is ``out`` (always dense).
     """
     return (
-        ENABLED
-        and _cfused is not None
+        _cfused is not None
         and not geo.shared
+        and len(geo.sizes) <= 3
         and out.device.type == "cpu"
         and out.dtype in _DTYPES
         and (not require_dense or is_dense(out))
@@ -71,39 +78,45 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
     return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
 
 
+class Params(NamedTuple):
+    """The C side's int64 parameter block, field by field in the order of ``_cfused.c``'s ``P_*``."""
+
+    numel: int  # elements of dst
+    nseeds: int
+    channels: int
+    stride_n: int
+    stride_c: int
+    lo: int  # the storage range [lo, hi) this call owns
+    hi: int
+    pass_: int  # 0: multiply and zero; 1: zero the blocks that straddle into the range
+    seed_bytes: int  # 4 (int32 seeds) or 8 (int64)
+    layout: tuple[int, ...]  # 3 each (padded in front): map sizes, blocks, grid sides, shifts, dst's strides
+
+    def block(self) -> array:
+        return array("q", [*self[:-1], *self.layout])
+
+
 @functools.lru_cache(maxsize=256)
-def _template(geo: Geometry, numel: int, strides: tuple[int, ...]) -> array:
-    """The parameter block's fixed part for a geometry and a layout; :func:`_params` fills in the rest.
+def _layout(geo: Geometry, strides: tuple[int, ...]) -> tuple[int, ...]:
+    """:attr:`Params.layout` of a geometry and a layout.
 
     ``geo`` is usually the one object of its shape (:func:`.geometry.geometry`), so a training
-    loop builds each block once.
+    loop builds each once.
     """
     pad = 3 - len(geo.sizes)
     spatial = [strides[d] for d in geo.spatial]
-    values = [
-        numel,
-        0,
-        geo.channels,
-        strides[0],
-        strides[geo.channel_dim],
-        0,
-        0,
-        0,
-        0,
-        *([1] * pad + list(geo.sizes)),
-        *([1] * pad + list(geo.blocks)),
-        *([1] * pad + list(geo.grid)),
-        *([0] * pad + list(geo.shift)),
-        *([0] * pad + spatial),
-    ]
-    return array("q", values)
+    ones = [(1,) * pad + tuple(v) for v in (geo.sizes, geo.blocks, geo.grid)]
+    return sum(ones, ()) + (0,) * pad + geo.shift + (0,) * pad + tuple(spatial)
 
 
 def _params(out: Tensor, seeds: Tensor, geo: Geometry, lo: int, hi: int, pass_: int) -> array:
-    """The C side's int64 parameter block (its order is ``_cfused.c``'s enum)."""
-    params = array("q", _template(geo, out.numel(), out.stride()))
-    params[1], params[5], params[6], params[7], params[8] = seeds.numel(), lo, hi, pass_, seeds.element_size()
-    return params
+    """The parameter block of a call of the C pass on ``out``'s range ``[lo, hi)``."""
+    st = out.stride()
+    layout = _layout(geo, st)
+    n, c = out.numel(), geo.channels
+    return Params(
+        n, seeds.numel(), c, st[0], st[geo.channel_dim], lo, hi, pass_, seeds.element_size(), layout
+    ).block()
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
@@ -134,27 +147,21 @@ def write(out: Tensor, src: Optional[Tensor], factor: Optional[float], seeds: Te
     assert seeds.dtype in (torch.int32, torch.int64), "fused.write: seeds are int32 or int64"
     seeds = seeds.contiguous()
     dtype = _DTYPES[out.dtype]
-    dst_ptr = out.data_ptr()
-    src_ptr = 0 if src is None else src.data_ptr()
-    scale = 0 if factor is None else 1
-    f = 1.0 if factor is None else float(factor)
     n = out.numel()
+    # the buffers, each with its length: dst (src laid out alike) and the seeds
+    buffers = (out.data_ptr(), n, 0 if src is None else src.data_ptr(), seeds.data_ptr(), seeds.numel())
+    scale, f = (0, 1.0) if factor is None else (1, float(factor))
     threads = torch.get_num_threads()
     if threads <= 1 or n < _PARALLEL_MIN:
-        params = _params(out, seeds, geo, 0, n, 0)
-        _cfused.fused(dst_ptr, src_ptr, seeds.data_ptr(), params.buffer_info()[0], dtype, scale, f)
+        _cfused.fused(*buffers, _params(out, seeds, geo, 0, n, 0), dtype, scale, f)
         return
     chunk = max(1, _CHUNK_BYTES // out.element_size())
     step = -(-n // (threads * _RANGES_PER_THREAD) // chunk) * chunk
     bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
     blocks = [_params(out, seeds, geo, lo, hi, 0) for lo, hi in bounds]
     pool = _executor(threads)
-    jobs = [
-        pool.submit(_cfused.fused, dst_ptr, src_ptr, seeds.data_ptr(), p.buffer_info()[0], dtype, scale, f)
-        for p in blocks
-    ]
-    for job in jobs:
+    c_pass = functools.partial(_cfused.fused, *buffers)
+    for job in [pool.submit(c_pass, p, dtype, scale, f) for p in blocks]:
         job.result()
     for lo, hi in bounds[1:]:  # blocks that start in an earlier range: zeroed once all are written
-        p = _params(out, seeds, geo, lo, hi, 1)
-        _cfused.fused(dst_ptr, src_ptr, seeds.data_ptr(), p.buffer_info()[0], dtype, 0, 1.0)
+        _cfused.fused(*buffers, _params(out, seeds, geo, lo, hi, 1), dtype, 0, 1.0)

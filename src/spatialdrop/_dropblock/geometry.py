@@ -118,9 +118,7 @@ def check_representable(fn: str, geo: Geometry, block_size: object) -> None:
     A grid of more than ``2**53`` places (for instance a block of ``2**31`` on a 2-D map) cannot
     be sampled exactly (nor, past ``2**63``, indexed); refuse it before any work.
     """
-    total = geo.maps
-    for g in geo.grid:
-        total *= g
+    total = geo.places
     if total > MAX_PLACES:
         fail(
             fn,

@@ -43,7 +43,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._compat import is_compiling
+from .._compat import compile_cached, is_compiling
 from .._philox import MASK32, philox4x32, philox4x32_int
 from ..keyed import MaskKey, _layer_key, _step_word
 
@@ -81,7 +81,7 @@ class SeedRule:
         return torch.tensor(self.thresholds, dtype=torch.int64, device=device)
 
 
-@functools.lru_cache(maxsize=512)
+@compile_cached(512)
 def seed_rule(gamma: float) -> SeedRule:
     """The (cached) :class:`SeedRule` of ``gamma``."""
     return SeedRule(gamma)
@@ -102,20 +102,15 @@ def threshold_table(gamma: float, device: torch.device) -> Tensor:
     return _table_cached(gamma, torch.device(device))
 
 
+@compile_cached(4096)
 def _derive(k0: int, k1: int) -> tuple[int, int]:
     w = philox4x32_int(DOMAIN, 0, 0, 0, k0, k1)
     return w[0], w[1]
 
 
-_derive_cached = functools.lru_cache(maxsize=4096)(_derive)
-
-
 def rule_key(key: MaskKey) -> tuple[int, int]:
     """The rule's Philox key ``(w0, w1)`` for a key's seed and layer."""
-    k0, k1 = _layer_key(key.seed, key.layer)
-    if is_compiling():
-        return _derive(k0, k1)
-    return _derive_cached(k0, k1)
+    return _derive(*_layer_key(key.seed, key.layer))
 
 
 def _gaps(words: Tensor, table: Tensor) -> Tensor:
@@ -177,7 +172,7 @@ def draw_keyed_seeds(numel: int, gamma: float, key: MaskKey, device: torch.devic
         if dense:
             return torch.zeros(numel, dtype=torch.bool, device=device)
         return torch.empty(0, dtype=torch.long, device=device)
-    k = (SeedRule(gamma) if is_compiling() else seed_rule(gamma)).chunk
+    k = seed_rule(gamma).chunk
     table = threshold_table(gamma, device)
     w0, w1 = rule_key(key)
     sid = key.sample_ids.to(device=device, dtype=torch.int64)

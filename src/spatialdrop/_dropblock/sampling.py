@@ -1,4 +1,8 @@
-"""Unkeyed seed draws, and the one geometric-gap sampler that every sparse draw uses."""
+"""The one place DropBlock draws its seed grids: :func:`draw_grid`.
+
+Keyed grids follow the rule of :mod:`.keyed_seeds`; unkeyed ones are drawn here, sparse ones by
+the one geometric-gap sampler (with its float64 tail in the C extension where it is built).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,32 @@ import threading
 import torch
 from torch import Tensor
 
-try:
-    from ._cfused import gaps as _cgaps
-except ImportError:  # pragma: no cover - the build skipped the optional extension
-    _cgaps = None
+from ..keyed import MaskKey
+from . import fused
+from .keyed_seeds import draw_keyed_seeds
 
-__all__ = ["draw_seeds", "gap_positions", "rand"]
+__all__ = ["draw_grid", "draw_seeds", "gap_positions", "rand"]
+
+
+def draw_grid(
+    numel: int,
+    gamma: float | Tensor,
+    generator: torch.Generator | None,
+    device: torch.device,
+    *,
+    dense: bool,
+    key: MaskKey | None = None,
+    small: bool = False,
+) -> Tensor:
+    """A seed grid of ``numel`` places at rate ``gamma``, keyed (:mod:`.keyed_seeds`) or not.
+
+    ``small``: sparse indices may come as int32 (see :func:`draw_seeds`). ``gamma`` may be a
+    0-dim tensor for an unkeyed dense draw (under ``torch.compile``: see :mod:`.dense`).
+    """
+    if key is not None:
+        assert not isinstance(gamma, Tensor), "draw_grid: a keyed draw takes gamma as a float"
+        return draw_keyed_seeds(numel, gamma, key, device, dense=dense)
+    return draw_seeds(numel, gamma, generator, device, dense=dense, small=small)
 
 
 def rand(numel: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -51,7 +75,7 @@ def gap_positions(u: Tensor, gamma: float) -> Tensor:
 
 def draw_seeds(
     numel: int,
-    gamma: float,
+    gamma: float | Tensor,
     generator: torch.Generator | None,
     device: torch.device,
     *,
@@ -62,7 +86,7 @@ def draw_seeds(
 
     Args:
         numel: the number of places in the (flattened) seed grid.
-        gamma: the probability of a seed at each place, in ``[0, 1)``.
+        gamma: the probability of a seed at each place, in ``[0, 1)`` (a 0-dim tensor: dense only).
         generator: the random number generator, or ``None`` for the global one.
         device: where to draw.
         dense: return a bool tensor of ``numel`` places (one uniform per place, static shape)
@@ -77,54 +101,36 @@ def draw_seeds(
     """
     if dense:
         return rand(numel, generator, device) < gamma
+    assert not isinstance(gamma, Tensor), "draw_seeds: a sparse draw takes gamma as a float"
     if gamma <= 0.0 or numel == 0:
         return torch.empty(0, dtype=torch.long, device=device)
     # Draw the expected number of gaps plus a margin at once, and top up in the rare case the
-    # running sum falls short of the end.
-    if _cgaps is not None and device.type == "cpu":
-        return _draw_seeds_c(numel, gamma, generator, int32=small and numel <= 2**31)
+    # running sum falls short of the end. With the C extension, the float64 tail of
+    # gap_positions (the division, floor, running sum and cut, in the same order: the same bits)
+    # runs in C on torch's uniforms and log1p, without the torch version's passes and temporaries.
+    ext = fused.extension() if device.type == "cpu" else None
     parts: list[Tensor] = []
     last = -1.0  # index of the last seed placed (or -1)
     while True:
         mean = (numel - 1 - last) * gamma
         count = int(mean + 6.0 * math.sqrt(mean) + 16.0)
-        u = torch.rand(count, dtype=torch.float64, generator=generator, device=device)
-        pos = gap_positions(u, gamma).add_(last + 1.0)
-        end = float(pos[-1])
-        if end >= numel:  # ascending: the seeds in the grid are a prefix (cheaper than a mask)
-            parts.append(pos.narrow(0, 0, int((pos < numel).sum())))
-            break
-        parts.append(pos)
-        last = end
-    return (parts[0] if len(parts) == 1 else torch.cat(parts)).long()
-
-
-def _draw_seeds_c(numel: int, gamma: float, generator: torch.Generator | None, int32: bool = False) -> Tensor:
-    """:func:`draw_seeds`'s sparse draw with the float64 tail of :func:`gap_positions` in C.
-
-    The same uniforms and ``log1p`` (torch's), then the division, floor, running sum and cut of
-    the torch ops, in the same order: the same seeds, bit for bit (``tests/test_drop_block.py``),
-    without the nine passes and temporaries of the torch version.
-    """
-    assert _cgaps is not None
-    log_q = math.log1p(-gamma)
-    parts: list[Tensor] = []
-    last = -1.0
-    while True:
-        mean = (numel - 1 - last) * gamma
-        count = int(mean + 6.0 * math.sqrt(mean) + 16.0)
-        logs = _scratch(count)  # the uniforms, then log1p(-u) in place: no allocation per call
-        torch.rand(count, dtype=torch.float64, generator=generator, out=logs)
-        logs.neg_().log1p_()
-        out = torch.empty(count, dtype=torch.int32 if int32 else torch.int64)
-        kept, end = _cgaps(
-            logs.data_ptr(), count, log_q, last + 1.0, float(numel), out.data_ptr(), out.element_size()
-        )
-        parts.append(out.narrow(0, 0, kept))
+        if ext is None:
+            u = torch.rand(count, dtype=torch.float64, generator=generator, device=device)
+            pos = gap_positions(u, gamma).add_(last + 1.0)
+            end = float(pos[-1])
+            # ascending: the seeds in the grid are a prefix (cheaper than a mask)
+            parts.append(pos.narrow(0, 0, int((pos < numel).sum()) if end >= numel else count).long())
+        else:
+            logs = _scratch(count)  # the uniforms, then log1p(-u) in place: no allocation per call
+            torch.rand(count, dtype=torch.float64, generator=generator, out=logs)
+            logs.neg_().log1p_()
+            out = torch.empty(count, dtype=torch.int32 if small and numel <= 2**31 else torch.int64)
+            args = (math.log1p(-gamma), last + 1.0, float(numel), out.data_ptr(), count, out.element_size())
+            kept, end = ext.gaps(logs.data_ptr(), count, *args)
+            parts.append(out.narrow(0, 0, kept))
         if end >= numel:
-            break
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
         last = end
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 _local = threading.local()

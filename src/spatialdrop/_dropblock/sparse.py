@@ -18,33 +18,30 @@ the eager code. Randomness comes in as an int64 ``seed`` tensor (drawn by the ca
   :func:`plan_capacity`, the plan in its first entries: ``torch.compile``, where a
   data-dependent length would break the graph).
 - ``info`` (int64, CPU) holds the output's strides (``ndim`` entries: the layout the plan's
-  offsets address), then the number of runs of each width (:func:`plan_slots` entries); the
-  counts are all ``-1`` when no plan is kept, and the first is ``-2 - len(seeds)`` when
-  ``heads`` holds seeds (which address any layout).
+  offsets address), then what ``heads`` holds (a :class:`Kept`), then one count per run width
+  (:func:`plan_slots` entries: the runs of each width, or the number of seeds in the first);
+  :class:`PlanInfo` reads and writes it.
 - ``factor`` is the scale of the kept elements: ``(1,)`` for ``"expected"``, ``(N,)`` for
   ``"realized"``, ``(0,)`` for ``"none"`` (float32, float64 for float64 input).
 
-``spatialdrop::drop_block_backward`` multiplies a gradient by the forward's mask and scale. It
-allocates its result like the gradient (``empty_like``); it uses kept seeds in any layout, and a
-kept plan only when that layout is the one the plan addresses (``info``'s strides); otherwise
-(nothing kept, or a gradient in another layout, as ``torch.compile`` may hand it) it re-creates
-the mask from the seed (or key) for its own layout. Every op allocates and addresses its
-outputs from their own sizes and strides, and the fake (meta) functions return exactly what the
-real ones return.
+``spatialdrop::drop_block_backward`` multiplies a gradient by the forward's mask and scale,
+into a result allocated like the gradient; it uses kept seeds in any layout, a kept plan only in
+the layout it addresses (``info``'s strides), else it re-creates the mask from the seed (or
+key). The fake (meta) functions return exactly what the real ones return.
 """
 
 from __future__ import annotations
 
+import enum
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .._philox import MASK32
 from ..keyed import MaskKey
-from . import fused
-from . import seeds as _seeds
+from . import fused, sampling
 from .calibration import seed_rate
 from .geometry import (
     Geometry,
@@ -63,20 +60,111 @@ __all__ = [
     "PLAN_EXACT",
     "PLAN_NONE",
     "PLAN_STATIC",
+    "BackwardArgs",
+    "ForwardArgs",
+    "KeyWords",
     "backward_impl",
     "draw_sparse",
     "drop_block_backward",
     "drop_block_op",
-    "forward_impl",
     "forward_parts",
-    "fused_takes",
     "plan_capacity",
-    "plan_slots",
     "seeds_backward",
     "write_sparse",
 ]
 
 PLAN_NONE, PLAN_EXACT, PLAN_STATIC = 0, 1, 2
+
+
+class KeyWords(NamedTuple):
+    """A key as the ops take it, packed in this one place (all ``None`` unkeyed).
+
+    The seed's and the layer's 32-bit halves, the step as an int64 tensor, the sample ids.
+    """
+
+    words: Optional[list[int]]
+    step: Optional[Tensor]
+    ids: Optional[Tensor]
+
+    @staticmethod
+    def of(key: Optional[MaskKey]) -> KeyWords:
+        if key is None:
+            return KeyWords(None, None, None)
+        step = key.step if isinstance(key.step, Tensor) else torch.tensor(key.step, dtype=torch.int64)
+        s, layer = key.seed, key.layer
+        return KeyWords([s & MASK32, s >> 32, layer & MASK32, layer >> 32], step, key.sample_ids)
+
+    def key(self) -> Optional[MaskKey]:
+        """The :class:`MaskKey` back (``None`` unkeyed)."""
+        if self.words is None:
+            return None
+        assert self.step is not None, "a keyed call passes the step"
+        assert self.ids is not None, "a keyed call passes the sample ids"
+        w = self.words
+        return MaskKey(w[0] | (w[1] << 32), int(self.step) & MASK32, w[2] | (w[3] << 32), self.ids)
+
+
+class ForwardArgs(NamedTuple):
+    """The arguments of ``spatialdrop::drop_block``, in its schema's order (see :func:`forward_impl`)."""
+
+    input: Tensor
+    seed: Optional[Tensor]
+    p: Tensor
+    block_size: list[int]
+    channel_dim: int
+    shared: bool
+    seeding: str
+    scale: str
+    key_words: Optional[list[int]]
+    step: Optional[Tensor]
+    sample_ids: Optional[Tensor]
+    plan: int
+    window: Optional[list[int]] = None
+
+
+class BackwardArgs(NamedTuple):
+    """The arguments of ``spatialdrop::drop_block_backward``, in its schema's order."""
+
+    grad: Tensor
+    heads: Tensor
+    info: Tensor
+    factor: Tensor
+    seed: Optional[Tensor]
+    p: Tensor
+    block_size: list[int]
+    channel_dim: int
+    shared: bool
+    seeding: str
+    scale: str
+    key_words: Optional[list[int]]
+    step: Optional[Tensor]
+    sample_ids: Optional[Tensor]
+    window: Optional[list[int]] = None
+
+
+class Kept(enum.IntEnum):
+    """What the forward kept in ``heads`` for backward."""
+
+    NOTHING = 0  # backward re-creates the mask from the seed or key
+    RUNS = 1  # a write plan: run starts grouped by width, for the layout in ``info``'s strides
+    SEEDS = 2  # the fused pass's seeds (int32 grid indices, any layout)
+
+
+class PlanInfo(NamedTuple):
+    """``info``, read: the strides the plan addresses, what ``heads`` holds, the counts."""
+
+    strides: list[int]
+    kept: Kept
+    counts: list[int]
+
+    @staticmethod
+    def read(info: Tensor, ndim: int) -> PlanInfo:
+        values = info.tolist()
+        return PlanInfo(values[:ndim], Kept(values[ndim]), values[ndim + 1 :])
+
+    def tensor(self) -> Tensor:
+        return torch.tensor([*self.strides, int(self.kept), *self.counts], dtype=torch.int64)
+
 
 # The width that marks a plan of seeds (the fused pass's, :mod:`.fused`) instead of runs.
 SEEDS = 0
@@ -94,21 +182,6 @@ def plan_slots(block_size: list[int]) -> int:
     compiler does not specialise on it; unused slots hold 0.
     """
     return len(run_lengths(int(block_size[-1])))
-
-
-def op_key(key_words: list[int], step: Tensor, sample_ids: Tensor) -> MaskKey:
-    """The :class:`MaskKey` that the ops receive as four 32-bit words, a step and the ids."""
-    seed = key_words[0] | (key_words[1] << 32)
-    layer = key_words[2] | (key_words[3] << 32)
-    return MaskKey(seed, int(step) & MASK32, layer, sample_ids)
-
-
-def fused_takes(out: Tensor, geo: Geometry, scale: str, require_dense: bool = True) -> bool:
-    """Whether :func:`write_sparse` writes ``out`` by the fused pass (see :func:`.fused.available`).
-
-    Not for the realized scale, which needs the union of the blocks before the multiply.
-    """
-    return scale != "realized" and fused.available(out, geo, require_dense)
 
 
 def seeds_backward(grad: Tensor, seeds: Tensor, factor: Optional[float], geo: Geometry) -> Tensor:
@@ -143,48 +216,36 @@ def draw_sparse(
     window: Optional[list[int]] = None,
     small: bool = False,
 ) -> Tensor:
-    """The flat seed indices into ``geo``'s seed grid, from ``seed`` or ``key`` (see :func:`write_sparse`).
+    """The flat seed indices into ``geo``'s seed grid, from ``seed`` or ``key``.
 
     ``small``: int32 indices where the C sampler draws them (what the fused pass keeps).
     """
     generator = None
     if key is None:
-        assert seed is not None, "write_sparse: an unkeyed draw needs a seed"
+        assert seed is not None, "draw_sparse: an unkeyed draw needs a seed"
         generator = torch.Generator(device=input.device).manual_seed(int(seed))
     if window is None:
         gamma = seed_rate(p, geo.sizes, geo.blocks, seeding)
-        return _seeds.draw_grid(geo.places, gamma, generator, input.device, dense=False, key=key, small=small)
+        return sampling.draw_grid(
+            geo.places, gamma, generator, input.device, dense=False, key=key, small=small
+        )
     geo_g = global_geometry(input.shape, geo.channel_dim, geo.blocks, geo.shared, seeding, window)
     gamma = seed_rate(p, geo_g.sizes, geo_g.blocks, seeding)
-    drawn = _seeds.draw_grid(geo_g.places, gamma, generator, input.device, dense=False, key=key)
+    drawn = sampling.draw_grid(geo_g.places, gamma, generator, input.device, dense=False, key=key)
     return localize_sparse(drawn, geo_g, geo, window)
 
 
 def write_sparse(
-    input: Tensor,
-    out: Tensor,
-    geo: Geometry,
-    p: float,
-    seeding: str,
-    scale: str,
-    seed: Optional[Tensor],
-    key: Optional[MaskKey],
-    window: Optional[list[int]] = None,
-    seeds: Optional[Tensor] = None,
+    input: Tensor, out: Tensor, geo: Geometry, p: float, scale: str, seeds: Tensor
 ) -> tuple[Optional[Plan], Optional[Tensor]]:
     """Write ``input * scale`` with every seed's block zeroed into ``out`` (dense, input's shape).
 
-    A dropped element is ``x * 0`` (NaN where ``x`` is NaN or infinite), on every path.
-
-    Returns the per-channel write plan (``None`` for shared masks) and the scale factor. With a
-    ``window`` (see :mod:`.window`) ``input`` is a window of larger maps and ``geo`` its local
-    geometry (:func:`~.window.local_geometry`): the seeds are drawn for the global maps.
-    ``seeds``: already drawn by :func:`draw_sparse` (else drawn here).
+    Returns the per-channel write plan (``None`` for shared masks) and the scale factor. The
+    seeds come from :func:`draw_sparse`; the fused pass writes per-channel float32/float64
+    output, not for the realized scale (which needs the union of the blocks first). A dropped
+    element is ``x * 0`` (NaN where ``x`` is NaN or infinite), on every path.
     """
-    use_fused = fused_takes(out, geo, scale)
-    if seeds is None:
-        seeds = draw_sparse(input, geo, p, seeding, seed, key, window, small=use_fused)
-    if use_fused:
+    if scale != "realized" and fused.available(out, geo):
         factor = scale_factor(scale, p, None, 0, input)
         fac = None if factor is None else float(factor)
         if input is out or fused.same_layout(input, out):
@@ -216,99 +277,53 @@ def write_sparse(
     return None, factor
 
 
-def _key_of(
-    key_words: Optional[list[int]], step: Optional[Tensor], ids: Optional[Tensor]
-) -> Optional[MaskKey]:
-    if key_words is None:
-        return None
-    assert step is not None, "a keyed call passes the step"
-    assert ids is not None, "a keyed call passes the sample ids"
-    return op_key(key_words, step, ids)
-
-
-def forward_impl(
-    input: Tensor,
-    seed: Optional[Tensor],
-    p: Tensor,
-    block_size: list[int],
-    channel_dim: int,
-    shared: bool,
-    seeding: str,
-    scale: str,
-    key_words: Optional[list[int]],
-    step: Optional[Tensor],
-    sample_ids: Optional[Tensor],
-    plan: int,
-    window: Optional[list[int]] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def forward_impl(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """DropBlock of ``input``: ``(output, heads, info, factor)``, see the module docstring.
 
-    ``p`` is a float64 0-dim tensor, so that a ``p`` that changes every step (a schedule) does
-    not specialise a compiled graph; ``seed`` (unkeyed) or ``key_words``/``step``/``sample_ids``
-    (keyed) give the randomness. ``window``: ``input`` is a window of larger maps (a DTensor
-    shard, see :mod:`.window`).
+    The arguments are :class:`ForwardArgs`'. ``p`` is a float64 0-dim tensor, so that a ``p``
+    that changes every step (a schedule) does not specialise a compiled graph; ``seed``
+    (unkeyed) or ``key_words``/``step``/``sample_ids`` (keyed) give the randomness. ``window``:
+    ``input`` is a window of larger maps (a DTensor shard, see :mod:`.window`).
     """
-    return forward_parts(
-        input,
-        seed,
-        p,
-        block_size,
-        channel_dim,
-        shared,
-        seeding,
-        scale,
-        key_words,
-        step,
-        sample_ids,
-        plan,
-        window,
-    )[0]
+    return forward_parts(ForwardArgs(*args))[0]
 
 
 def forward_parts(
-    *args: Any,
+    a: ForwardArgs, inplace: bool = False
 ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Optional[tuple[Tensor, Optional[float]]]]:
     """:func:`forward_impl`'s outputs, and the kept seeds and scale when the fused pass ran.
 
     The second item, ``(seeds, factor)`` (int32 seeds, the scale as a float or ``None``), is
-    what eager autograd's backward needs to run the fused pass on the gradient directly.
-    ``args``: :func:`forward_impl`'s thirteen, in its order.
+    what eager autograd's backward needs to run the fused pass on the gradient directly. With
+    ``inplace`` the output is the (dense) input itself.
     """
-    (
-        input,
-        seed,
-        p,
-        block_size,
-        channel_dim,
-        shared,
-        seeding,
-        scale,
-        key_words,
-        step,
-        sample_ids,
-        plan,
-        window,
-    ) = args
-    geo = _geometry(input, channel_dim, block_size, shared, seeding, window)
-    if input.numel() == 0:
-        out = torch.empty_like(input)
-        return (out, *package_plan(None, None, out, geo, scale, plan)), None
-    key = _key_of(key_words, step, sample_ids)
+    geo = _geometry(a.input, a.channel_dim, a.block_size, a.shared, a.seeding, a.window)
+    if a.input.numel() == 0:
+        out = torch.empty_like(a.input)
+        return (out, *package_plan(None, None, out, geo, a.scale, a.plan)), None
+    key = KeyWords(a.key_words, a.step, a.sample_ids).key()
+    p = float(a.p)
     # the seeds as int32 when the fused pass takes the output (``empty_like(input)``, dense)
-    small = fused_takes(input, geo, scale, require_dense=False)
-    seeds = draw_sparse(input, geo, float(p), seeding, seed, key, window, small=small)
-    out = torch.empty_like(input)
-    kept, factor = write_sparse(input, out, geo, float(p), seeding, scale, seed, key, window, seeds)
-    outputs = (out, *package_plan(kept, factor, out, geo, scale, plan))
+    small = a.scale != "realized" and fused.available(a.input, geo, require_dense=False)
+    seeds = draw_sparse(a.input, geo, p, a.seeding, a.seed, key, a.window, small=small)
+    out = a.input if inplace else torch.empty_like(a.input)
+    kept, factor = write_sparse(a.input, out, geo, p, a.scale, seeds)
+    outputs = (out, *package_plan(kept, factor, out, geo, a.scale, a.plan))
     heads = outputs[1]
-    if kept and kept[0][0] == SEEDS and window is None and heads.numel() == kept[0][1].numel():
+    if kept and kept[0][0] == SEEDS and a.window is None and heads.numel() == kept[0][1].numel():
         return outputs, (heads, None if factor is None else float(factor))
     return outputs, None
 
 
 # The op over the plain function, which eager autograd also calls directly (``autograd.EagerFunction``:
 # the dispatcher's round trip costs more than the rest of a small call).
-drop_block_op = torch.library.custom_op("spatialdrop::drop_block", mutates_args=())(forward_impl)
+drop_block_op = torch.library.custom_op(
+    "spatialdrop::drop_block",
+    mutates_args=(),
+    schema="(Tensor input, Tensor? seed, Tensor p, SymInt[] block_size, SymInt channel_dim, bool shared, "
+    "str seeding, str scale, SymInt[]? key_words, Tensor? step, Tensor? sample_ids, SymInt plan, "
+    "SymInt[]? window=None) -> (Tensor, Tensor, Tensor, Tensor)",
+)(forward_impl)
 
 
 def _geometry(
@@ -335,13 +350,12 @@ def package_plan(
     slots = plan_slots(list(geo.blocks))
     if kept and kept[0][0] == SEEDS and plan != PLAN_NONE:
         return _package_seeds(kept[0][1], factor, out, geo, scale, plan, slots)
-    info = torch.full((out.dim() + slots,), -1, dtype=torch.int64)
-    info[: out.dim()] = torch.tensor(out.stride(), dtype=torch.int64)
+    info = PlanInfo(list(out.stride()), Kept.NOTHING, [0] * slots)
     # a static plan's buffer: the plan in its first entries, zeros after (a deterministic output)
     heads = torch.zeros(plan_capacity(out) if plan == PLAN_STATIC else 0, dtype=torch.int32)
     factors = _factors(factor, out, scale)
     if kept is None or plan == PLAN_NONE:
-        return heads, info, factors
+        return heads, info.tensor(), factors
     total = sum(h.numel() for _, h in kept)
     if out.numel() < 2**31 and total <= plan_capacity(out):
         by_width = dict(kept)
@@ -351,9 +365,9 @@ def package_plan(
             torch.cat(parts, out=heads.narrow(0, 0, total))
         else:
             heads = torch.cat(parts).to(torch.int32)
-        info[out.dim() :] = 0
-        info[out.dim() : out.dim() + len(parts)] = torch.tensor([h.numel() for h in parts])
-    return heads, info, factors
+        counts = [h.numel() for h in parts]
+        info = info._replace(kept=Kept.RUNS, counts=counts + [0] * (slots - len(counts)))
+    return heads, info.tensor(), factors
 
 
 def _factors(factor: Optional[Tensor], out: Tensor, scale: str) -> Tensor:
@@ -371,12 +385,13 @@ def _package_seeds(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(heads, info, factor)`` for the fused pass: the seeds themselves, as int32 grid indices.
 
-    ``info``'s first count is ``-2 - len(seeds)`` (the seeds, any layout), or ``-1`` when they
-    do not fit (more than 2**31 places, or past :func:`plan_capacity`): backward draws them again.
+    ``info`` says :attr:`Kept.SEEDS` and their number, or :attr:`Kept.NOTHING` when they do not
+    fit (more than 2**31 places, or past :func:`plan_capacity`): backward draws them again.
     """
     total = seeds.numel()
     fits = geo.places < 2**31 and total <= plan_capacity(out)
-    info = torch.tensor([*out.stride(), -2 - total if fits else -1] + [0] * (slots - 1), dtype=torch.int64)
+    counts = [total if fits else 0] + [0] * (slots - 1)
+    info = PlanInfo(list(out.stride()), Kept.SEEDS if fits else Kept.NOTHING, counts).tensor()
     if plan == PLAN_STATIC:
         heads = torch.zeros(plan_capacity(out), dtype=torch.int32)
         if fits:
@@ -387,60 +402,54 @@ def _package_seeds(
 
 
 @drop_block_op.register_fake
-def _(input: Tensor, seed: object, p: object, block_size: list[int], *args: object) -> tuple[Tensor, ...]:
-    scale, plan = args[3], args[7]  # of channel_dim, shared, seeding, scale, words, step, ids, plan, window
-    assert isinstance(scale, str)
-    if plan == PLAN_EXACT:
+def _(*args: object) -> tuple[Tensor, ...]:
+    a = ForwardArgs(*args)  # type: ignore[arg-type]
+    input = a.input
+    if a.plan == PLAN_EXACT:
         heads = input.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int32)
     else:
-        heads = input.new_empty((plan_capacity(input) if plan == PLAN_STATIC else 0,), dtype=torch.int32)
-    info = input.new_empty((input.dim() + plan_slots(block_size),), dtype=torch.int64, device="cpu")
-    factor = input.new_empty(factor_shape(scale, input.shape[0]), dtype=acc_dtype(input))
+        heads = input.new_empty((plan_capacity(input) if a.plan == PLAN_STATIC else 0,), dtype=torch.int32)
+    info = input.new_empty((input.dim() + 1 + plan_slots(a.block_size),), dtype=torch.int64, device="cpu")
+    factor = input.new_empty(factor_shape(a.scale, input.shape[0]), dtype=acc_dtype(input))
     return torch.empty_like(input), heads, info, factor
 
 
-def backward_impl(
-    grad: Tensor,
-    heads: Tensor,
-    info: Tensor,
-    factor: Tensor,
-    seed: Optional[Tensor],
-    p: Tensor,
-    block_size: list[int],
-    channel_dim: int,
-    shared: bool,
-    seeding: str,
-    scale: str,
-    key_words: Optional[list[int]],
-    step: Optional[Tensor],
-    sample_ids: Optional[Tensor],
-    window: Optional[list[int]] = None,
-) -> Tensor:
-    """``grad`` (or any tensor) times the forward's mask and scale, laid out like ``grad``."""
+def backward_impl(*args: Any) -> Tensor:
+    """``grad`` (or any tensor) times the forward's mask and scale, laid out like ``grad``.
+
+    The arguments are :class:`BackwardArgs`'.
+    """
+    b = BackwardArgs(*args)
+    grad, factor = b.grad, b.factor
     g = torch.empty_like(grad)
     if g.numel() == 0:
         return g
-    ndim = grad.dim()
-    values = info.tolist()
-    strides, counts = values[:ndim], values[ndim:]
-    geo = _geometry(grad, channel_dim, block_size, shared, seeding, window)
-    if counts[0] <= -2:  # the forward's seeds (the fused pass): any layout
-        seeds = heads.narrow(0, 0, -2 - counts[0])  # int32, read as such by the fused pass
+    kept = PlanInfo.read(b.info, grad.dim())
+    geo = _geometry(grad, b.channel_dim, b.block_size, b.shared, b.seeding, b.window)
+    if kept.kept == Kept.SEEDS:  # the forward's seeds (the fused pass): any layout
+        seeds = b.heads.narrow(0, 0, kept.counts[0])  # int32, read as such by the fused pass
         return seeds_backward(grad, seeds, float(factor) if factor.numel() else None, geo)
-    if counts[0] >= 0 and tuple(strides) == g.stride():  # the kept plan addresses this layout
+    if kept.kept == Kept.RUNS and tuple(kept.strides) == g.stride():  # the plan addresses this layout
         widths = run_lengths(min(geo.blocks[-1], geo.sizes[-1]))
-        counts = counts[: len(widths)]
+        counts = kept.counts[: len(widths)]
         scaled(grad, factor if factor.numel() else None, g)
-        parts = heads.narrow(0, 0, sum(counts)).split(counts)  # a static plan's buffer is longer
-        apply_plan(g, None, list(zip(widths, parts)), strides[geo.spatial[-1]])
+        parts = b.heads.narrow(0, 0, sum(counts)).split(counts)  # a static plan's buffer is longer
+        apply_plan(g, None, list(zip(widths, parts)), kept.strides[geo.spatial[-1]])
         return g
-    write_sparse(grad, g, geo, float(p), seeding, scale, seed, _key_of(key_words, step, sample_ids), window)
+    key = KeyWords(b.key_words, b.step, b.sample_ids).key()
+    small = b.scale != "realized" and fused.available(g, geo)
+    seeds = draw_sparse(grad, geo, float(b.p), b.seeding, b.seed, key, b.window, small=small)
+    write_sparse(grad, g, geo, float(b.p), b.scale, seeds)
     return g
 
 
-drop_block_backward = torch.library.custom_op("spatialdrop::drop_block_backward", mutates_args=())(
-    backward_impl
-)
+drop_block_backward = torch.library.custom_op(
+    "spatialdrop::drop_block_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor heads, Tensor info, Tensor factor, Tensor? seed, Tensor p, "
+    "SymInt[] block_size, SymInt channel_dim, bool shared, str seeding, str scale, SymInt[]? key_words, "
+    "Tensor? step, Tensor? sample_ids, SymInt[]? window=None) -> Tensor",
+)(backward_impl)
 
 
 @drop_block_backward.register_fake

@@ -15,13 +15,10 @@ and shared masks, both seedings, every float dtype and any dense memory layout:
    float32, float64 for float64 input). With ``COUNT`` it instead counts each sample's
    dropped positions (for ``scale="realized"``) over the ``(maps, *spatial)`` positions.
 
-Backward re-runs both kernels from the same key (a few words): nothing of per-element size is
-saved. The op is ``torch.ops.spatialdrop.drop_block_triton``, a ``torch.library.custom_op``
-that the compiler treats as opaque (one op under ``torch.compile(fullgraph=True)``): ``p`` comes
-in as a float64 CPU tensor, and the seed rate, the gap thresholds and the scale are computed from
-its value inside the op (on the host, with :mod:`.calibration`, :mod:`.keyed_seeds` and
-:mod:`.scale`, as the CPU path does; no device synchronisation), so a ``p`` that changes every
-step does not recompile a graph. The geometry is :class:`~.geometry.Geometry`'s.
+Backward re-runs both kernels from the same key: nothing of per-element size is saved. The op
+``spatialdrop::drop_block_triton`` is opaque to the compiler; ``p`` comes in as a float64 CPU
+tensor and the seed rate, thresholds and scale are computed from it inside the op, on the host
+(:mod:`.calibration`, :mod:`.keyed_seeds`, :mod:`.scale`), so a changing ``p`` does not recompile.
 
 Triton is imported and the kernels are defined on first use (inside the op, never while dynamo
 traces), so that ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, for tests) may be set at any
@@ -30,14 +27,13 @@ time before that.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -52,10 +48,8 @@ __all__ = [
     "APPLY_BLOCK",
     "SEED_BLOCK",
     "apply_warps",
-    "cpu_interpreter",
     "kernels",
     "seed_bits",
-    "triton_available",
     "triton_drop_block",
 ]
 
@@ -72,52 +66,8 @@ def apply_warps(count: bool) -> int:
     return 4 if count else 8
 
 
-# Whether ``triton`` is installed, found once without importing it (the import takes seconds); a
-# plain constant, so that dynamo, tracing the dispatch, reads no cached function.
-_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
-_cpu_interpreter = False
-
-
-@contextlib.contextmanager
-def cpu_interpreter() -> Iterator[None]:
-    """Let CPU tensors take the Triton path, run by Triton's interpreter (for tests).
-
-    ``TRITON_INTERPRET=1`` must have been set before ``triton`` was first imported (Triton
-    decides at import whether its own library functions are compiled or interpreted).
-
-    Raises:
-        RuntimeError: if ``TRITON_INTERPRET`` is not ``1``.
-    """
-    global _cpu_interpreter
-    if not _interpreting():
-        raise RuntimeError("cpu_interpreter: set TRITON_INTERPRET=1 before triton is first imported")
-    previous, _cpu_interpreter = _cpu_interpreter, True
-    try:
-        yield
-    finally:
-        _cpu_interpreter = previous
-
-
-def triton_available(input: Tensor | None = None) -> bool:
-    """Whether the Triton DropBlock can run on ``input``.
-
-    True when ``triton`` is importable, ``SPATIALDROP_BACKEND`` is not ``torch``, and ``input``
-    is a CUDA tensor (or a CPU tensor inside :func:`cpu_interpreter`, for the tests). CPU input
-    in normal use never touches Triton.
-    """
-    if os.environ.get("SPATIALDROP_BACKEND", "").lower() == "torch":
-        return False
-    if not _TRITON_IMPORTABLE:
-        return False
-    if input is None:
-        return True
-    return input.is_cuda or (_cpu_interpreter and _interpreting() and input.device.type == "cpu")
 
 
 _KERNELS: dict[bool, tuple[Any, Any]] = {}
@@ -263,16 +213,34 @@ def _(input: Tensor, *args: Any) -> Tensor:
     return torch.empty_like(input)
 
 
+class TritonArgs(NamedTuple):
+    """The arguments of ``spatialdrop::drop_block_triton``, in its schema's order."""
+
+    input: Tensor
+    seed: Tensor
+    sample_ids: Tensor
+    step: Tensor
+    p: Tensor
+    key_words: list[int]
+    keyed: bool
+    block_size: list[int]
+    channel_dim: int
+    shared: bool
+    seeding: str
+    scale: str
+
+
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    ctx.save_for_backward(*inputs[1:5])
-    ctx.options = inputs[5:]
+    a = TritonArgs(*inputs)
+    ctx.save_for_backward(a.seed, a.sample_ids, a.step, a.p)
+    ctx.options = {k: v for k, v in a._asdict().items() if not isinstance(v, Tensor)}
 
 
 def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     """The formula: the kernels again, on the gradient, from the same seed or key."""
     seed, sample_ids, step, p = ctx.saved_tensors
-    g = drop_block_triton(grad, seed, sample_ids, step, p, *ctx.options)
-    return (g,) + (None,) * 11
+    g = drop_block_triton(*TritonArgs(grad, seed, sample_ids, step, p, **ctx.options))
+    return (g,) + (None,) * (len(TritonArgs._fields) - 1)
 
 
 torch.library.register_autograd(drop_block_triton, _backward, setup_context=_setup_context)
@@ -322,21 +290,11 @@ def triton_drop_block(
 ) -> Tensor:
     """DropBlock by the Triton kernels, for already validated arguments (see ``drop_block``).
 
-    Args:
-        input: a float tensor ``(N, C, *spatial)`` (channel axis at ``channel_dim``), 1-3
-            spatial dims, on CUDA (or on the CPU in Triton's interpreter mode).
-        p: the drop probability (a float, or a float64 0-dim CPU tensor).
-        block_size: the block side per spatial dim.
-        channel_dim: the channel axis.
-        shared: one mask per sample for all channels.
-        seeding: ``"uniform"`` or ``"valid"``.
-        scale: ``"expected"``, ``"realized"`` or ``"none"`` (see :mod:`.scale`).
-        generator: the torch generator for unkeyed masks (two Philox key words are drawn from
-            it on the device).
-        key: a :class:`~spatialdrop.MaskKey` for keyed masks (bit-identical to the CPU path).
-
-    Returns:
-        The output, with the input's shape, dtype and layout; differentiable.
+    ``input`` is ``(N, C, *spatial)`` with the channels at ``channel_dim`` and 1-3 spatial dims,
+    on CUDA (or the CPU in Triton's interpreter); ``p`` a float or a float64 0-dim CPU tensor.
+    Unkeyed, two Philox key words are drawn from ``generator`` on the device; keyed masks are
+    bit-identical to the CPU path's. The output has the input's shape, dtype and layout, and is
+    differentiable.
     """
     if not 1 <= input.dim() - 2 <= 3:
         shape = tuple(input.shape)

@@ -17,7 +17,6 @@ A window is passed to the ops as a list of ints: ``[C, c0, L_1, s_1, L_2, s_2, .
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -110,8 +109,3 @@ def localize_dense(grid: Tensor, geo_g: Geometry, geo_l: Geometry, window: Seque
             g = torch.cat([zeros, g, zeros], dim=axis)
         g = g.narrow(axis, start, size + b - 1)
     return g.reshape((geo_l.maps, *geo_l.grid))
-
-
-def per_sample(geo_g: Geometry) -> int:
-    """Mask positions per sample of the global maps (for the realized scale)."""
-    return math.prod(geo_g.map_shape[1:])
