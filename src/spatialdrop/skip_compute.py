@@ -190,8 +190,18 @@ def _timm_eva_block(
         y = self.mlp(self.norm2(r))
         return y if self.gamma_2 is None else self.gamma_2 * y
 
+    # EvaAttention reshapes with -1 (``reshape(B, N, 3, heads, -1)``), which guards the batch on
+    # being nonzero: under the compiler an unbacked kept count cannot answer that, and a step that
+    # keeps no sample fails torch's runtime assertion, so compiled, the attention branch runs on
+    # the whole batch (DropPath's law, no saving); eagerly, and the MLP branch, on the kept rows
     x = _residual(
-        self.drop_path1, x, attn, (self.norm1, self.attn, self.gamma_1), rope=rope, attn_mask=attn_mask
+        self.drop_path1,
+        x,
+        attn,
+        (self.norm1, self.attn, self.gamma_1),
+        whole_compiled=True,
+        rope=rope,
+        attn_mask=attn_mask,
     )
     return _residual(self.drop_path2, x, mlp, (self.norm2, self.mlp, self.gamma_2))
 
