@@ -705,10 +705,21 @@ def test_compiled_training_equals_eager(dynamic: bool) -> None:
     _compiled_run(vit, torch.randn(6, 5, 8), dynamic)
 
 
+# torchvision's Swin blocks run their branches on the whole batch under the compiler (see
+# skip_compute), and tracing their shifted windows with every size symbolic (dynamic=True) took
+# over 10 minutes here: they are compiled in the default mode only (timm's Swin in both)
+_COMPILED_RUNS = [
+    (name, dynamic)
+    for name in MODELS
+    if name not in COUPLED
+    for dynamic in (False, True)
+    if not (dynamic and name.startswith("tv-swin"))
+]
+
+
 @pytest.mark.models
 @pytest.mark.slow
-@pytest.mark.parametrize("dynamic", [False, True])
-@pytest.mark.parametrize("name", [n for n in MODELS if n not in COUPLED])
+@pytest.mark.parametrize(("name", "dynamic"), _COMPILED_RUNS)
 def test_real_model_compiled_training_equals_eager(name: str, dynamic: bool) -> None:
     build, size = MODELS[name]
     _compiled_run(
