@@ -849,12 +849,15 @@ def test_conv_and_batchnorm_branch_compiled_on_the_cpu_is_refused_or_exact_count
     """The issue's example: a conv + BatchNorm branch, opted in. Where inductor's crash keeps the
     kept rows from being gathered the whole-batch fallback would normalise over other rows than
     eager, so it is refused by name; ``draw="exact_count"`` (a static shape) gathers and equals eager."""
+    import torch._inductor.config as inductor_config
+
     branch = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
     net = sd.keyed_masks(
         nn.Sequential(sd.ResidualDropPath(copy.deepcopy(branch), 0.5, allow_batch_coupled=True)), seed=1
     )
     torch._dynamo.reset()
     with (
+        inductor_config.patch(layout_optimization=True),  # the default: the whole-batch fallback
         pytest.raises(Exception, match=r"layout_optimization = False"),
         sd.mask_context(step=0, sample_ids=torch.arange(8)),
     ):

@@ -390,10 +390,10 @@ def test_batch_coupled_opt_in_is_refused_where_the_compiled_block_cannot_gather(
     opted-in block is refused by name instead (one law, eager and compiled)."""
     import torch._inductor.config as inductor_config
 
-    assert inductor_config.layout_optimization  # the default, which forces the whole-batch path
     model = keyed_masks(skip_dropped_compute(nn.Sequential(MBConv()), allow_batch_coupled=True), 1)
     torch._dynamo.reset()
     with (
+        inductor_config.patch(layout_optimization=True),  # the default, which forces the whole batch
         pytest.raises(Exception, match=r"skip_dropped_compute: model .*holds 1 \(BatchNorm2d\)"),
         mask_context(step=0, sample_ids=torch.arange(8)),
     ):

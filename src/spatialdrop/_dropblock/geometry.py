@@ -276,9 +276,14 @@ def apply_plan(target: Tensor, value: float | bool | None, plan: Plan, last_stri
     for w, heads in plan:
         index = heads.long()
         if value is None:
+            # in slices of at most 1/64 of the target's elements, so that the positions and the
+            # values read (not written in place) stay far below a full-size temporary
             flat = _flat(target)
-            at = (index.unsqueeze(1) + torch.arange(w, device=index.device).mul_(last_stride)).reshape(-1)
-            flat.index_copy_(0, at, flat.index_select(0, at).mul_(0))
+            span = torch.arange(w, device=index.device).mul_(last_stride)
+            step = max(1, max(1024, target.numel() // 64) // w)
+            for part in index.split(step):
+                at = (part.unsqueeze(1) + span).reshape(-1)
+                flat.index_copy_(0, at, flat.index_select(0, at).mul_(0))
             continue
         if _window_views:
             rows = target.numel() - (w - 1) * last_stride
