@@ -1,6 +1,6 @@
 """A pytest plugin that hides DropBlock's C extension, as an install without a C compiler lacks it.
 
-``PYTHONPATH=tests python -m pytest -p no_c_extension ...`` (``.ci/run``): the extension cannot be
+``PYTHONPATH=dev:tests python -m pytest -p no_c_extension ...`` (``.ci/run``): the extension cannot be
 imported, so DropBlock takes its torch-op writes and draws, and the C-specific tests skip.
 """
 
