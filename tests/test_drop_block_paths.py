@@ -72,7 +72,7 @@ def key_for(x: Tensor) -> sd.MaskKey:
 @contextlib.contextmanager
 def path(name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Route ``drop_block`` on CPU input through the named path (``ops.override``)."""
-    if name in ("sparse", "func", "compiled-sparse", "torch-ops"):
+    if name in ("sparse", "func", "compiled-sparse", "compiled-dynamic", "torch-ops"):
         # torch-ops: the sparse path without the C extension (its write plans, torch's multiply)
         with ops.override(extension=name != "torch-ops"):
             yield
@@ -94,7 +94,8 @@ def forward_backward(name: str, f: Callable[[Tensor], Tensor], x: Tensor, w: Ten
         return y, vjp(w)[0]
     if name.startswith("compiled"):
         torch._dynamo.reset()
-        f = torch.compile(f, fullgraph=True)
+        # compiled-dynamic: symbolic sizes and strides (no graph break on them: fullgraph)
+        f = torch.compile(f, fullgraph=True, dynamic=name.endswith("dynamic"))
     y = f(x)
     (g,) = torch.autograd.grad(y, x, w)
     return y.detach(), g
@@ -142,7 +143,7 @@ def test_eager_paths_equal_the_reference(
     check_paths(monkeypatch, paths, mode, rank, layout, dtype)
 
 
-COMPILED = ["compiled-sparse", "compiled-dense"]
+COMPILED = ["compiled-sparse", "compiled-dynamic", "compiled-dense"]
 
 
 @pytest.mark.parametrize(("rank", "layout"), [(2, "contiguous"), (2, "channels_last"), (3, "channel_dim=-1")])

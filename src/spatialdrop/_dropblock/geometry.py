@@ -134,11 +134,18 @@ def is_dense(t: Tensor) -> bool:
 
     Write plans address storage offsets, so they apply to such a tensor only.
     """
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+    # Sort-free (dynamo cannot sort SymInt tuples): each dim's stride is the product of the sizes
+    # of the dims with smaller strides, and no two dims share a stride.
+    dims = [(st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1]
+    for i, (stride, _) in enumerate(dims):
+        expected = 1
+        for j, (other, size) in enumerate(dims):
+            if j != i and other == stride:
+                return False
+            if other < stride:
+                expected *= size
         if stride != expected:
             return False
-        expected *= size
     return True
 
 

@@ -154,10 +154,10 @@ def select_path(input: Tensor, geo: Geometry, scale: str, inplace: bool, window:
             return Path.TRITON
         return Path.DENSE
     direct = direct_call_ok(input)
-    fusable = scale != "realized" and geo.places < 2**31 and fused.available(input, geo)
-    if direct and window is None and not inplace and fusable:
+    fusable = direct and scale != "realized" and geo.places < 2**31 and fused.available(input, geo)
+    if window is None and not inplace and fusable:
         return Path.FUSED
-    if inplace and not func and is_dense(input) and (geo.shared or not is_compiling()):
+    if inplace and not func and (geo.shared or not is_compiling()) and is_dense(input):
         return Path.INPLACE
     if direct and not geo.shared:
         return Path.EAGER
