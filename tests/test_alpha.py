@@ -10,12 +10,10 @@ from scipy import stats
 
 from conftest import ALPHA, FLOAT_DTYPES, RANKS, assert_binomial, shape_for
 from spatialdrop import (
-    AlphaSpatialDropout,
     AlphaSpatialDropout1d,
     AlphaSpatialDropout2d,
     AlphaSpatialDropout3d,
 )
-from spatialdrop._module import StructuredDropout
 from spatialdrop.alpha import SELU_NEG_SATURATION
 from spatialdrop.functional import alpha_spatial_dropout
 
@@ -108,14 +106,6 @@ def test_inplace_matches_torch() -> None:
     assert not (u == 0).all()  # written through the unbatched view
 
 
-@pytest.mark.parametrize(("p", "training", "numel"), [(0.0, True, 1), (0.5, False, 1), (0.5, True, 0)])
-def test_identity_without_random_numbers(p: float, training: bool, numel: int) -> None:
-    x = torch.randn(2, 3, 4) if numel else torch.randn(0, 3, 4)
-    state = torch.get_rng_state()
-    assert alpha_spatial_dropout(x, p, training) is x
-    assert torch.equal(state, torch.get_rng_state())
-
-
 # --- semantics ---------------------------------------------------------------------------
 
 
@@ -128,14 +118,6 @@ def test_values_are_the_papers_affine_map(p: float) -> None:
     assert torch.allclose(y[dropped], torch.tensor(dropped_value, dtype=torch.float64), rtol=1e-14, atol=0)
     assert torch.allclose(y[~dropped], a * x[~dropped] + b, rtol=1e-14, atol=1e-14)
     assert dropped_value == pytest.approx(SELU_NEG_SATURATION * a * (1 - p), rel=1e-14)
-
-
-@pytest.mark.parametrize("cls", [AlphaSpatialDropout, *MODULES.values()])
-def test_module_is_structured_dropout_with_repr(cls: type) -> None:
-    # (argument errors: tests/test_contract.py, driven by tests/optable.py)
-    m = cls(0.1)
-    assert isinstance(m, StructuredDropout)
-    assert repr(m) == f"{cls.__name__}(p=0.1, inplace=False)"
 
 
 # --- statistics --------------------------------------------------------------------------

@@ -337,6 +337,36 @@ def test_inplace(op: OpInfo, mode: Mode) -> None:
     expanded = x[:1].expand(x.shape)
     with pytest.raises(ValueError, match=r": inplace must be False for an input whose elements share memory"):
         op.run(op.build(mode=mode, inplace=True), expanded, seed=3)
+    # a non-dense view (every other element of a wider tensor) is written through
+    wide = nonzero_input((*x.shape[:-1], 2 * x.shape[-1]), seed=4)
+    view = wide[..., ::2]
+    want = op.run(op.build(mode=mode), view.clone(), seed=3)
+    op.run(op.build(mode=mode, inplace=True), view, seed=3)
+    assert torch.equal(view, want), f"{op.name}: not written through a strided view"
+    # a leaf that requires grad, or a view of one, is refused by name before any write
+    before = leaf.detach().clone()
+    for target, what in ((leaf, "a leaf"), (leaf[1:], "a view of a leaf")):
+        with pytest.raises(ValueError, match=rf": inplace must be False .* got True with {what}"):
+            op.run(op.build(mode=mode, inplace=True), target, seed=3)
+    assert torch.equal(leaf.detach(), before)
+    with torch.no_grad():  # without grad mode torch allows it, and so do we
+        op.run(op.build(mode=mode, inplace=True), leaf, seed=3)
+    assert not torch.equal(leaf.detach(), before)
+
+
+@pytest.mark.parametrize(("op", "mode"), op_mode_params([op for op in OPS if op.kind != "filter"]))
+def test_empty_input_in_training_draws_nothing(op: OpInfo, mode: Mode) -> None:
+    """An input without elements (an empty batch) returns its like and draws no random number."""
+    empty = [s for s in op.samples() if 0 in s.shape]
+    assert empty, f"{op.name}: the table has no empty sample"
+    for sample in empty:
+        x = sample.make()
+        m = op.build(mode=mode, channel_dim=sample.channel_dim)
+        state = torch.get_rng_state()
+        y = m(x)
+        assert torch.equal(torch.get_rng_state(), state), f"{op.name}: an empty input drew random numbers"
+        assert y.shape == x.shape
+        assert y.dtype == x.dtype
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from torch.nn.modules.dropout import _DropoutNd
 
-from conftest import ALPHA, FLOAT_DTYPES, RANKS, assert_binomial, binom_bounds, shape_for
+from conftest import ALPHA, RANKS, assert_binomial, binom_bounds, shape_for
 from spatialdrop import DropBlock, DropBlock1d, DropBlock2d, DropBlock3d, MaskKey
 from spatialdrop._dropblock import calibration, fused, geometry
 from spatialdrop._dropblock import sampling as seed_draws
@@ -391,27 +390,6 @@ def test_keyed_sparse_draw_is_a_bernoulli_sequence_per_sample() -> None:
 # --- gradients, memory, dtypes -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rank", RANKS)
-@pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("scale", SCALES)
-def test_gradient_is_mask_times_scale(rank: int, shared: bool, scale: str) -> None:
-    p = 0.3
-    x = torch.randn(shape_for(rank, side=8), requires_grad=True)
-    y = drop_block(x, p, 3, shared_channels=shared, scale=scale)
-    keep = y.detach() != 0
-    if scale == "expected":
-        factor = torch.tensor(expected_scale(p))
-    elif scale == "none":
-        factor = torch.tensor(1.0)
-    else:
-        kept = keep.reshape(x.shape[0], -1).sum(1).float()
-        factor = (keep[0].numel() / kept).view(-1, *[1] * rank, 1)
-    assert torch.allclose(y, x.detach() * keep * factor, rtol=1e-6, atol=0)
-    g = torch.randn_like(y)
-    y.backward(g)
-    assert torch.allclose(x.grad, g * keep * factor, rtol=1e-6, atol=0)
-
-
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize(("p", "block"), [(0.1, 7), (0.5, 7), (0.5, 1)])
@@ -471,18 +449,6 @@ def test_float16_large_input_is_finite_and_exact(scale: str, shared: bool) -> No
 
 
 @pytest.mark.parametrize("rank", RANKS)
-@pytest.mark.parametrize("n", [0, 1, 2])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_batch_sizes_and_dtype_kept(rank: int, n: int, dtype: torch.dtype) -> None:
-    x = torch.randn(shape_for(rank, n=n, side=6), dtype=dtype)
-    y = MODULES[rank](0.3, 3)(x)
-    assert y.shape == x.shape
-    assert y.dtype == dtype
-    scaled = (x.float() * expected_scale(0.3)).to(dtype)
-    assert ((y == 0) | (y == scaled)).all()
-
-
-@pytest.mark.parametrize("rank", RANKS)
 @pytest.mark.parametrize("channel_dim", [1, -1])
 def test_unbatched_equals_batched_of_one(rank: int, channel_dim: int) -> None:
     x = torch.randn(shape_for(rank, n=1, c=3, side=6))
@@ -497,43 +463,6 @@ def test_unbatched_equals_batched_of_one(rank: int, channel_dim: int) -> None:
     assert torch.equal(a, b[0])
 
 
-@pytest.mark.parametrize("rank", RANKS)
-@pytest.mark.parametrize(
-    "kwargs",
-    [{}, {"shared_channels": True}, {"seeding": "valid"}, {"scale": "realized"}, {"scale": "none"}],
-)
-def test_module_equals_function(rank: int, kwargs: dict) -> None:
-    x = torch.randn(shape_for(rank, side=7))
-    torch.manual_seed(6)
-    a = MODULES[rank](0.2, 3, **kwargs)(x)
-    torch.manual_seed(6)
-    b = drop_block(x, 0.2, 3, **kwargs)
-    assert torch.equal(a, b)
-    assert (a == 0).any() or kwargs.get("scale") == "none"
-
-
-@pytest.mark.parametrize(("p", "training", "n"), [(0.0, True, 2), (0.5, False, 2), (0.5, True, 0)])
-def test_no_random_numbers_drawn(p: float, training: bool, n: int) -> None:
-    x = torch.randn(n, 3, 8, 8)
-    state = torch.get_rng_state()
-    drop_block(x, p, 3, training)
-    assert torch.equal(state, torch.get_rng_state())
-
-
-def test_module_is_a_torch_dropout_with_repr_and_no_state() -> None:
-    m = DropBlock2d(0.2, (3, 5), shared_channels=True, channel_dim=-1)
-    assert isinstance(m, _DropoutNd)
-    assert repr(m) == (
-        "DropBlock2d(p=0.2, inplace=False, channel_dim=-1, block_size=(3, 5), seeding='uniform', "
-        "scale='expected', shared_channels=True)"
-    )
-    assert repr(DropBlock1d()) == (
-        "DropBlock1d(p=0.1, inplace=False, block_size=7, seeding='uniform', scale='expected', "
-        "shared_channels=False)"
-    )
-    assert m.state_dict() == {}
-
-
 def test_rank_free_module_any_rank() -> None:
     x = torch.ones(2, 3, 5, 6, 4, 3)
     y = DropBlock(0.3, (2, 3, 2, 1))(x)
@@ -546,21 +475,6 @@ def test_rank_free_module_any_rank() -> None:
         DropBlock(0.1, (2, 3))(x)
 
 
-@pytest.mark.parametrize("rank", [2, 3])
-@pytest.mark.parametrize("shared", [False, True])
-def test_channels_last_memory_format_kept(rank: int, shared: bool) -> None:
-    fmt = torch.channels_last if rank == 2 else torch.channels_last_3d
-    x = torch.randn(shape_for(rank, side=7)).contiguous(memory_format=fmt)
-    x.requires_grad_(True)
-    torch.manual_seed(0)
-    y = drop_block(x, 0.3, 3, shared_channels=shared)
-    assert y.is_contiguous(memory_format=fmt)
-    torch.manual_seed(0)
-    assert torch.equal(y, drop_block(x.detach().contiguous(), 0.3, 3, shared_channels=shared))
-    y.backward(torch.ones_like(y))
-    assert torch.equal(x.grad, (y.detach() != 0) * torch.tensor(expected_scale(0.3)))
-
-
 def test_generator_reproducible_and_global_rng_untouched() -> None:
     x = torch.randn(8, 16, 10, 10)
     state = torch.get_rng_state()
@@ -570,40 +484,6 @@ def test_generator_reproducible_and_global_rng_untouched() -> None:
     assert torch.equal(state, torch.get_rng_state())
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
-
-
-@pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("scale", ["expected", "realized"])
-def test_inplace(shared: bool, scale: str) -> None:
-    kw = {"shared_channels": shared, "scale": scale}
-    x = torch.randn(4, 6, 9, 9)
-    torch.manual_seed(1)
-    expected = drop_block(x, 0.3, 3, **kw)
-    y = x.clone()
-    torch.manual_seed(1)
-    out = drop_block(y, 0.3, 3, inplace=True, **kw)
-    assert out.data_ptr() == y.data_ptr()
-    assert torch.equal(y, expected)
-    # a non-dense view is written through
-    big = torch.randn(4, 6, 9, 18)
-    view = big[..., ::2]
-    ref = view.clone()
-    torch.manual_seed(1)
-    drop_block(view, 0.3, 3, inplace=True, **kw)
-    torch.manual_seed(1)
-    assert torch.equal(view, drop_block(ref, 0.3, 3, **kw))
-    # in place on a non-leaf differentiates
-    leaf = torch.randn(4, 6, 9, 9, requires_grad=True)
-    torch.manual_seed(1)
-    z = drop_block(leaf * 1.0, 0.3, 3, inplace=True, **kw)
-    z.sum().backward()
-    torch.manual_seed(1)
-    assert torch.allclose(leaf.grad, drop_block(torch.ones_like(leaf), 0.3, 3, **kw))
-    # in place on a leaf that requires grad (or a view of one): the project's error, before any write
-    with pytest.raises(ValueError, match=r"drop_block: inplace must be False .* got True with a leaf"):
-        drop_block(leaf, 0.3, 3, inplace=True, **kw)
-    with pytest.raises(ValueError, match=r"drop_block: inplace .* got True with a view of a leaf"):
-        drop_block(leaf[1:], 0.3, 3, inplace=True, **kw)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"seeding": "valid", "scale": "realized", "shared_channels": True}])

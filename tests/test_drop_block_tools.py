@@ -235,31 +235,6 @@ def test_no_graph_break(kw: dict) -> None:
     assert explanation.graph_count == 1
 
 
-def test_compile_several_layers_at_different_map_sizes_default_mode() -> None:
-    torch._dynamo.reset()
-    net = torch.nn.Sequential(
-        sd.DropBlock2d(0.1, 3), torch.nn.Conv2d(4, 4, 3, stride=2, padding=1), sd.DropBlock2d(0.1, 3)
-    )
-    compiled = torch.compile(net)
-    x = torch.randn(8, 4, 8, 8, requires_grad=True)
-    for _ in range(3):
-        y = compiled(x)
-        y.sum().backward()
-    assert y.shape == (8, 4, 4, 4)
-
-
-def test_compile_dynamic_batch_and_map_size() -> None:
-    torch._dynamo.reset()
-    m = torch.compile(sd.DropBlock2d(0.2, 3), dynamic=True)
-    for shape in [(8, 3, 10, 10), (16, 3, 10, 10), (5, 3, 12, 14)]:
-        x = torch.ones(shape, requires_grad=True)
-        y = m(x)
-        y.sum().backward()
-        assert y.shape == shape
-        keep = y.detach() != 0
-        assert torch.equal(x.grad, keep * torch.tensor(1 / 0.8, dtype=torch.float32))
-
-
 # --- static shapes: CUDA path on the CPU, meta, export --------------------------------------------
 
 
