@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
 import mmap
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,21 @@ from spatialdrop.cli import bench, bench_cases, bench_measure, bench_report, mai
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 HAS_TIMM = importlib.util.find_spec("timm") is not None
+GOALS_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "goals.py"
+
+
+def _load_goals() -> Any:
+    """``benchmarks/goals.py`` as a module: the goals live beside the benchmarks, not in the library."""
+    spec = importlib.util.spec_from_file_location("bench_goals", GOALS_SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_goals"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+goals = _load_goals()
 
 BENCH = ["bench", "--quick", "--repeats", "2", "--no-progress", "--threads", "1", "--no-compile"]
 
@@ -26,12 +43,15 @@ def test_bench_json_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main([*BENCH, "--suite", "spatial", "--format", "json", "--out", str(out)]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {out} in ")
     report = json.loads(out.read_text())
-    assert set(report) == {"command", "partial", "smoke_run", "environment", "rows", "goals"}
+    assert set(report) == {"command", "partial", "smoke_run", "environment", "rows"}  # no verdicts
     assert report["partial"] is False
-    # --quick is a smoke run on small shapes: it says so, and checks no goals (no verdicts)
+    # --quick is a smoke run on small shapes: it says so (benchmarks/goals.py then checks none)
     assert report["smoke_run"] is True
-    assert report["goals"] == []
-    checked = bench_report.goals([bench_measure.Row(**r) for r in report["rows"]])
+    _, read = goals.read_report(out)
+    checked = goals.goals(read)
+    assert [(g.what, g.measured) for g in checked] == [
+        (g.what, g.measured) for g in goals.goals([bench_measure.Row(**r) for r in report["rows"]])
+    ]
     assert {g.what.split(":")[0] for g in checked} == {
         f"spatial dropout, {c.name} {'x'.join(map(str, c.shape))}"
         for c in bench_cases.spatial_cases(True, 0.1)
@@ -265,7 +285,7 @@ def test_bench_goals_are_checked_on_the_medians() -> None:
             )
         )
         rows.append(Row("speed", "family", case, "s", p, "timm", timm, 1.0, 1.0, 2.0, 1.0, vs_baseline=1.0))
-    checked = {g.what: g.met for g in bench_report.goals(rows)}
+    checked = {g.what: g.met for g in goals.goals(rows)}
     assert checked == {
         "spatial dropout, 2-D maps s: torch's forward time / ours": True,  # 1.1 / 1.1
         "spatial dropout, 2-D maps s: torch's fwd+bwd time / ours": False,  # 2.2 / 2.6 = 0.85
@@ -283,7 +303,7 @@ def test_bench_goals_are_checked_on_the_medians() -> None:
         f"{mlp} s, p 0.1: |fwd+bwd speed-up / (1 / (1 - p)) - 1|": False,  # 1.3 * 0.9 = 1.17
         f"{bottleneck} s, p 0.3: |fwd+bwd speed-up / (1 / (1 - p)) - 1|": False,  # 1.2 * 0.7 = 0.84
     }
-    text = "\n".join(str(g) for g in bench_report.goals(rows))
+    text = "\n".join(str(g) for g in goals.goals(rows))
     assert re.search(r"issue|#\d|\[\d+\]", text, re.IGNORECASE) is None  # stated by what they measure
 
 
@@ -323,7 +343,7 @@ def test_memory_goals_fall_back_to_all_calls(ours: int | None, reference: int) -
             clean_calls=ours,
         ),
     ]
-    (goal,) = [g for g in bench_report.goals(rows) if "x * 2.0" in g.what]
+    (goal,) = [g for g in goals.goals(rows) if "x * 2.0" in g.what]
     assert goal.what.endswith(", all calls")
     assert goal.measured == 2.5
     assert not goal.met
@@ -534,12 +554,82 @@ def test_measure_counts_the_calls_that_got_fresh_pages() -> None:
     assert ref.fwd_bwd_clean_ratio == pytest.approx(1.0)
 
 
-def test_a_quick_run_prints_no_verdicts(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([*BENCH, "--suite", "spatial"]) == 0
+@pytest.mark.parametrize("fmt", ["table", "markdown"])
+def test_the_bench_prints_no_verdicts_and_points_to_the_goals_script(
+    fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*BENCH, "--suite", "spatial", "--format", fmt]) == 0
     out = capsys.readouterr().out
     assert "MISSED" not in out
     assert " met" not in out
-    assert "goals are set for the full-size shapes, so they are not checked" in " ".join(out.split())
+    assert "--quick smoke run" in " ".join(out.split())
+    last = out.strip().splitlines()[-1]
+    assert "python benchmarks/goals.py NAME.json" in last.replace("`", "")
+
+
+def _report(path: Path, rows: list[Any], **fields: Any) -> Path:
+    report = {"command": "spatialdrop bench", "partial": False, "smoke_run": False, "rows": rows}
+    path.write_text(json.dumps({**report, **fields}))
+    return path
+
+
+def _goals_script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(GOALS_SCRIPT), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_goals_script_exits_1_on_a_missed_goal_and_0_when_all_are_met(tmp_path: Path) -> None:
+    Row = bench_measure.Row
+    case = "3-D, block 5, a mask per channel"
+    ref = Row("speed", "dropblock", case, "s", 0.1, "torch", "x * 2.0", 1.0, 1.0, 2.0, 1.0)
+    ours = Row("speed", "dropblock", case, "s", 0.1, "spatialdrop", "drop_block(x, p, 5)", 3.0, 3.0)
+    good = {**dataclasses.asdict(ours), "fwd_bwd_ms": 2.4, "fwd_bwd_ratio": 1.2, "vs_torchvision": 25.0}
+    bad = {**good, "vs_torchvision": 19.0}
+    met = _goals_script(str(_report(tmp_path / "met.json", [dataclasses.asdict(ref), good])))
+    assert met.returncode == 0, met.stderr
+    assert "DropBlock 3-D per channel s: torchvision's fwd+bwd time / ours: 25 (goal >= 20) met" in met.stdout
+    assert "2 of 2 goals met" in met.stdout
+    missed = _goals_script(str(_report(tmp_path / "missed.json", [dataclasses.asdict(ref), bad])))
+    assert missed.returncode == 1, missed.stderr
+    assert "torchvision's fwd+bwd time / ours: 19 (goal >= 20) MISSED" in missed.stdout
+    assert missed.stderr == ""
+
+
+def test_the_goals_script_checks_no_goal_on_a_quick_report(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main([*BENCH, "--suite", "spatial", "--out", str(out)]) == 0
+    done = _goals_script(str(out))
+    assert done.returncode == 0, done.stderr
+    assert "goals are set for the full-size shapes, so they are not checked" in " ".join(done.stdout.split())
+    assert "MISSED" not in done.stdout
+    assert " met" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (None, "cannot read it"),
+        ("| case | shape |\n|---|---|\n", "not JSON"),
+        ('{"command": "spatialdrop bench"}', "not a report of spatialdrop bench"),
+        ('{"rows": [1, 2]}', "not a report of spatialdrop bench"),
+        ('{"rows": [{"case": 3, "call": "x"}]}', "a row does not read as the bench's"),
+    ],
+)
+def test_the_goals_script_exits_2_on_a_bad_file(tmp_path: Path, content: str | None, why: str) -> None:
+    path = tmp_path / "bench.json"
+    if content is not None:
+        path.write_text(content)
+    done = _goals_script(str(path))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [done.stderr.strip()]  # one line, no traceback
+    assert done.stderr.startswith(f"goals.py: {path}: {why}")
+
+
+def test_the_goals_script_agrees_with_the_bench_on_the_reference() -> None:
+    assert goals.REFERENCE == bench_cases.REFERENCE
+    assert set(goals.FIELDS) <= {f.name for f in bench_measure.Row.__dataclass_fields__.values()}
 
 
 def test_a_second_interrupted_run_keeps_the_first_partial_result(

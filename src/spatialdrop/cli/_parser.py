@@ -303,10 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
             "torch.compile(fullgraph=True) as a ratio to eager, bytes saved for backward, and the "
             "realised drop rate (mean, corner, centre) of ours and, when installed, torch's, "
             "torchvision's and timm's layers. Rows of peers that are not installed (or fail to "
-            "import) are listed with a note; the speed and memory goals are checked at the end, "
-            "each named by what it measures (not with --quick: a smoke run's small shapes and few "
-            "repeats say nothing about them). The table fits in 100 columns; --format markdown, "
-            "json or csv hold every column.",
+            "import) are listed with a note. The bench measures and does not judge: the speed and "
+            "memory goals are checked on a JSON report (--out NAME.json) by python "
+            "benchmarks/goals.py NAME.json in a source checkout. The table fits in 100 columns; "
+            "--format markdown, json or csv hold every column.",
             "One thread by default: on a machine shared with other work, every parallel region of "
             "a multi-threaded run can wait for a scheduler tick, which punishes code made of many "
             "small ops far more than the work itself. Use --threads N on an idle machine. "

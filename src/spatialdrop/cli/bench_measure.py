@@ -12,8 +12,7 @@ state of the process's heap, not on the op: a bare ``x * 2.0`` timed against a c
 gets them in 10-30 % more or fewer of its calls at random (``benchmarks/page_faults.py``). Each
 timed call's minor faults are counted (``getrusage``), and beside the medians of all calls a row
 holds the median of its *clean* calls (those that faulted in less than an eighth of the
-output's pages) and the ratio of that to the reference's clean median: the op's own cost, which
-the memory-limit goals are checked on.
+output's pages) and the ratio of that to the reference's clean median: the op's own cost.
 """
 
 from __future__ import annotations

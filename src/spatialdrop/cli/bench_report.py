@@ -1,7 +1,9 @@
-"""How ``spatialdrop bench`` reports: the environment, the goals, and the four output formats.
+"""How ``spatialdrop bench`` reports: the environment and the four output formats.
 
 ``table`` (the default) fits in :data:`WIDTH` columns and shows the main figures; ``markdown``,
-``json`` and ``csv`` hold every measured column.
+``json`` and ``csv`` hold every measured column. The bench measures and reports; it does not
+judge: the speed and memory goals are checked on a JSON report by ``benchmarks/goals.py`` in a
+source checkout (:data:`GOALS`, the last line of ``table`` and ``markdown``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import json
 import os
 import platform
 import textwrap
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -25,7 +27,7 @@ import spatialdrop
 from .bench_cases import REFERENCE
 from .bench_measure import Row
 
-__all__ = ["WIDTH", "Goal", "environment", "format_rows", "goals"]
+__all__ = ["GOALS", "WIDTH", "environment", "format_rows"]
 
 WIDTH = 100
 
@@ -68,127 +70,6 @@ def environment(threads: int, malloc: str = "default") -> dict[str, Any]:
         "timm": _version("timm"),
         "dropblock": _version("dropblock"),
     }
-
-
-# --- goals --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Goal:
-    """A speed or memory target, stated by what it measures, checked on the measured rows."""
-
-    what: str
-    measured: float
-    limit: float
-    at_least: bool
-
-    @property
-    def met(self) -> bool:
-        """Whether the measured value meets the goal."""
-        return self.measured >= self.limit if self.at_least else self.measured <= self.limit
-
-    def __str__(self) -> str:
-        sign = ">=" if self.at_least else "<="
-        verdict = "met" if self.met else "MISSED"
-        return f"{self.what}: {self.measured:.3g} (goal {sign} {self.limit:g}) {verdict}"
-
-
-def _find(rows: list[Row], case: str, call: str) -> Row | None:
-    return next((r for r in rows if r.case.startswith(case) and r.call.startswith(call) and r.fwd_ms), None)
-
-
-def _memory_limit(rows: list[Row], r: Row) -> tuple[float, str]:
-    """The fwd+bwd ratio to the reference that a memory-limit goal checks, and what it is.
-
-    The median of the calls that got no fresh pages from the allocator, on both sides, when at
-    least 3 of each did (page faults fall on either side at random: see
-    :mod:`.bench_measure`); else the median of all calls (e.g. a 3-D case whose outputs are
-    above glibc's mmap threshold: every call of either side faults).
-    """
-    ref = next((t for t in rows if t.case == r.case and t.call == REFERENCE), None)
-    if (
-        ref is not None
-        and r.fwd_bwd_clean_ratio is not None
-        and (r.clean_calls or 0) >= 3
-        and (ref.clean_calls or 0) >= 3
-    ):
-        counts = f"{r.clean_calls} of ours and {ref.clean_calls} of {REFERENCE}'s {r.calls} calls"
-        return r.fwd_bwd_clean_ratio, f", calls that got no fresh pages ({counts})"
-    return r.fwd_bwd_ratio or 0.0, ", all calls"
-
-
-def goals(rows: list[Row]) -> list[Goal]:
-    """The targets that the measured rows can check (on medians), each named by what it measures.
-
-    Channel dropout: at least as fast as torch's (within 5 %) and at most 1.2x a bare multiply.
-    DropBlock per channel (2-D): fwd+bwd at most 1.3x a bare multiply (the memory limit is 1x:
-    both read and write the tensor once each way; on the calls that paid no page faults, where
-    there are enough: :func:`_memory_limit`), at least 20x torchvision's, at most a quarter
-    of the input's bytes saved for backward; shared (2-D): at most 2x a bare multiply; per
-    channel (3-D): at most 1.3x a bare multiply, at least 20x torchvision's. Compiled layers: fwd+bwd at most
-    1.1x the eager layer's. DropPath residual (the branch on the kept samples only) against ``x +
-    DropPath(p)(branch(x))``: at least 1.25x faster fwd+bwd for the ViT MLP branch at p = 0.3,
-    and for every branch and p a speed-up within 15 % of the ``1 / (1 - p)`` that the skipped
-    work predicts.
-    """
-    out: list[Goal] = []
-    for r in rows:
-        if r.suite != "spatial" or r.library != "spatialdrop" or r.call.startswith("compile("):
-            continue
-        if r.case.startswith("2-D maps, many"):
-            continue
-        peer = next(
-            (t for t in rows if t.case == r.case and t.library == "torch" and t.call != REFERENCE), None
-        )
-        if peer is None or not (
-            r.fwd_ms and r.fwd_bwd_ms and r.fwd_ratio and peer.fwd_ms and peer.fwd_bwd_ms
-        ):
-            continue
-        where = f"spatial dropout, {r.case} {r.shape}"
-        out.append(Goal(f"{where}: torch's forward time / ours", peer.fwd_ms / r.fwd_ms, 0.95, True))
-        out.append(Goal(f"{where}: torch's fwd+bwd time / ours", peer.fwd_bwd_ms / r.fwd_bwd_ms, 0.95, True))
-        out.append(Goal(f"{where}: forward time / {REFERENCE}", r.fwd_ratio, 1.2, False))
-        out.append(Goal(f"{where}: fwd+bwd time / {REFERENCE}", r.fwd_bwd_ratio or 0.0, 1.2, False))
-    per2 = _find(rows, "2-D, block 7, a mask per channel", "drop_block(")
-    if per2 is not None and per2.fwd_bwd_ratio is not None:
-        where = f"DropBlock 2-D per channel {per2.shape}"
-        ratio, which = _memory_limit(rows, per2)
-        out.append(Goal(f"{where}: fwd+bwd time / {REFERENCE}{which}", ratio, 1.3, False))
-        if per2.vs_torchvision is not None:
-            out.append(Goal(f"{where}: torchvision's fwd+bwd time / ours", per2.vs_torchvision, 20, True))
-        if per2.saved_fraction is not None:
-            out.append(
-                Goal(f"{where}: bytes saved for backward / input bytes", per2.saved_fraction, 0.25, False)
-            )
-    shared2 = _find(rows, "2-D, block 7, one mask", "drop_block(")
-    if shared2 is not None and shared2.fwd_bwd_ratio is not None:
-        what = f"DropBlock 2-D shared {shared2.shape}: fwd+bwd time / {REFERENCE}"
-        out.append(Goal(what, shared2.fwd_bwd_ratio, 2, False))
-    per3 = _find(rows, "3-D, block 5, a mask per channel", "drop_block(")
-    if per3 is not None and per3.fwd_bwd_ratio is not None:
-        ratio, which = _memory_limit(rows, per3)
-        what = f"DropBlock 3-D per channel {per3.shape}: fwd+bwd time / {REFERENCE}{which}"
-        out.append(Goal(what, ratio, 1.3, False))
-    if per3 is not None and per3.vs_torchvision is not None:
-        what = f"DropBlock 3-D per channel {per3.shape}: torchvision's fwd+bwd time / ours"
-        out.append(Goal(what, per3.vs_torchvision, 20, True))
-    for r in rows:
-        if not r.case.startswith("DropPath residual") or r.library != "spatialdrop" or r.vs_baseline is None:
-            continue
-        if r.call.startswith("x + "):  # the baseline itself, where timm is missing
-            continue
-        where = f"{r.case} {r.shape}, p {r.p}"
-        if "MLP" in r.case and r.p == 0.3:
-            out.append(
-                Goal(f"{where}: x + DropPath(branch(x)) fwd+bwd time / ours", r.vs_baseline, 1.25, True)
-            )
-        deviation = abs(r.vs_baseline * (1 - r.p) - 1)
-        out.append(Goal(f"{where}: |fwd+bwd speed-up / (1 / (1 - p)) - 1|", deviation, 0.15, False))
-    for r in rows:
-        if r.fwd_bwd_vs_eager is not None:
-            what = f"{r.call} {r.shape}: fwd+bwd time compiled / eager"
-            out.append(Goal(what, r.fwd_bwd_vs_eager, 1.1, False))
-    return out
 
 
 # --- formats ------------------------------------------------------------------------------------
@@ -337,10 +218,9 @@ def _plain(rows: list[Row], columns: list[tuple[str, str]], title: Callable[[Row
     return out
 
 
-SMOKE = (
-    "a --quick smoke run: small shapes and few repeats; the goals are set for the full-size shapes, "
-    "so they are not checked"
-)
+SMOKE = "a --quick smoke run: small shapes and few repeats, not figures to compare or quote"
+GOALS = "goals: check a JSON report (--out NAME.json) with python benchmarks/goals.py NAME.json"
+GOALS_MARKDOWN = "Goals: check a JSON report (`--out NAME.json`) with `python benchmarks/goals.py NAME.json`."
 
 
 def format_rows(
@@ -348,12 +228,11 @@ def format_rows(
     fmt: str,
     env: dict[str, Any],
     command: str,
-    checked: Sequence[Goal] = (),
     *,
     smoke: bool = False,
     partial: str = "",
 ) -> str:
-    """The rows as ``table``, ``markdown``, ``json`` or ``csv`` text, with the ``checked`` goals.
+    """The rows as ``table``, ``markdown``, ``json`` or ``csv`` text.
 
     ``smoke`` marks a ``--quick`` run; ``partial`` (why the run stopped, e.g. "interrupted after
     6 s, 2 of 4 cases measured") marks the rows of an interrupted one, in every format: a first
@@ -367,7 +246,6 @@ def format_rows(
             "smoke_run": smoke,
             "environment": env,
             "rows": [asdict(r) for r in rows],
-            "goals": [{**asdict(g), "met": g.met} for g in checked],
         }
         return json.dumps(report, indent=1) + "\n"
     if fmt == "csv":
@@ -407,9 +285,7 @@ def format_rows(
                 *_markdown(calibration, CALIBRATION_COLUMNS),
                 "",
             ]
-        if checked:
-            lines += [f"Goals, checked on the medians above{' (' + SMOKE + ')' if smoke else ''}:", ""]
-            lines += [f"- {g}" for g in checked] + [""]
+        lines += [GOALS_MARKDOWN, ""]
         return "\n".join(lines)
     out = [*_wrap(banner)] if banner else []
     out += [*_wrap(f"command: {command}"), *_wrap(f"machine: {machine}"), *_wrap(LEGEND)]
@@ -430,9 +306,5 @@ def format_rows(
             TABLE_CALIBRATION_COLUMNS,
             lambda r: f"[calibration] {r.case}; {r.shape.split('x')[0]} maps; drop rate mean, corner, centre",
         )
-    if checked:
-        out += _wrap(f"goals, checked on the medians above{' (' + SMOKE + ')' if smoke else ''}:")
-        for g in checked:
-            out += _wrap(str(g), "  ")
-        out.append("")
+    out += _wrap(GOALS)
     return "\n".join(out)
