@@ -14,10 +14,12 @@ sys.modules["spatialdrop._dropblock._cfused"] = None  # type: ignore[assignment]
 
 
 def pytest_report_header() -> str:
+    """Say in the run's header that the extension is hidden."""
     return "spatialdrop: the C extension is hidden (no_c_extension)"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to run when spatialdrop was imported with its extension before the plugin loaded."""
     from spatialdrop._dropblock import fused
 
     if fused.extension() is not None:

@@ -53,9 +53,12 @@ def test_the_sdist_holds_everything_its_tests_need(sdist: Path) -> None:
     assert {"tests/conftest.py", "tests/optable.py"} <= tests
     assert tests <= names, sorted(tests - names)
     scripts = {
-        p.relative_to(ROOT).as_posix() for d in ("benchmarks", "examples") for p in (ROOT / d).glob("*.py")
+        p.relative_to(ROOT).as_posix()
+        for d in ("benchmarks", "dev", "examples")
+        for p in (ROOT / d).glob("*.py")
     }
-    assert "benchmarks/triton_aot.py" in scripts  # tests/test_triton_aot.py loads it
+    assert "dev/triton_aot.py" in scripts  # tests/test_triton_aot.py loads it
+    assert "benchmarks/goals.py" in scripts  # tests/test_cli_bench.py runs it
     assert scripts <= names, sorted(scripts - names)
     # test_readme runs README.md's code blocks; the package and its type marker
     assert {"README.md", "LICENSE", "pyproject.toml", "src/spatialdrop/py.typed"} <= names

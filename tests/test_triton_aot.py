@@ -4,7 +4,7 @@ Every constexpr variant the launcher can choose is compiled with ``triton.compil
 ``GPUTarget`` (Triton's interpreter, which the other Triton tests use, accepts code that the
 compiler refuses: the seed kernel once failed with "constexpr cannot be reassigned"), and the
 apply kernel, which every element goes through, must not spill registers (``ptxas -v``).
-``benchmarks/triton_aot.py`` holds the variants and prints the register table.
+``dev/triton_aot.py`` holds the variants and prints the register table.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.triton
 
 
 def _aot() -> Any:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_aot.py"
+    path = Path(__file__).resolve().parents[1] / "dev" / "triton_aot.py"
     spec = importlib.util.spec_from_file_location("triton_aot", path)
     assert spec is not None
     assert spec.loader is not None

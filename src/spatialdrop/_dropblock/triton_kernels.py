@@ -61,7 +61,7 @@ APPLY_BLOCK = 512  # elements per program of the apply kernel
 def apply_warps(count: bool) -> int:
     """The apply kernel's warps: 8 for the writing pass, 4 for the counting one.
 
-    With these no variant spills registers on sm_80 or sm_90 (``benchmarks/triton_aot.py``).
+    With these no variant spills registers on sm_80 or sm_90 (``dev/triton_aot.py``).
     """
     return 4 if count else 8
 

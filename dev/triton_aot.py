@@ -6,9 +6,10 @@ into a cubin). This script compiles every constexpr variant the launcher
 (``spatialdrop._dropblock.triton_kernels``) can choose for the block shapes given, for sm_80 and
 sm_90, and reads each kernel's registers and spill bytes from ``ptxas -v`` (the ptxas Triton
 itself uses, so the version matches). ``tests/test_triton_aot.py`` runs it in the test suite.
+A build check, not a benchmark: nothing it prints says how fast the kernels run.
 
-    python benchmarks/triton_aot.py               # markdown table: every variant, sm_80 and sm_90
-    python benchmarks/triton_aot.py --cc 90 --few # the default test run's subset
+    python dev/triton_aot.py                 # markdown table: every variant, sm_80 and sm_90
+    python dev/triton_aot.py --cc 90 --few   # the default test run's subset
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def seed_variants(ints: str = "i32") -> list[Variant]:
 
 
 def apply_variant(dtype: str, mode: str, blocks: tuple[int, int, int], valid: bool, shared: bool) -> Variant:
+    """The apply-kernel variant for one dtype, pass, block shape, seeding and channel sharing."""
     from spatialdrop._dropblock.triton_kernels import APPLY_BLOCK
 
     _, apply_kernel = _kernels()
@@ -158,6 +160,7 @@ def compile_variant(variant: Variant, cc: int) -> tuple[int, int]:
 
 
 def variants(few: bool) -> list[Variant]:
+    """Every variant (``few``: the covering subset that the default test run compiles)."""
     out = seed_variants() + apply_variants(few)
     if not few:
         out += seed_variants("i64")[:2]  # 64-bit sizes (grids past 2**31 places)
@@ -165,6 +168,7 @@ def variants(few: bool) -> list[Variant]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Compile the variants for each ``--cc`` and print the markdown table of registers and spills."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--cc", type=int, action="append", help="compute capability (default: 80 and 90)")
     parser.add_argument("--few", action="store_true", help="the covering subset of the default test run")
