@@ -1,53 +1,63 @@
-"""Where per-channel DropBlock's time goes on the CPU, against a bare ``x * 2.0`` (the memory limit).
+"""Where per-channel DropBlock's time goes on the CPU, path by path, against a bare ``x * 2.0``.
 
 One thread, glibc's default allocator, a fresh gradient buffer each call (as for an activation in
-training). Three whole calls (forward + backward) are timed alternately: ``x * 2.0``, DropBlock
-with its fused C pass (the default), and DropBlock through the torch ops alone (the fused pass
-switched off: what ran before it). The steps are timed on their own, each as its path runs it:
+training). Everything runs through the public ``spatialdrop.functional.drop_block``; the path a
+call takes is chosen with the dispatcher's one switch, ``spatialdrop._dropblock.ops.override``:
 
-- seeds: drawing the seed grid (exact Bernoulli gaps);
-- fused pass: ``out = input * scale`` with every seed's block zeroed, one sweep (C);
-- torch ops: the plan (storage offsets of the dropped runs), the scaled copy ``input * scale``
-  into a fresh output (what ``x * 2.0`` does), the zero writes at the plan's runs;
-- backward: the backward op (the fused pass on the gradient, or the scaled copy and zero writes);
-- in a step: the same whole call alternated with ``x * 2.0`` once more, with timers around the
-  seed draw and the two sweeps as the call runs them (caches as a training step leaves them),
-  the rest being Python, autograd and allocation;
-- the sweeps' variants in a step: the whole call as it is, with its seeds dropped before the
-  sweeps (the same loop, no zero stores) and with ``torch.mul(out=)`` in the sweeps' place.
+- fused: the default on the CPU (one C sweep multiplies and zeroes the blocks, when the C
+  extension is built);
+- torch ops: ``override(extension=False)``, as an install without a C compiler runs it (the write
+  plan, the scaled copy and the zero writes as torch ops);
+- dense: ``override(Path.DENSE)``, as a device without Triton runs it (a dense seed grid, the
+  blocks grown by windowed ORs).
+
+For each path it prints the autograd node of the output (so a path that was not taken shows)
+and the bytes saved for backward beyond the input; then (1) the whole call, forward + backward,
+alternated with ``x * 2.0``, over all calls and over the calls that got no fresh pages from
+glibc (fewer minor faults than an eighth of the output's pages: which side gets them is the
+allocator's doing, ``benchmarks/page_faults.py``); (2) forward alone and backward alone; (3) a
+``torch.profiler`` table of the ops of a few calls by self CPU time (the seed draw's
+``random_``/``uniform_``, the multiplies, the index writes; the C sweep shows as the autograd
+function's own time).
 
     PYTHONPATH=src python benchmarks/profile_dropblock.py            # 2-D (32, 256, 28, 28), block 7
     PYTHONPATH=src python benchmarks/profile_dropblock.py --3d       # 3-D (8, 32, 32, 32, 32), block 5
+    PYTHONPATH=src python benchmarks/profile_dropblock.py --quick    # small shapes, few repeats
+
+Not reachable through the public API, so not timed here: the seed draw, the fused sweep and the
+torch-op path's plan and writes each on its own, and the timers inside a training step (they
+needed the private functions patched); the profiler's table is what stands for them.
 
 Times are the median of the calling thread's CPU time (``time.thread_time``) over the repeats,
-which counts less of what other processes do to a shared machine than wall time does. The whole
-calls are also given over the calls that got no fresh pages from glibc (fewer minor faults than
-an eighth of the output's pages): which side gets them is the allocator's doing
-(``benchmarks/page_faults.py``).
+which counts less of what other processes do to a shared machine than wall time does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
 
 import torch
-from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
 
-from spatialdrop._dropblock import autograd, fused, geometry, ops, scale
-from spatialdrop._dropblock import sampling as seed_draws
-from spatialdrop._dropblock.calibration import seed_rate
-from spatialdrop._dropblock.sparse import PLAN_EXACT, drop_block_backward, drop_block_op
+from spatialdrop._dropblock.ops import Path as DropBlockPath
+from spatialdrop._dropblock.ops import override
 from spatialdrop.functional import drop_block
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dropblock import _median_ms
+
+PATHS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "fused": override,
+    "torch ops": lambda: override(extension=False),
+    "dense": lambda: override(DropBlockPath.DENSE),
+}
 
 
 def alternate(
@@ -75,80 +85,47 @@ def alternate(
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}, clean
 
 
-def in_step(
-    multiply: Callable[[], None], ours: Callable[[], None], reps: int, modes: tuple[str, ...] = ("seeds",)
-) -> dict[str, dict[str, float]]:
-    """Median thread CPU ms of the parts of ``ours`` (a whole per-channel fused call), each mode
-    alternated with ``multiply`` and the other modes (two warm-up rounds first): the whole call,
-    the seed draw, the forward and backward sweeps, and the rest of the call.
-
-    Modes: ``"seeds"``, the call as it is; ``"no seeds"``, the drawn seeds dropped before the
-    sweeps (the same loop, no zero stores); ``"torch.mul"``, ``torch.mul(out=)`` in the sweeps'
-    place. ``multiply``'s whole call is under ``"x * 2.0"``.
-    """
-    real_draw, real_write = autograd.draw_sparse, fused.write
-    mode = [modes[0]]
-    spans: dict[str, list[float]] = {"seeds": [], "sweeps": []}
-
-    def draw(*args: Any, **kwargs: Any) -> Tensor:
+def backward_ms(forward: Callable[[], torch.Tensor], g: torch.Tensor, reps: int) -> float:
+    """Median thread CPU ms of ``backward(g)`` alone, on a fresh forward (not timed) each repeat."""
+    times = []
+    for r in range(reps + 2):
+        y = forward()
         start = time.thread_time()
-        seeds = real_draw(*args, **kwargs)
-        spans["seeds"].append(time.thread_time() - start)
-        return seeds if mode[0] == "seeds" else seeds[:0]
+        y.backward(g)
+        if r >= 2:  # two warm-up rounds
+            times.append(time.thread_time() - start)
+    return statistics.median(times) * 1e3
 
-    def write(out: Tensor, src: Optional[Tensor], factor: Optional[float], seeds: Tensor, geo: Any) -> None:
-        start = time.thread_time()
-        try:
-            if mode[0] == "torch.mul":
-                assert src is not None
-                assert factor is not None
-                torch.mul(src, factor, out=out)
-            else:
-                real_write(out, src, factor, seeds, geo)
-        finally:
-            spans["sweeps"].append(time.thread_time() - start)
 
-    names = ("x * 2.0", *modes)
-    parts = ("whole", "seeds", "forward sweep", "backward sweep")
-    rows: dict[str, dict[str, list[float]]] = {name: {part: [] for part in parts} for name in names}
-    autograd.draw_sparse = draw  # type: ignore[assignment]
-    fused.write = write  # type: ignore[assignment]
-    try:
-        for r in range(reps + 2):
-            for name in names if r % 2 == 0 else names[::-1]:
-                mode[0] = name
-                for v in spans.values():
-                    v.clear()
-                start = time.thread_time()
-                (multiply if name == "x * 2.0" else ours)()
-                if r < 2:  # warm-up rounds
-                    continue
-                rows[name]["whole"].append(time.thread_time() - start)
-                if name == "x * 2.0":
-                    continue
-                if len(spans["sweeps"]) != 2 or len(spans["seeds"]) != 1:
-                    raise RuntimeError("profile_dropblock: the call did not take the fused path")
-                rows[name]["seeds"].append(spans["seeds"][0])
-                rows[name]["forward sweep"].append(spans["sweeps"][0])
-                rows[name]["backward sweep"].append(spans["sweeps"][1])
-    finally:
-        autograd.draw_sparse, fused.write = real_draw, real_write  # type: ignore[assignment]
-    out = {
-        name: {part: statistics.median(v) * 1e3 for part, v in row.items() if v} for name, row in rows.items()
-    }
-    for name in modes:
-        o = out[name]
-        o["rest"] = o["whole"] - o["seeds"] - o["forward sweep"] - o["backward sweep"]
-    return out
+def saved_fraction(fn: Callable[[], torch.Tensor], x: torch.Tensor) -> float:
+    """Bytes autograd keeps for backward when ``fn()`` runs, each storage once, ``x``'s not
+    counted (it is alive anyway), as a fraction of ``x``'s bytes."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() != x.untyped_storage().data_ptr():
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values()) / (x.numel() * x.element_size())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--3d", dest="three", action="store_true", help="(8, 32, 32, 32, 32), block 5")
-    parser.add_argument("--reps", type=int, default=21)
+    parser.add_argument("--quick", action="store_true", help="small shapes and 3 repeats: a smoke run")
+    parser.add_argument("--reps", type=int, default=None, help="timed repeats (default 21; 3 with --quick)")
+    parser.add_argument("--rows", type=int, default=8, help="ops per profiler table (default 8)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    shape, block = ((8, 32, 32, 32, 32), 5) if args.three else ((32, 256, 28, 28), 7)
+    if args.three:
+        shape, block = ((2, 8, 12, 12, 12) if args.quick else (8, 32, 32, 32, 32)), 5
+    else:
+        shape, block = ((4, 16, 28, 28) if args.quick else (32, 256, 28, 28)), 7
+    reps = args.reps or (3 if args.quick else 21)
     p = 0.1
     x = torch.randn(shape, requires_grad=True)
     g = torch.randn(shape)
@@ -161,90 +138,50 @@ def main(argv: list[str] | None = None) -> int:
         x.grad = None
         drop_block(x, p, block).backward(g)
 
-    def torch_ops() -> None:
-        with ops.override(extension=False):
-            ours()
+    def on(path: str, fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            with PATHS[path]():
+                fn()
+
+        return run
+
+    print(f"DropBlock per channel {tuple(shape)}, block {block}, p {p}, 1 thread, default allocator\n")
+    nodes = {}
+    for path in PATHS:
+        with PATHS[path]():
+            nodes[path] = type(drop_block(x, p, block).grad_fn).__name__
+    print("| path | autograd node of the output | saved for backward, % of the input's bytes |")
+    print("|---|---|---|")
+    for path, node in nodes.items():
+        with PATHS[path]():
+            saved = saved_fraction(lambda: drop_block(x, p, block), x)
+        print(f"| {path} | {node} | {100 * saved:.2f} % |")
 
     fresh = x.numel() * x.element_size() // 4096 // 8
-    whole, clean = alternate({"x * 2.0": multiply, "fused": ours, "torch ops": torch_ops}, args.reps, fresh)
-    xd = x.detach()
-    blocks = (block,) * (xd.dim() - 2)
-    geo = geometry.Geometry(xd.shape, 1, blocks, False, "uniform")
-    gamma = seed_rate(p, geo.sizes, geo.blocks, "uniform")
-    gen = torch.Generator().manual_seed(0)
-    seeds = seed_draws.draw_grid(geo.places, gamma, gen, xd.device, dense=False)
-    out = torch.empty_like(xd)
-    strides = [out.stride(d) for d in geo.spatial]
-    offsets = geometry.map_offsets(out, geo)
-    plan = geometry.block_plan(seeds, geo, offsets, strides)
-    factor = scale.scale_factor("expected", p, None, 0, xd)
-    p_t = torch.tensor(p, dtype=torch.float64)
-    op_args = (torch.tensor(7), p_t, list(blocks), 1, False, "uniform", "expected", None, None, None)
-    _, heads, info, fac = drop_block_op(xd, *op_args, PLAN_EXACT, None)
-    with ops.override(extension=False):
-        _, t_heads, t_info, _ = drop_block_op(xd, *op_args, PLAN_EXACT, None)
-
-    def fresh_scaled() -> None:
-        scale.scaled(xd, factor, torch.empty_like(xd))
-
-    def fused_pass() -> None:
-        fused.write(torch.empty_like(xd), xd, float(factor), seeds, geo)
-
-    def backward_torch_ops() -> None:
-        with ops.override(extension=False):
-            drop_block_backward(g, t_heads, t_info, fac, *op_args, None)
-
-    steps = {
-        "seeds": _median_ms(
-            lambda: seed_draws.draw_grid(geo.places, gamma, gen, xd.device, dense=False), args.reps
-        ),
-        "fused pass (fresh output)": _median_ms(fused_pass, args.reps),
-        "backward op, fused": _median_ms(
-            lambda: drop_block_backward(g, heads, info, fac, *op_args, None), args.reps
-        ),
-        "torch ops: plan": _median_ms(lambda: geometry.block_plan(seeds, geo, offsets, strides), args.reps),
-        "torch ops: scaled copy (fresh output)": _median_ms(fresh_scaled, args.reps),
-        "torch ops: zero writes": _median_ms(
-            lambda: geometry.apply_plan(out, 0, plan, strides[-1]), args.reps
-        ),
-        "backward op, torch ops": _median_ms(backward_torch_ops, args.reps),
-        "x * 2.0 forward (fresh output)": _median_ms(lambda: xd * 2.0, args.reps),
-    }
-    runs = sum(h.numel() for _, h in plan)
-    print(f"DropBlock per channel {tuple(shape)}, block {block}, p {p}, 1 thread, default allocator")
-    print(f"{seeds.numel()} seeds, {runs} runs in the write plan, {geo.places} seed places\n")
-    print("| step | ms (thread CPU, median) |")
-    print("|---|---|")
-    for name, ms in steps.items():
-        print(f"| {name} | {ms:.2f} |")
-    base, mine, old = whole["x * 2.0"], whole["fused"], whole["torch ops"]
-    print(
-        f"\nfwd+bwd, alternated: x * 2.0 {base:.2f} ms, fused {mine:.2f} ms ({mine / base:.2f}x), "
-        f"torch ops {old:.2f} ms ({old / base:.2f}x)"
-    )
-    (cb, nb), (cm, nm), (co, no) = clean["x * 2.0"], clean["fused"], clean["torch ops"]
-    print(
-        f"calls without fresh pages ({nb}, {nm}, {no} of {args.reps}): x * 2.0 {cb:.2f} ms, "
-        f"fused {cm:.2f} ms ({cm / cb:.2f}x), torch ops {co:.2f} ms ({co / cb:.2f}x)"
-    )
-    step = in_step(multiply, ours, args.reps)
-    base, parts = step["x * 2.0"]["whole"], step["seeds"]
-    print(
-        f"\nin a step (alternated with x * 2.0, {base:.2f} ms): fused {parts['whole']:.2f} ms = "
-        f"seeds {parts['seeds']:.2f} + forward sweep {parts['forward sweep']:.2f} + backward sweep "
-        f"{parts['backward sweep']:.2f} + the rest {parts['rest']:.2f}"
-    )
-    modes = ("seeds", "no seeds", "torch.mul")
-    variants = in_step(multiply, ours, args.reps, modes)
-    print(
-        f"\nthe sweeps' variants in a step (alternated with x * 2.0, {variants['x * 2.0']['whole']:.2f} ms):"
-    )
-    for name in modes:
-        v = variants[name]
+    fns = {"x * 2.0": multiply, **{path: on(path, ours) for path in PATHS}}
+    whole, clean = alternate(fns, reps, fresh)
+    base, (cb, nb) = whole["x * 2.0"], clean["x * 2.0"]
+    print(f"\nfwd+bwd, alternated, {reps} repeats (thread CPU ms, median; over x * 2.0's):\n")
+    print("| call | all calls | / x * 2.0 | calls without fresh pages | / x * 2.0 | forward | backward |")
+    print("|---|---|---|---|---|---|---|")
+    fwd, bwd = _median_ms(lambda: x * 2.0, reps), backward_ms(lambda: x * 2.0, g, reps)
+    print(f"| x * 2.0 | {base:.2f} | 1.00 | {cb:.2f} ({nb}) | 1.00 | {fwd:.2f} | {bwd:.2f} |")
+    for path in PATHS:
+        cm, nm = clean[path]
+        with PATHS[path]():
+            fwd = _median_ms(lambda: drop_block(x, p, block), reps)
+            bwd = backward_ms(lambda: drop_block(x, p, block), g, reps)
         print(
-            f"  {name}: whole call {v['whole']:.2f} ms, forward sweep {v['forward sweep']:.2f}, "
-            f"backward sweep {v['backward sweep']:.2f}"
+            f"| {path} | {whole[path]:.2f} | {whole[path] / base:.2f} | {cm:.2f} ({nm}) | {cm / cb:.2f} "
+            f"| {fwd:.2f} | {bwd:.2f} |"
         )
+
+    for path in PATHS:
+        with PATHS[path](), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(max(3, reps // 4)):
+                ours()
+        print(f"\n{path}: the ops of {max(3, reps // 4)} fwd+bwd calls by self CPU time (torch.profiler)\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     return 0
 
 
