@@ -289,8 +289,8 @@ static inline void zero_any(char *dst, int64_t esize, const block_t *b, const in
 /* ``dst[i] = src[i] * factor`` over [lo, hi): one IEEE multiply per element whatever the vector
    width, so every build gives the bits of torch's ``mul`` by a scalar. With GCC on x86-64 Linux
    the loop is compiled for AVX-512, AVX2 and the baseline, and the loader picks the widest the CPU
-   has (as torch's own kernels do): the baseline's SSE2 loop is 10 % slower than torch's multiply
-   on a 25 MB tensor that partly fits the last-level cache. */
+   has (as torch's own kernels do): the baseline's SSE2 loop alone is slower than torch's multiply
+   on a tensor that partly fits the last-level cache. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else

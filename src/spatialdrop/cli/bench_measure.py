@@ -9,7 +9,7 @@ Page faults. With glibc's default allocator a large output sometimes comes back 
 (the heap was trimmed by an earlier free), and on a small virtual machine the first touch of a
 25 MB output costs several times the op that writes it. Which call gets them depends on the
 state of the process's heap, not on the op: a bare ``x * 2.0`` timed against a copy of itself
-gets them in 10-30 % more or fewer of its calls at random (``benchmarks/page_faults.py``). Each
+gets them in more or fewer of its calls at random (``benchmarks/page_faults.py``). Each
 timed call's minor faults are counted (``getrusage``), and beside the medians of all calls a row
 holds the median of its *clean* calls (those that faulted in less than an eighth of the
 output's pages) and the ratio of that to the reference's clean median: the op's own cost.
@@ -165,7 +165,7 @@ def steady_malloc(enable: bool) -> bool:
 
     By default glibc serves every tensor larger than a threshold with a fresh ``mmap`` and
     returns it on free, so each call of an op on a big input pays page faults for its output,
-    which swamps the op's own cost by 2-4x on a small machine and differs between ops. With
+    which can swamp the op's own cost on a small machine and differs between ops. With
     ``mmap`` off and no trimming, freed memory is reused, as with the jemalloc/tcmalloc
     allocators that PyTorch's CPU performance guide recommends. Linux with glibc only.
     """
