@@ -1,11 +1,9 @@
 /* DropBlock's fused CPU pass: ``dst = src * factor`` with every seed's block zeroed, in one sweep.
 
-The torch-op path multiplies the whole tensor, then writes the dropped runs: by the time the
-zeros are written the multiply has long left them behind, so each run is a cache miss (about
-half the op's time on a 25 MB activation). Here the destination is swept in chunks of
-``CHUNK_BYTES``; right after a chunk is multiplied, the blocks whose last element lies in it
-are zeroed, while their rows are still in cache (a block's rows all lie at or before its last
-element, in the chunk or in the ones just written).
+Why one sweep: see fused.py. The destination is swept in chunks of ``CHUNK_BYTES``; right after
+a chunk is multiplied, the blocks whose last element lies in it are zeroed, while their rows are
+still in cache (a block's rows all lie at or before its last element, in the chunk or in the
+ones just written).
 
 Two ways to find the blocks of a chunk. Contiguous maps with ascending seeds (what the sampler
 draws, in the usual layout) are walked: each seed is located as the sweep reaches it, and
@@ -19,9 +17,7 @@ allows: the map by a multiply, the rows by masked stores (AVX-512).
 The seeds are flat indices into the per-channel seed grid ``(N * C, *grid)`` (see
 ``geometry.py``). No torch headers: the Python side passes raw addresses with the lengths of
 their buffers and an int64 parameter block (a buffer, whose length is checked here, as are the
-ranges it names against the buffers' lengths), and this file builds with any C compiler as an ordinary extension module
-(``spatialdrop._dropblock._cfused``). When it cannot be built, the library uses its torch-op path,
-which gives the same bits.
+ranges it names against the buffers' lengths), so that any C compiler builds this file.
 
 Exactness: the product is ``src * factor`` in the input's float type (``factor`` rounded to it
 first), as torch's ``mul`` by a scalar computes it; a dropped element is that times 0 (NaN for
@@ -111,6 +107,23 @@ static inline uint32_t divide(uint32_t n, const divisor_t *dv, uint32_t *rem) {
     return q;
 }
 
+/* The block of the seed at grid coordinates ``coord`` of the map whose first element is ``base``. */
+static inline void place(block_t *b, const int64_t coord[3], int64_t base, const int64_t *sizes,
+                         const int64_t *blocks, const int64_t *shift, const int64_t *strides) {
+    int64_t first = base, last = base;
+    for (int d = 0; d < 3; d++) {
+        int64_t j = coord[d] + shift[d]; /* drops [j - b + 1, j] cut to [0, L) */
+        int64_t lo = j - blocks[d] + 1, hi = j;
+        if (lo < 0) lo = 0;
+        if (hi > sizes[d] - 1) hi = sizes[d] - 1;
+        b->extent[d] = (int32_t)(hi - lo + 1);
+        first += lo * strides[d];
+        last += hi * strides[d];
+    }
+    b->first = first;
+    b->last = last;
+}
+
 static void locate(int64_t seed, const int64_t *P, const divisors_t *v, block_t *b) {
     int64_t rest = seed, coord[3];
     int64_t n, c;
@@ -130,18 +143,8 @@ static void locate(int64_t seed, const int64_t *P, const divisors_t *v, block_t 
         n = rest / P[P_CHANNELS];
         c = rest % P[P_CHANNELS];
     }
-    int64_t first = n * P[P_STRIDE_N] + c * P[P_STRIDE_C], last = first;
-    for (int d = 0; d < 3; d++) {
-        int64_t j = coord[d] + P[P_SHIFT + d]; /* drops [j - b + 1, j] cut to [0, L) */
-        int64_t lo = j - P[P_BLOCKS + d] + 1, hi = j;
-        if (lo < 0) lo = 0;
-        if (hi > P[P_SIZES + d] - 1) hi = P[P_SIZES + d] - 1;
-        b->extent[d] = (int32_t)(hi - lo + 1);
-        first += lo * P[P_STRIDES + d];
-        last += hi * P[P_STRIDES + d];
-    }
-    b->first = first;
-    b->last = last;
+    const int64_t base = n * P[P_STRIDE_N] + c * P[P_STRIDE_C];
+    place(b, coord, base, P + P_SIZES, P + P_BLOCKS, P + P_SHIFT, P + P_STRIDES);
 }
 
 /* Zeroing a block row by row: each dropped element becomes ``x * 0`` (a zero of x's sign, NaN
@@ -188,61 +191,55 @@ typedef double f64x4 __attribute__((vector_size(32)));
         for (int32_t k = 0; k < b->extent[1]; k++, at += s1) { STORE; } \
     }
 
+/* The rows of T (contiguous) by the vectors of 2 and 4 elements, V2 and V4, and the 32-byte one,
+   W: one load and store where the row fits a vector, else two overlapping ones (rows to 64
+   bytes), else W after W (float64's W is its V4, which covers its rows to 64 bytes). */
+#define ZERO_ROWS(T, V2, V4, W)                                                 \
+    if (row <= sizeof(T)) {                                                     \
+        ROWS(DROP(T, at));                                                      \
+    } else if (row <= sizeof(V2)) {                                             \
+        ROWS(DROP(V2, at));                                                     \
+    } else if (row <= 2 * sizeof(V2)) {                                         \
+        ROWS(DROP2(V2, at, at + row - sizeof(V2)));                             \
+    } else if (row <= 2 * sizeof(V4)) {                                         \
+        ROWS(DROP2(V4, at, at + row - sizeof(V4)));                             \
+    } else if (row <= 64) {                                                     \
+        ROWS(DROP2(W, at, at + row - 32));                                      \
+    } else {                                                                    \
+        ROWS(W t_; memcpy(&t_, at + row - 32, 32); t_ *= (W){0};                \
+             for (size_t j = 0; j + 32 <= row; j += 32) DROP(W, at + j);        \
+             memcpy(at + row - 32, &t_, 32));                                   \
+    }
+
 static void zero_block(char *dst, int64_t esize, const block_t *b, const int64_t *P) {
     const int64_t s0 = P[P_STRIDES] * esize, s1 = P[P_STRIDES + 1] * esize, s2 = P[P_STRIDES + 2];
-    const size_t row = (size_t)b->extent[2] * (size_t)esize; /* a multiple of 4 */
     const int32_t n = b->extent[2];
     char *base = dst + b->first * esize;
 #if defined(__GNUC__)
-    const int by_element = s2 != 1;
-#else
-    const int by_element = 1;
-#endif
-    if (by_element) { /* the last dim strided (channels-last): element by element */
+    if (s2 == 1) {
+        const size_t row = (size_t)n * (size_t)esize; /* a multiple of 4 */
         if (esize == 4) {
-            ROWS(for (int32_t m = 0; m < n; m++) DROP(float, at + m * s2 * 4));
+            ZERO_ROWS(float, f32x2, f32x4, f32x8)
         } else {
-            ROWS(for (int32_t m = 0; m < n; m++) DROP(double, at + m * s2 * 8));
+            ZERO_ROWS(double, f64x2, f64x4, f64x4)
         }
-#if defined(__GNUC__)
-    } else if (esize == 4) {
-        if (row <= 4) {
-            ROWS(DROP(float, at));
-        } else if (row <= 8) {
-            ROWS(DROP(f32x2, at));
-        } else if (row <= 16) {
-            ROWS(DROP2(f32x2, at, at + row - 8));
-        } else if (row <= 32) {
-            ROWS(DROP2(f32x4, at, at + row - 16));
-        } else if (row <= 64) {
-            ROWS(DROP2(f32x8, at, at + row - 32));
-        } else {
-            ROWS(f32x8 t_; memcpy(&t_, at + row - 32, 32); t_ *= (f32x8){0};
-                 for (int32_t m = 0; m + 8 <= n; m += 8) DROP(f32x8, at + m * 4); memcpy(at + row - 32, &t_, 32));
-        }
-    } else {
-        if (row <= 8) {
-            ROWS(DROP(double, at));
-        } else if (row <= 16) {
-            ROWS(DROP(f64x2, at));
-        } else if (row <= 32) {
-            ROWS(DROP2(f64x2, at, at + row - 16));
-        } else if (row <= 64) {
-            ROWS(DROP2(f64x4, at, at + row - 32));
-        } else {
-            ROWS(f64x4 t_; memcpy(&t_, at + row - 32, 32); t_ *= (f64x4){0};
-                 for (int32_t m = 0; m + 4 <= n; m += 4) DROP(f64x4, at + m * 8); memcpy(at + row - 32, &t_, 32));
-        }
+        return;
+    }
 #endif
+    /* the last dim strided (channels-last), or no vector types: element by element */
+    if (esize == 4) {
+        ROWS(for (int32_t m = 0; m < n; m++) DROP(float, at + m * s2 * 4));
+    } else {
+        ROWS(for (int32_t m = 0; m < n; m++) DROP(double, at + m * s2 * 8));
     }
 }
 
 /* With AVX-512, a block whose rows fit one 64-byte store (16 float32 or 8 float64: every block
-   side up to 16) is zeroed with one masked load, multiply and store per row, and a fixed number of them: the block's
-   side in each outer dim, the rows past its cut extent masked off entirely. No branch depends on
-   where the block was cut, which costs more than the stores themselves when seeds fall near
-   the borders at random (a mispredicted branch per block). A masked-off lane is neither written
-   nor faulted on. Chosen once, when the module is loaded, by what the CPU has. */
+   side up to 16) is zeroed with one masked load, multiply and store per row, and a fixed number
+   of them: the block's side in each outer dim, the rows past its cut extent masked off entirely.
+   No branch depends on where the block was cut, which costs more than the stores themselves
+   when seeds fall near the borders at random (a mispredicted branch per block). A masked-off
+   lane is neither written nor faulted on. Chosen once, when the module is loaded. */
 typedef void (*zero_fn_t)(char *dst, int64_t esize, const block_t *b, const int64_t *P);
 static zero_fn_t zero_short = zero_block; /* the AVX-512 form for short rows, where the CPU has it */
 
@@ -297,21 +294,22 @@ static inline void zero_any(char *dst, int64_t esize, const block_t *b, const in
 #define VECTOR_CLONES
 #endif
 
-VECTOR_CLONES
-static void multiply_f32(float *d, const float *s, float f, int64_t n) {
-    for (int64_t i = 0; i < n; i++) d[i] = s[i] * f;
-}
+#define MULTIPLY(NAME, T)                                             \
+    VECTOR_CLONES static void NAME(T *d, const T *s, T f, int64_t n) { \
+        for (int64_t i = 0; i < n; i++) d[i] = s[i] * f;              \
+    }
+MULTIPLY(multiply_f32, float)
+MULTIPLY(multiply_f64, double)
 
-VECTOR_CLONES
-static void multiply_f64(double *d, const double *s, double f, int64_t n) {
-    for (int64_t i = 0; i < n; i++) d[i] = s[i] * f;
-}
-
-static void multiply(char *dst, const char *src, int dtype, double factor, int64_t lo, int64_t hi) {
-    if (dtype == 0) {
-        multiply_f32((float *)dst + lo, (const float *)src + lo, (float)factor, hi - lo);
-    } else if (dtype == 1) {
-        multiply_f64((double *)dst + lo, (const double *)src + lo, factor, hi - lo);
+/* elements [a, e) of dst: ``src * factor`` with ``scale``, else src copied (unless it is dst) */
+static void fill(char *dst, const char *src, int dtype, int scale, double factor, int64_t a, int64_t e) {
+    if (!scale) {
+        const int64_t esize = dtype == 0 ? 4 : 8;
+        if (src != dst) memcpy(dst + a * esize, src + a * esize, (size_t)((e - a) * esize));
+    } else if (dtype == 0) {
+        multiply_f32((float *)dst + a, (const float *)src + a, (float)factor, e - a);
+    } else {
+        multiply_f64((double *)dst + a, (const double *)src + a, factor, e - a);
     }
 }
 
@@ -375,24 +373,11 @@ static void walker_init(walker_t *w, const int64_t *P, int64_t map_numel) {
 }
 
 static inline void walk(walker_t *w, int64_t seed, block_t *b) {
-    int64_t r;
-    if (w->small) {
-        uint32_t rem;
-        int64_t m = divide((uint32_t)seed, &w->maps, &rem);
-        r = rem;
-        w->base = m * w->map_numel;
-    } else {
-        r = seed - w->start;
-        if (r >= w->places) { /* a later map */
-            int64_t m = seed / w->places;
-            w->start = m * w->places;
-            w->base = m * w->map_numel;
-            r = seed - w->start;
-        }
-    }
     int64_t coord[3];
-    if (w->small) { /* r < places < 2**32 */
-        uint32_t rem, q = divide((uint32_t)r, &w->g2, &rem);
+    if (w->small) { /* the map too by a reciprocal; r < places < 2**32 */
+        uint32_t r, rem;
+        w->base = (int64_t)divide((uint32_t)seed, &w->maps, &r) * w->map_numel;
+        uint32_t q = divide(r, &w->g2, &rem);
         coord[2] = rem;
         if (w->grid[0] == 1) {
             coord[1] = q;
@@ -403,23 +388,19 @@ static inline void walk(walker_t *w, int64_t seed, block_t *b) {
             coord[0] = q;
         }
     } else { /* in 64 bits */
+        int64_t r = seed - w->start;
+        if (r >= w->places) { /* a later map */
+            int64_t m = seed / w->places;
+            w->start = m * w->places;
+            w->base = m * w->map_numel;
+            r = seed - w->start;
+        }
         coord[2] = r % w->grid[2];
         r /= w->grid[2];
         coord[1] = r % w->grid[1];
         coord[0] = r / w->grid[1];
     }
-    int64_t first = w->base, last = w->base;
-    for (int d = 0; d < 3; d++) {
-        int64_t j = coord[d] + w->shift[d]; /* drops [j - b + 1, j] cut to [0, L) */
-        int64_t lo = j - w->blocks[d] + 1, hi = j;
-        if (lo < 0) lo = 0;
-        if (hi > w->sizes[d] - 1) hi = w->sizes[d] - 1;
-        b->extent[d] = (int32_t)(hi - lo + 1);
-        first += lo * w->strides[d];
-        last += hi * w->strides[d];
-    }
-    b->first = first;
-    b->last = last;
+    place(b, coord, w->base, w->sizes, w->blocks, w->shift, w->strides);
 }
 
 /* The streaming sweep (contiguous maps, ascending seeds): seeds are located one at a time as the
@@ -448,11 +429,7 @@ static void run_streaming(char *dst, const char *src, int dtype, int scale, doub
     int have = 0; /* b holds seed next, located */
     for (int64_t a = lo; a < hi; a += chunk) {
         int64_t e = a + chunk < hi ? a + chunk : hi;
-        if (scale) {
-            multiply(dst, src, dtype, factor, a, e);
-        } else if (src != dst) {
-            memcpy(dst + a * esize, src + a * esize, (size_t)((e - a) * esize));
-        }
+        fill(dst, src, dtype, scale, factor, a, e);
         for (; next < nseeds; next++, have = 0) {
             if (!have) walk(&w, SEED(next), &b), have = 1;
             if (b.last >= e) break;
@@ -519,11 +496,7 @@ static int run(char *dst, const char *src, int dtype, int scale, double factor, 
     int64_t next = 0; /* sorted: the first block not yet zeroed */
     for (int64_t k = 0; k < nchunks; k++) {
         int64_t a = lo + k * chunk, e = a + chunk < hi ? a + chunk : hi;
-        if (scale) {
-            multiply(dst, src, dtype, factor, a, e);
-        } else if (src != dst) {
-            memcpy(dst + a * esize, src + a * esize, (size_t)((e - a) * esize));
-        }
+        fill(dst, src, dtype, scale, factor, a, e);
         if (sorted) {
             for (; next < m && blocks[next].last < e; next++) zero_block(dst, esize, &blocks[next], P);
         } else {
@@ -586,12 +559,11 @@ static PyObject *gaps(PyObject *self, PyObject *args) {
     int out_bytes;
     if (!PyArg_ParseTuple(args, "KLdddKLi", &logs_addr, &n, &log_q, &base, &numel, &out_addr, &out_len, &out_bytes))
         return NULL;
-    if (out_len < n || n < 0 || (out_bytes != 4 && out_bytes != 8)) {
-        PyErr_SetString(PyExc_ValueError, "gaps: out must hold n int32 or int64");
-        return NULL;
-    }
-    if (out_bytes == 4 && numel > 2147483648.0) {
-        PyErr_SetString(PyExc_ValueError, "gaps: int32 output needs at most 2**31 places");
+    const char *bad = NULL;
+    if (out_len < n || n < 0 || (out_bytes != 4 && out_bytes != 8)) bad = "out must hold n int32 or int64";
+    else if (out_bytes == 4 && numel > 2147483648.0) bad = "int32 output needs at most 2**31 places";
+    if (bad) {
+        PyErr_Format(PyExc_ValueError, "gaps: %s", bad);
         return NULL;
     }
     const double *logs = (const double *)(uintptr_t)logs_addr;
