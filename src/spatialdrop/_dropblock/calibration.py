@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._compat import compile_cached
 
-__all__ = ["p_tensor", "seed_rate", "solve_valid_gamma", "uniform_gamma", "valid_gamma"]
+__all__ = ["p_tensor", "seed_rate", "uniform_gamma", "valid_gamma"]
 
 
 def p_tensor(p: float) -> Tensor:
@@ -46,12 +46,13 @@ def _coverage_histogram(sizes: tuple[int, ...], blocks: tuple[int, ...]) -> dict
     return hist
 
 
-def solve_valid_gamma(p: float, sizes: tuple[int, ...], blocks: tuple[int, ...]) -> float:
+@compile_cached(512)
+def valid_gamma(p: float, sizes: tuple[int, ...], blocks: tuple[int, ...]) -> float:
     """Seed rate for ``seeding="valid"``: the mean drop rate over the map is ``p``.
 
     A position covered by ``c`` valid seed places is dropped with probability
     ``1 - (1 - gamma) ** c``; the mean of that over the map increases from 0 to 1 with
-    ``gamma``, so bisection finds it (to float precision). ``valid_gamma`` is the cached form.
+    ``gamma``, so bisection finds it (to float precision), once per set of arguments.
     """
     hist = _coverage_histogram(sizes, blocks)
     total = math.prod(sizes)
@@ -70,9 +71,6 @@ def solve_valid_gamma(p: float, sizes: tuple[int, ...], blocks: tuple[int, ...])
         else:
             hi = mid
     return 0.5 * (lo + hi)
-
-
-valid_gamma = compile_cached(512)(solve_valid_gamma)
 
 
 def seed_rate(p: float, sizes: tuple[int, ...], blocks: tuple[int, ...], seeding: str) -> float:
