@@ -71,10 +71,8 @@ class SeedRule:
             self.chunk, self.thresholds = 4, [1 << 32] * 4
             return
         self.chunk = chunk_length(gamma)
-        log_q = math.log1p(-gamma)
-        two32 = float(1 << 32)
-        gaps = range(1, self.chunk + 1)
-        self.thresholds = [min(1 << 32, round(two32 * -math.expm1(g * log_q))) for g in gaps]
+        log_q, gaps = math.log1p(-gamma), range(1, self.chunk + 1)
+        self.thresholds = [min(1 << 32, round(2.0**32 * -math.expm1(g * log_q))) for g in gaps]
 
     def table(self, device: torch.device) -> Tensor:
         """The thresholds ``T[1..K]`` as an int64 tensor on ``device``."""
@@ -113,17 +111,12 @@ def rule_key(key: MaskKey) -> tuple[int, int]:
     return _derive(*_layer_key(key.seed, key.layer))
 
 
-def _gaps(words: Tensor, table: Tensor) -> Tensor:
-    """``gap(w) = 1 + #{g : w >= T[g]}`` for int64 words (``table`` is ``T[1..K]``)."""
-    return torch.searchsorted(table, words.contiguous(), right=True).add_(1)
-
-
 def _gaps_fast(words: Tensor, table: Tensor, log_q: float) -> Tensor:
-    """:func:`_gaps` from a float estimate corrected by exact comparisons (CPU, eager only).
+    """``gap(w) = 1 + #{g : w >= T[g]}`` of int64 words from a float estimate, corrected exactly.
 
     The count ``#{g : T[g] <= w}`` is estimated as ``floor(log1p(-w / 2**32) / log(q))`` and
     then moved up or down one step at a time until ``T[c] <= w < T[c + 1]`` holds exactly, so
-    the result is :func:`_gaps`' whatever the rounding of the estimate.
+    the result is the gap whatever the rounding (``table`` is ``T[1..K]``; CPU, eager only).
     """
     k = table.numel()
     padded = torch.cat([table.new_full((1,), -1), table, table.new_full((1,), 1 << 40)])  # T[0], T[K + 1]
@@ -183,7 +176,8 @@ def draw_keyed_seeds(numel: int, gamma: float, key: MaskKey, device: torch.devic
         s = sid.view(n, 1)
         ctr = torch.arange(chunks * k // 4, dtype=torch.int64, device=device).view(1, -1)
         words = torch.stack(philox4x32(ctr, s & MASK32, (s >> 32) & MASK32, step, w0, w1), dim=-1)
-        pos = _gaps(words.view(n, chunks, k), table).cumsum_(-1).sub_(1)
+        gaps = torch.searchsorted(table, words.view(n, chunks, k).contiguous(), right=True).add_(1)
+        pos = gaps.cumsum_(-1).sub_(1)
         # one column past the chunk takes every seed that falls outside it
         grid = torch.zeros((n, chunks, k + 1), dtype=torch.bool, device=device)
         grid.scatter_(-1, pos.clamp_(max=k), True)
