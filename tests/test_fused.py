@@ -204,14 +204,14 @@ def test_seed_sampler_in_c_equals_the_torch_ops(trial: int) -> None:
         numel, gamma = 10, 0.999  # tops up: the first draw's gaps fall short of the grid's end
     state = gen.get_state()
     cpu = torch.device("cpu")
-    in_c = sampling.draw_seeds(numel, gamma, gen, cpu, dense=False)
+    in_c = sampling.draw_grid(numel, gamma, gen, cpu, dense=False)
     gen.set_state(state)
     with ops.override(extension=False):
-        in_torch = sampling.draw_seeds(numel, gamma, gen, cpu, dense=False)
+        in_torch = sampling.draw_grid(numel, gamma, gen, cpu, dense=False)
     assert in_c.dtype == in_torch.dtype == torch.int64
     assert torch.equal(in_c, in_torch)
     gen.set_state(state)
-    small = sampling.draw_seeds(numel, gamma, gen, cpu, dense=False, small=True)  # what the fused pass keeps
+    small = sampling.draw_grid(numel, gamma, gen, cpu, dense=False, small=True)  # what the fused pass keeps
     assert small.dtype == torch.int32
     assert torch.equal(small.long(), in_torch)
 

@@ -16,39 +16,7 @@ from ..keyed import MaskKey
 from . import fused
 from .keyed_seeds import draw_keyed_seeds
 
-__all__ = ["draw_grid", "draw_seeds", "gap_positions", "rand"]
-
-
-def draw_grid(
-    numel: int,
-    gamma: float | Tensor,
-    generator: torch.Generator | None,
-    device: torch.device,
-    *,
-    dense: bool,
-    key: MaskKey | None = None,
-    small: bool = False,
-) -> Tensor:
-    """A seed grid of ``numel`` places at rate ``gamma``, keyed (:mod:`.keyed_seeds`) or not.
-
-    ``small``: sparse indices may come as int32 (see :func:`draw_seeds`). ``gamma`` may be a
-    0-dim tensor for an unkeyed dense draw (under ``torch.compile``: see :mod:`.dense`).
-    """
-    if key is not None:
-        assert not isinstance(gamma, Tensor), "draw_grid: a keyed draw takes gamma as a float"
-        return draw_keyed_seeds(numel, gamma, key, device, dense=dense)
-    return draw_seeds(numel, gamma, generator, device, dense=dense, small=small)
-
-
-def rand(numel: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """``torch.rand(numel)`` from ``generator``, passing no ``generator=`` keyword when it is None.
-
-    An explicit ``generator=None`` has no ONNX lowering (``aten.rand.generator``) and fails with
-    symbolic sizes under ``torch.compile(dynamic=True)``.
-    """
-    if generator is None:
-        return torch.rand(numel, device=device)
-    return torch.rand(numel, generator=generator, device=device)
+__all__ = ["draw_grid", "gap_positions"]
 
 
 def gap_positions(u: Tensor, gamma: float) -> Tensor:
@@ -73,24 +41,27 @@ def gap_positions(u: Tensor, gamma: float) -> Tensor:
     return gaps.cumsum_(-1).sub_(1.0)
 
 
-def draw_seeds(
+def draw_grid(
     numel: int,
     gamma: float | Tensor,
     generator: torch.Generator | None,
     device: torch.device,
     *,
     dense: bool,
+    key: MaskKey | None = None,
     small: bool = False,
 ) -> Tensor:
-    """Draw a flat Bernoulli(``gamma``) seed grid of ``numel`` places (unkeyed).
+    """Draw a flat Bernoulli(``gamma``) seed grid of ``numel`` places, keyed or not.
 
     Args:
         numel: the number of places in the (flattened) seed grid.
-        gamma: the probability of a seed at each place, in ``[0, 1)`` (a 0-dim tensor: dense only).
+        gamma: the probability of a seed at each place, in ``[0, 1)`` (a 0-dim tensor: unkeyed
+            and dense only, under ``torch.compile``: see :mod:`.dense`).
         generator: the random number generator, or ``None`` for the global one.
         device: where to draw.
         dense: return a bool tensor of ``numel`` places (one uniform per place, static shape)
             instead of the sorted int64 indices of the seeds.
+        key: draw by the keyed rule of :mod:`.keyed_seeds` instead (``generator`` unused).
         small: the sparse indices as int32 when the C sampler draws them and ``numel`` is at
             most ``2**31`` (what the fused pass and backward keep); the same values.
 
@@ -99,9 +70,14 @@ def draw_seeds(
         places holding a seed, an int64 tensor of data-dependent length. Both are exactly a
         sequence of independent Bernoulli(``gamma``) trials.
     """
-    if dense:
-        return rand(numel, generator, device) < gamma
-    assert not isinstance(gamma, Tensor), "draw_seeds: a sparse draw takes gamma as a float"
+    if key is not None:
+        assert not isinstance(gamma, Tensor), "draw_grid: a keyed draw takes gamma as a float"
+        return draw_keyed_seeds(numel, gamma, key, device, dense=dense)
+    if dense:  # no ``generator=None`` keyword: it has no ONNX lowering, and fails with symbolic sizes
+        if generator is None:
+            return torch.rand(numel, device=device) < gamma
+        return torch.rand(numel, generator=generator, device=device) < gamma
+    assert not isinstance(gamma, Tensor), "draw_grid: a sparse draw takes gamma as a float"
     if gamma <= 0.0 or numel == 0:
         return torch.empty(0, dtype=torch.long, device=device)
     # Draw the expected number of gaps plus a margin at once, and top up in the rare case the
