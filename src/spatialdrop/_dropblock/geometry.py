@@ -90,11 +90,7 @@ class Geometry:
         return (self.batch, 1 if self.shared else self.channels, *self.sizes)
 
 
-@functools.lru_cache(maxsize=256)
-def _cached(
-    shape: tuple[int, ...], channel_dim: int, blocks: tuple[int, ...], shared: bool, seeding: str
-) -> Geometry:
-    return Geometry(shape, channel_dim, blocks, shared, seeding)
+_cached = functools.lru_cache(maxsize=256)(Geometry)  # one object per distinct set of arguments
 
 
 def geometry(
@@ -118,13 +114,12 @@ def check_representable(fn: str, geo: Geometry, block_size: object) -> None:
     A grid of more than ``2**53`` places (for instance a block of ``2**31`` on a 2-D map) cannot
     be sampled exactly (nor, past ``2**63``, indexed); refuse it before any work.
     """
-    total = geo.places
-    if total > MAX_PLACES:
+    if geo.places > MAX_PLACES:
         fail(
             fn,
             "block_size",
             f"small enough that the seed grid (map size + block_size - 1 per dim, times {geo.maps} "
-            f"maps) has at most 2**53 places; it would have {total}",
+            f"maps) has at most 2**53 places; it would have {geo.places}",
             block_size,
         )
 
@@ -179,11 +174,6 @@ def grid_coords(seeds: Tensor, grid: Sequence[int]) -> tuple[Tensor, list[Tensor
     return rest, coords
 
 
-def _outer_add(heads: Tensor, pos: Tensor) -> Tensor:
-    """``heads[..., s] + pos[k, s]`` as a tensor ``(k, ..., S)``."""
-    return heads.unsqueeze(0) + pos.view((pos.shape[0],) + (1,) * (heads.dim() - 1) + (pos.shape[1],))
-
-
 # A plan says where to write: for each run length ``w``, the storage offsets where a run of ``w``
 # positions along the last spatial dim starts.
 Plan = list[tuple[int, Tensor]]
@@ -192,11 +182,6 @@ Plan = list[tuple[int, Tensor]]
 def run_lengths(run: int) -> list[int]:
     """The window lengths used for runs of at most ``run`` positions."""
     return [1 << i for i in range(run.bit_length()) if 1 << i < run] + [run]
-
-
-def _run_length(length: int, run: int) -> int:
-    """The window used for a run of ``length`` positions: the run itself if whole, else a power of 2."""
-    return run if length == run else 1 << (length.bit_length() - 1)
 
 
 def map_offsets(target: Tensor, geo: Geometry) -> Tensor:
@@ -236,7 +221,9 @@ def block_plan(seeds: Tensor, geo: Geometry, offsets: Tensor, strides: Sequence[
     if run == 1:
         groups: list[tuple[int, Tensor | None]] = [(1, None)]
     else:
-        table = torch.tensor([0] + [_run_length(n, run) for n in range(1, run + 1)], device=seeds.device)
+        # the window of a run of n positions: the run itself if whole, else a power of 2
+        windows = [run if n == run else 1 << (n.bit_length() - 1) for n in range(1, run + 1)]
+        table = torch.tensor([0, *windows], device=seeds.device)
         width = table.index_select(0, hi - lo + 1)
         # the second window of a cut run ends at hi
         second = first + (hi - lo - width + 1).mul_(st)
@@ -253,7 +240,8 @@ def block_plan(seeds: Tensor, geo: Geometry, offsets: Tensor, strides: Sequence[
             heads = torch.cat([first.index_select(0, which), second.index_select(0, which)])
             cs = [c.index_select(0, which).repeat(2) for c in outer]
         for c, s, n, k, stride in zip(cs, geo.shift, geo.sizes, geo.blocks, strides):
-            heads = _outer_add(heads, _positions(c, s, n, k, stride))
+            pos = _positions(c, s, n, k, stride)  # heads[..., s] + pos[k, s]: a tensor (k, ..., S)
+            heads = heads.unsqueeze(0) + pos.view(pos.shape[0], *[1] * (heads.dim() - 1), pos.shape[1])
         # built seed-last (long inner rows); written seed by seed in storage order (locality)
         plan.append((w, heads.permute(tuple(range(heads.dim() - 1, -1, -1))).reshape(-1)))
     return plan
