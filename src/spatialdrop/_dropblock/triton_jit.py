@@ -1,9 +1,7 @@
-"""The Triton kernels of the fused DropBlock, loaded by :mod:`.triton_kernels` on first use.
+"""The Triton kernels of the fused DropBlock, executed afresh per mode by :func:`.triton_kernels.kernels`.
 
 See :mod:`spatialdrop._dropblock.triton_kernels` for what they compute; the seed rule is that of
-:mod:`spatialdrop._dropblock.keyed_seeds`. ``triton.jit`` picks the compiler or the interpreter
-(``TRITON_INTERPRET=1``) when a kernel is defined, so :mod:`.triton_kernels` executes this file
-afresh for each mode instead of importing it.
+:mod:`spatialdrop._dropblock.keyed_seeds`.
 """
 
 # mypy: ignore-errors

@@ -33,7 +33,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,10 +66,6 @@ def apply_warps(count: bool) -> int:
     return 4 if count else 8
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
 _KERNELS: dict[bool, tuple[Any, Any]] = {}
 
 
@@ -79,7 +75,7 @@ def kernels(interpret: bool | None = None) -> tuple[Any, Any]:
     ``interpret`` defaults to the current ``TRITON_INTERPRET``. Each mode executes
     ``triton_jit.py`` afresh (``triton.jit`` fixes the mode when a kernel is defined).
     """
-    mode = _interpreting() if interpret is None else interpret
+    mode = os.environ.get("TRITON_INTERPRET", "") == "1" if interpret is None else interpret
     if mode not in _KERNELS:
         name = f"spatialdrop._dropblock._triton_jit_{'interpreted' if mode else 'compiled'}"
         spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_jit.py"))
@@ -104,7 +100,6 @@ def _seed_bits_impl(
     n: int,
     row: int,
     gamma: float,
-    table: Tensor,
     seed: Tensor,
     sample_ids: Tensor,
     step: Tensor,
@@ -120,7 +115,7 @@ def _seed_bits_impl(
     k = seed_rule(gamma).chunk
     chunks = _cdiv(row, k)
     seed_kernel, _ = kernels()
-    grid = (_cdiv(n * chunks, SEED_BLOCK),)
+    grid, table = (_cdiv(n * chunks, SEED_BLOCK),), threshold_table(gamma, device)
     seed_kernel[grid](
         bits, table, seed, sample_ids, step, key_words[0] + _BIAS, key_words[1] + _BIAS,
         row, words, chunks, n * chunks, K=k, LOG_K=k.bit_length() - 1, KEYED=keyed, BLOCK=SEED_BLOCK,
@@ -191,16 +186,12 @@ def drop_block_triton(
     pf = float(p)
     gamma = seed_rate(pf, geo.sizes, geo.blocks, seeding)
     n = geo.batch
-    table = threshold_table(gamma, x.device)
-    row = geo.places // n
-    bits = _seed_bits_impl(n, row, gamma, table, seed, sample_ids, step, key_words, keyed, x.device)
+    bits = _seed_bits_impl(n, geo.places // n, gamma, seed, sample_ids, step, key_words, keyed, x.device)
     dropped = None
     if scale == "realized":
-        counts = torch.zeros(n, dtype=torch.int32, device=x.device)
-        _apply(x, x, bits, bits, counts, geo, valid=seeding == "valid", count=True, scale=False)
-        dropped = counts
-    per_sample = math.prod(geo.map_shape[1:])
-    factor = scale_factor(scale, pf, dropped, per_sample, x)
+        dropped = torch.zeros(n, dtype=torch.int32, device=x.device)
+        _apply(x, x, bits, bits, dropped, geo, valid=seeding == "valid", count=True, scale=False)
+    factor = scale_factor(scale, pf, dropped, math.prod(geo.map_shape[1:]), x)
     factors = torch.empty(0, dtype=acc_dtype(x), device=x.device)
     if factor is not None:
         factors = factor.expand(n).contiguous()
@@ -213,34 +204,15 @@ def _(input: Tensor, *args: Any) -> Tensor:
     return torch.empty_like(input)
 
 
-class TritonArgs(NamedTuple):
-    """The arguments of ``spatialdrop::drop_block_triton``, in its schema's order."""
-
-    input: Tensor
-    seed: Tensor
-    sample_ids: Tensor
-    step: Tensor
-    p: Tensor
-    key_words: list[int]
-    keyed: bool
-    block_size: list[int]
-    channel_dim: int
-    shared: bool
-    seeding: str
-    scale: str
-
-
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    a = TritonArgs(*inputs)
-    ctx.save_for_backward(a.seed, a.sample_ids, a.step, a.p)
-    ctx.options = {k: v for k, v in a._asdict().items() if not isinstance(v, Tensor)}
+    ctx.save_for_backward(*inputs[1:5])  # seed, sample_ids, step, p: the op's tensors but the input
+    ctx.options = inputs[5:]
 
 
 def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     """The formula: the kernels again, on the gradient, from the same seed or key."""
-    seed, sample_ids, step, p = ctx.saved_tensors
-    g = drop_block_triton(*TritonArgs(grad, seed, sample_ids, step, p, **ctx.options))
-    return (g,) + (None,) * (len(TritonArgs._fields) - 1)
+    g = drop_block_triton(grad, *ctx.saved_tensors, *ctx.options)
+    return (g,) + (None,) * (4 + len(ctx.options))
 
 
 torch.library.register_autograd(drop_block_triton, _backward, setup_context=_setup_context)
@@ -273,7 +245,7 @@ def seed_bits(n: int, row: int, gamma: float, key: MaskKey, device: torch.device
     """
     dev = torch.device(device)
     seed, sid, step, words = _key_tensors(n, dev, None, key)
-    return _seed_bits_impl(n, row, gamma, threshold_table(gamma, dev), seed, sid, step, words, True, dev)
+    return _seed_bits_impl(n, row, gamma, seed, sid, step, words, True, dev)
 
 
 def triton_drop_block(
@@ -292,9 +264,7 @@ def triton_drop_block(
 
     ``input`` is ``(N, C, *spatial)`` with the channels at ``channel_dim`` and 1-3 spatial dims,
     on CUDA (or the CPU in Triton's interpreter); ``p`` a float or a float64 0-dim CPU tensor.
-    Unkeyed, two Philox key words are drawn from ``generator`` on the device; keyed masks are
-    bit-identical to the CPU path's. The output has the input's shape, dtype and layout, and is
-    differentiable.
+    The output has the input's shape, dtype and layout, and is differentiable.
     """
     if not 1 <= input.dim() - 2 <= 3:
         shape = tuple(input.shape)
