@@ -2,11 +2,9 @@
 
 DropBlock is linear in its input for a given mask (the realized scale depends on the mask only),
 so the gradient of ``spatialdrop::drop_block`` is ``spatialdrop::drop_block_backward`` applied to
-the incoming gradient with the forward's plan and randomness arguments, and the backward op,
-being linear too, has itself as its gradient: every order of derivative works (double
-backward, ``gradgradcheck``, gradient penalties). Saved for backward: the plan (at most 1/32 of
-the input's bytes, or nothing), ``info`` and ``factor`` (a few numbers), the int64 seed tensor
-or the key's step and sample ids, and ``p`` (a float64 scalar).
+the incoming gradient with the forward's plan and randomness arguments (what is saved: the
+table in :mod:`.ops`), and the backward op, being linear too, has itself as its gradient: every
+order of derivative works (double backward, ``gradgradcheck``, gradient penalties).
 
 Each formula is written once (:func:`_setup_forward` / :func:`_setup_backward` and
 :func:`_replay`) and registered twice, because torch.func rejects the autograd of a
@@ -212,17 +210,14 @@ class EagerFunction(torch.autograd.Function):
 
 
 class FusedFunction(torch.autograd.Function):
-    """The eager sparse path's common case in one sweep each way, with nothing else around it.
+    """The eager sparse path's common case (``Path.FUSED`` in :mod:`.ops`) in one sweep each way.
 
-    What :class:`EagerFunction` runs for a dense float32/float64 input with per-channel masks
-    and the fused pass (``Path.FUSED`` in :mod:`.ops`), without the op's packaging: the same seeds
-    (drawn by :func:`~.sparse.draw_sparse` from the same seed or key), the same sweep
-    (:func:`.fused.write`), the same bits. Forward keeps the int32 seeds when they take at most
-    1/32 of the input's bytes (else nothing: backward draws them again), and backward runs the
-    sweep on the gradient (:func:`~.sparse.seeds_backward`). A backward that records a graph
-    (double backward, gradient penalties) or gets a gradient that the direct call cannot take
-    goes through the backward op, with the ``heads``/``info``/``factor`` that the forward op
-    would have returned, built then: the op's one formula.
+    What :class:`EagerFunction` runs for it, without the op's packaging: the same seeds (from
+    :func:`~.sparse.draw_sparse`), the same sweep (:func:`.fused.write`), the same bits; the
+    seeds kept as the table in :mod:`.ops` says. Backward runs the sweep on the gradient
+    (:func:`~.sparse.seeds_backward`); one that records a graph (double backward, gradient
+    penalties) or gets a gradient that the direct call cannot take goes through the backward op,
+    with the ``heads``/``info``/``factor`` that the forward op would have returned, built then.
     """
 
     @staticmethod
