@@ -45,7 +45,7 @@ import contextlib
 import enum
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple, Optional
 
 import torch
@@ -196,14 +196,6 @@ def _fused(c: Call) -> Tensor:
     return FusedFunction.apply(c.input, seed, c.p, c.geo, c.seeding, c.scale, c.key, kw)
 
 
-def _eager(c: Call) -> Tensor:
-    return EagerFunction.apply(False, *_op_args(c))
-
-
-def _inplace(c: Call) -> Tensor:
-    return EagerFunction.apply(True, *_op_args(c))
-
-
 def _op(c: Call) -> Tensor:
     return call_forward(_op_args(c))[0]
 
@@ -220,10 +212,10 @@ def _triton(c: Call) -> Tensor:
     )  # fmt: skip
 
 
-_CALLS = {
+_CALLS: dict[Path, Callable[[Call], Tensor]] = {
     Path.FUSED: _fused,
-    Path.INPLACE: _inplace,
-    Path.EAGER: _eager,
+    Path.INPLACE: lambda c: EagerFunction.apply(True, *_op_args(c)),
+    Path.EAGER: lambda c: EagerFunction.apply(False, *_op_args(c)),
     Path.OP: _op,
     Path.FUNC: _op,  # call_forward takes ForwardFunction under torch.func
     Path.DENSE: _dense,
