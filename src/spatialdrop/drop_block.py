@@ -12,9 +12,8 @@ the *mean* drop rate over the map is ``p``.
 How it is fast. ``gamma`` is tiny (about 0.002 for ``p = 0.1`` and a 7 x 7 block), so seeds are
 drawn sparsely: the gaps between successes of a Bernoulli(``gamma``) sequence are geometric, so
 drawing the gaps gives exactly a Bernoulli seed grid at the cost of a few random numbers per
-*seed* rather than one per position. Per-channel masks are never materialised: the output is
-``input * scale`` with each seed's block zeroed, straight from the seeds (a C sweep for
-float32/float64 on the CPU) or through a write plan of block rows (torch ops).
+*seed* rather than one per position. Per-channel masks are never materialised (see
+:func:`drop_block`, "Memory and paths").
 
 This module holds the public op and modules; the internals are in :mod:`spatialdrop._dropblock`,
 whose dispatcher (:mod:`spatialdrop._dropblock.ops`) lists every path a call can take.
@@ -288,16 +287,12 @@ def _sharded(
     # from the placements, not the shard's size: every rank joins the all-reduce or none does
     split = bool(split_mesh_dims(x, counted))  # type: ignore[arg-type]
     local_scale = "none" if scale == "realized" and split else scale
-    out = (
-        local.clone()
-        if local.numel() == 0
-        else run(Call(local, p, geo_l, seeding, local_scale, None, local_key, False, window))
-    )
+    call = Call(local, p, geo_l, seeding, local_scale, None, local_key, False, window)
+    out = run(call) if local.numel() else local.clone()
     if local_scale != scale:  # a sample's kept fraction, over all the ranks that hold a part of it
         dropped = torch.zeros(local.shape[0], dtype=torch.int64, device=local.device)
         if local.numel():
-            ones = torch.ones_like(local)
-            mask = run(Call(ones, p, geo_l, seeding, "none", None, local_key, False, window)) == 0
+            mask = run(call._replace(input=torch.ones_like(local), scale="none")) == 0
             if geo.shared:
                 mask = mask.narrow(geo.channel_dim, 0, 1)
             dropped += mask.sum(dim=tuple(range(1, mask.dim())), dtype=torch.int64)
