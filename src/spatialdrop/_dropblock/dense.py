@@ -23,7 +23,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._compat import is_compiling
 from ..keyed import MaskKey
 from . import sampling
 from .calibration import p_tensor, seed_rate
@@ -84,9 +83,10 @@ def _seed_grid(
     generator: Optional[torch.Generator],
     key: Optional[MaskKey],
     device: torch.device,
+    p_as_tensor: bool,
 ) -> Tensor:
     """The dense bool seed grid of ``geo.places`` places (see the module docstring)."""
-    if not is_compiling() or torch.compiler.is_exporting():
+    if not p_as_tensor:
         gamma = seed_rate(p, geo.sizes, geo.blocks, seeding)
         return sampling.draw_grid(geo.places, gamma, generator, device, dense=True, key=key)
     sizes, blocks = list(geo.sizes), list(geo.blocks)
@@ -107,26 +107,28 @@ def drop_block_dense(
     generator: torch.Generator | None,
     key: MaskKey | None,
     window: list[int] | None = None,
+    p_as_tensor: bool = False,
 ) -> Tensor:
     """DropBlock with static shapes and no device-to-host read: dense seed grid, grown blocks.
 
     The output has the input's dtype and the layout ``torch.empty_like(input)`` gives (the
     memory format of a channels-last input, the strides of any dense one). With a ``window``
     (see :mod:`.window`) ``geo`` is the local geometry and the seeds come from the global grid.
+    ``p_as_tensor`` (under ``torch.compile``, not export): the seed rate and the scale computed
+    from ``p`` as a tensor, so that a new ``p`` does not recompile (see the module docstring).
     """
     with torch.no_grad():
         if window is None:
-            grid = _seed_grid(p, geo, seeding, generator, key, input.device)
+            grid = _seed_grid(p, geo, seeding, generator, key, input.device, p_as_tensor)
         else:
             geo_g = global_geometry(input.shape, geo.channel_dim, geo.blocks, geo.shared, seeding, window)
-            grid = localize_dense(
-                _seed_grid(p, geo_g, seeding, generator, key, input.device), geo_g, geo, window
-            )
+            grid_g = _seed_grid(p, geo_g, seeding, generator, key, input.device, p_as_tensor)
+            grid = localize_dense(grid_g, geo_g, geo, window)
         blocks = grow_blocks(grid.view((geo.maps, *geo.grid)), geo).reshape(geo.map_shape)
         dropped = None
         if scale == "realized":  # counted over the map (channels once for a shared mask)
             dropped = blocks.sum(dim=tuple(range(1, blocks.dim())), dtype=torch.int64)
-        factor = scale_factor(scale, p, dropped, math.prod(geo.map_shape[1:]), input)
+        factor = scale_factor(scale, p, dropped, math.prod(geo.map_shape[1:]), input, p_as_tensor)
         # the keep mask laid out like the output, so that every elementwise op below keeps it
         keep = torch.empty_like(input, dtype=torch.bool)
         kept = blocks.logical_not()

@@ -201,7 +201,8 @@ def _op(c: Call) -> Tensor:
 
 
 def _dense(c: Call) -> Tensor:
-    return drop_block_dense(c.input, c.p, c.geo, c.seeding, c.scale, c.generator, c.key, c.window)
+    as_tensor = is_compiling() and not torch.compiler.is_exporting()  # p as a tensor: no recompile
+    return drop_block_dense(c.input, c.p, c.geo, c.seeding, c.scale, c.generator, c.key, c.window, as_tensor)
 
 
 def _triton(c: Call) -> Tensor:

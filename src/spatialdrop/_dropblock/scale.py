@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._compat import is_compiling
 from .._validation import float_dtype_of
 from .calibration import p_tensor
 
@@ -31,7 +30,7 @@ def factor_shape(policy: str, batch: int) -> tuple[int]:
 
 
 def scale_factor(
-    policy: str, p: float, dropped: Optional[Tensor], per_sample: int, like: Tensor
+    policy: str, p: float, dropped: Optional[Tensor], per_sample: int, like: Tensor, p_as_tensor: bool = False
 ) -> Optional[Tensor]:
     """The multiplier of the kept elements, in float32 (float64 for float64 input).
 
@@ -45,6 +44,8 @@ def scale_factor(
         dropped: for ``"realized"``, the number of dropped elements of each sample, shape ``(N,)``.
         per_sample: for ``"realized"``, the number of elements (or mask positions) per sample.
         like: the input (gives the dtype and device).
+        p_as_tensor: ``"expected"`` from ``p`` as a tensor (the same float64 quotient), so that a
+            new ``p`` does not pin a compiled graph (the dense path under ``torch.compile``).
 
     Returns:
         ``None`` for ``"none"``; else a float tensor of shape ``(1,)`` (expected) or ``(N,)``.
@@ -53,7 +54,7 @@ def scale_factor(
     if policy == "none":
         return None
     if policy == "expected":
-        if is_compiling():  # from p as a tensor: the same float64 quotient, without pinning p
+        if p_as_tensor:
             return (1.0 / (1.0 - p_tensor(p))).to(dtype=acc, device=like.device).reshape(1)
         return torch.full((1,), 1.0 / (1.0 - p), dtype=acc, device=like.device)
     assert dropped is not None, "scale_factor: 'realized' needs the dropped counts"
