@@ -6,11 +6,10 @@ itself. The C extension ``_cfused`` (``_cfused.c``, built by ``pip install``; no
 zeroes the blocks that end in each 16 kB stretch right after multiplying it, straight from the
 seed indices: no write plan is built, and backward needs only the seeds (4 bytes each).
 
-It takes a dense float32 or float64 CPU destination and per-channel masks; everything else
-(shared masks, other dtypes, the realized scale, an extension that could not be built) takes the
-torch-op path, which gives the same bits (``tests/test_drop_block_paths.py`` compares them).
-With more than one torch thread the sweep is split into one storage range per thread (the GIL
-is released); blocks that straddle two ranges are zeroed after all ranges are written.
+Everything it does not take (:func:`available`; the realized scale) goes the torch-op way, with
+the same bits (``tests/test_drop_block_paths.py`` compares them). With more than one torch
+thread the sweep is split into one storage range per thread (the GIL is released); blocks that
+straddle two ranges are zeroed after all ranges are written.
 """
 
 from __future__ import annotations
@@ -57,11 +56,10 @@ def set_extension(module: Optional[ModuleType]) -> None:
     _cfused = module
 
 
-def available(out: Tensor, geo: Geometry, require_dense: bool = True) -> bool:
+def available(out: Tensor, geo: Geometry) -> bool:
     """Whether :func:`write` takes ``out`` (a dense float32/float64 CPU tensor, per-channel masks).
 
     At most 3 spatial dims (the C side's parameter block holds 3 per dim kind).
-    ``require_dense=False``: for a tensor ``empty_like`` of which is ``out`` (always dense).
     """
     return (
         _cfused is not None
@@ -69,7 +67,7 @@ def available(out: Tensor, geo: Geometry, require_dense: bool = True) -> bool:
         and len(geo.sizes) <= 3
         and out.device.type == "cpu"
         and out.dtype in _DTYPES
-        and (not require_dense or is_dense(out))
+        and is_dense(out)
     )
 
 
@@ -112,11 +110,8 @@ def _layout(geo: Geometry, strides: tuple[int, ...]) -> tuple[int, ...]:
 def _params(out: Tensor, seeds: Tensor, geo: Geometry, lo: int, hi: int, pass_: int) -> array:
     """The parameter block of a call of the C pass on ``out``'s range ``[lo, hi)``."""
     st = out.stride()
-    layout = _layout(geo, st)
-    n, c = out.numel(), geo.channels
-    return Params(
-        n, seeds.numel(), c, st[0], st[geo.channel_dim], lo, hi, pass_, seeds.element_size(), layout
-    ).block()
+    fields = (out.numel(), seeds.numel(), geo.channels, st[0], st[geo.channel_dim], lo, hi, pass_)
+    return Params(*fields, seeds.element_size(), _layout(geo, st)).block()
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:

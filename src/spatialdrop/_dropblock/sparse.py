@@ -242,8 +242,7 @@ def write_sparse(
 
     Returns the per-channel write plan (``None`` for shared masks) and the scale factor. The
     seeds come from :func:`draw_sparse`; the fused pass writes per-channel float32/float64
-    output, not for the realized scale (which needs the union of the blocks first). A dropped
-    element is ``x * 0`` (NaN where ``x`` is NaN or infinite), on every path.
+    output, not for the realized scale (which needs the union of the blocks first).
     """
     if scale != "realized" and fused.available(out, geo):
         factor = scale_factor(scale, p, None, 0, input)
@@ -277,6 +276,13 @@ def write_sparse(
     return None, factor
 
 
+def _draw(src: Tensor, out: Tensor, geo: Geometry, a: ForwardArgs | BackwardArgs) -> Tensor:
+    """:func:`draw_sparse` from the op's seed or key: int32 seeds where the fused pass takes ``out``."""
+    key = KeyWords(a.key_words, a.step, a.sample_ids).key()
+    small = a.scale != "realized" and fused.available(out, geo)
+    return draw_sparse(src, geo, float(a.p), a.seeding, a.seed, key, a.window, small=small)
+
+
 def forward_impl(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """DropBlock of ``input``: ``(output, heads, info, factor)``, see the module docstring.
 
@@ -297,17 +303,12 @@ def forward_parts(
     what eager autograd's backward needs to run the fused pass on the gradient directly. With
     ``inplace`` the output is the (dense) input itself.
     """
-    geo = _geometry(a.input, a.channel_dim, a.block_size, a.shared, a.seeding, a.window)
+    geo = _geometry(a.input, a)
     if a.input.numel() == 0:
         out = torch.empty_like(a.input)
         return (out, *package_plan(None, None, out, geo, a.scale, a.plan)), None
-    key = KeyWords(a.key_words, a.step, a.sample_ids).key()
-    p = float(a.p)
-    # the seeds as int32 when the fused pass takes the output (``empty_like(input)``, dense)
-    small = a.scale != "realized" and fused.available(a.input, geo, require_dense=False)
-    seeds = draw_sparse(a.input, geo, p, a.seeding, a.seed, key, a.window, small=small)
     out = a.input if inplace else torch.empty_like(a.input)
-    kept, factor = write_sparse(a.input, out, geo, p, a.scale, seeds)
+    kept, factor = write_sparse(a.input, out, geo, float(a.p), a.scale, _draw(a.input, out, geo, a))
     outputs = (out, *package_plan(kept, factor, out, geo, a.scale, a.plan))
     heads = outputs[1]
     if kept and kept[0][0] == SEEDS and a.window is None and heads.numel() == kept[0][1].numel():
@@ -326,17 +327,11 @@ drop_block_op = torch.library.custom_op(
 )(forward_impl)
 
 
-def _geometry(
-    input: Tensor,
-    channel_dim: int,
-    block_size: list[int],
-    shared: bool,
-    seeding: str,
-    window: Optional[list[int]],
-) -> Geometry:
-    if window is None:
-        return geometry(input.shape, channel_dim, block_size, shared, seeding)
-    return local_geometry(input.shape, channel_dim, block_size, shared)
+def _geometry(t: Tensor, a: ForwardArgs | BackwardArgs) -> Geometry:
+    """The geometry of ``t`` for the op's arguments: a window's own (:mod:`.window`) if it has one."""
+    if a.window is None:
+        return geometry(t.shape, a.channel_dim, a.block_size, a.shared, a.seeding)
+    return local_geometry(t.shape, a.channel_dim, a.block_size, a.shared)
 
 
 def package_plan(
@@ -345,28 +340,32 @@ def package_plan(
     """``(heads, info, factor)`` as ``spatialdrop::drop_block`` returns them, for a written ``out``.
 
     ``kept`` is the plan :func:`write_sparse` returned (``None`` for shared masks or an empty
-    input); it is kept as ``plan`` says when it takes at most :func:`plan_capacity` offsets.
+    input): the fused pass's seeds (kept as int32 grid indices, any layout, with at most 2**31
+    places) or runs (for ``out``'s layout, with at most 2**31 elements). It is kept as ``plan``
+    says when it takes at most :func:`plan_capacity` offsets; else backward draws it again.
     """
     slots = plan_slots(list(geo.blocks))
-    if kept and kept[0][0] == SEEDS and plan != PLAN_NONE:
-        return _package_seeds(kept[0][1], factor, out, geo, scale, plan, slots)
     info = PlanInfo(list(out.stride()), Kept.NOTHING, [0] * slots)
     # a static plan's buffer: the plan in its first entries, zeros after (a deterministic output)
     heads = torch.zeros(plan_capacity(out) if plan == PLAN_STATIC else 0, dtype=torch.int32)
     factors = _factors(factor, out, scale)
     if kept is None or plan == PLAN_NONE:
         return heads, info.tensor(), factors
-    total = sum(h.numel() for _, h in kept)
-    if out.numel() < 2**31 and total <= plan_capacity(out):
+    if kept and kept[0][0] == SEEDS:
+        parts, what, fits = [kept[0][1]], Kept.SEEDS, geo.places < 2**31
+    else:
         by_width = dict(kept)
         empty = torch.empty(0, dtype=torch.int64)
         parts = [by_width.get(w, empty) for w in run_lengths(min(geo.blocks[-1], geo.sizes[-1]))]
+        what, fits = Kept.RUNS, out.numel() < 2**31
+    total = sum(h.numel() for h in parts)
+    if fits and total <= plan_capacity(out):
         if plan == PLAN_STATIC:
             torch.cat(parts, out=heads.narrow(0, 0, total))
         else:
-            heads = torch.cat(parts).to(torch.int32)
+            heads = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.int32)
         counts = [h.numel() for h in parts]
-        info = info._replace(kept=Kept.RUNS, counts=counts + [0] * (slots - len(counts)))
+        info = info._replace(kept=what, counts=counts + [0] * (slots - len(counts)))
     return heads, info.tensor(), factors
 
 
@@ -378,27 +377,6 @@ def _factors(factor: Optional[Tensor], out: Tensor, scale: str) -> Tensor:
     if factor is not None:
         factors.copy_(factor.view(factors.shape))
     return factors
-
-
-def _package_seeds(
-    seeds: Tensor, factor: Optional[Tensor], out: Tensor, geo: Geometry, scale: str, plan: int, slots: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(heads, info, factor)`` for the fused pass: the seeds themselves, as int32 grid indices.
-
-    ``info`` says :attr:`Kept.SEEDS` and their number, or :attr:`Kept.NOTHING` when they do not
-    fit (more than 2**31 places, or past :func:`plan_capacity`): backward draws them again.
-    """
-    total = seeds.numel()
-    fits = geo.places < 2**31 and total <= plan_capacity(out)
-    counts = [total if fits else 0] + [0] * (slots - 1)
-    info = PlanInfo(list(out.stride()), Kept.SEEDS if fits else Kept.NOTHING, counts).tensor()
-    if plan == PLAN_STATIC:
-        heads = torch.zeros(plan_capacity(out), dtype=torch.int32)
-        if fits:
-            heads.narrow(0, 0, total).copy_(seeds)
-    else:
-        heads = seeds.to(torch.int32) if fits else torch.zeros(0, dtype=torch.int32)
-    return heads, info, _factors(factor, out, scale)
 
 
 @drop_block_op.register_fake
@@ -425,7 +403,7 @@ def backward_impl(*args: Any) -> Tensor:
     if g.numel() == 0:
         return g
     kept = PlanInfo.read(b.info, grad.dim())
-    geo = _geometry(grad, b.channel_dim, b.block_size, b.shared, b.seeding, b.window)
+    geo = _geometry(grad, b)
     if kept.kept == Kept.SEEDS:  # the forward's seeds (the fused pass): any layout
         seeds = b.heads.narrow(0, 0, kept.counts[0])  # int32, read as such by the fused pass
         return seeds_backward(grad, seeds, float(factor) if factor.numel() else None, geo)
@@ -436,10 +414,7 @@ def backward_impl(*args: Any) -> Tensor:
         parts = b.heads.narrow(0, 0, sum(counts)).split(counts)  # a static plan's buffer is longer
         apply_plan(g, None, list(zip(widths, parts)), kept.strides[geo.spatial[-1]])
         return g
-    key = KeyWords(b.key_words, b.step, b.sample_ids).key()
-    small = b.scale != "realized" and fused.available(g, geo)
-    seeds = draw_sparse(grad, geo, float(b.p), b.seeding, b.seed, key, b.window, small=small)
-    write_sparse(grad, g, geo, float(b.p), b.scale, seeds)
+    write_sparse(grad, g, geo, float(b.p), b.scale, _draw(grad, g, geo, b))
     return g
 
 
