@@ -1,10 +1,8 @@
 """DropBlock's dense, static-shape path: a dense seed grid, blocks grown by windowed ORs.
 
-No data-dependent shape and no device-to-host read: it serves devices without the fused Triton
-kernel, meta tensors, ``torch.export``/ONNX export, and CPU input under ``ops.override(Path.DENSE)``
-(tests). It is composed of torch ops, so autograd differentiates it (it saves the bool keep mask:
-a byte per element) and the compiler sees through it. The same seeds give the same output as the
-sparse path, bit for bit (the same scale policy, :mod:`.scale`).
+No data-dependent shape and no device-to-host read (where it runs: the table in :mod:`.ops`).
+It is composed of torch ops, so autograd differentiates it (it saves the bool keep mask: a byte
+per element) and the compiler sees through it.
 
 Under ``torch.compile`` the seed rate and the keyed seed grid depend on ``p`` through host
 arithmetic (the calibration's bisection, the keyed rule's chunk length and integer thresholds),
@@ -18,7 +16,7 @@ Exported programs hold no custom op: export takes the plain functions (its ``p``
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -63,17 +61,8 @@ def keyed_seed_grid(
 
 
 @keyed_seed_grid.register_fake
-def _(
-    p: Tensor,
-    sizes: list[int],
-    blocks: list[int],
-    seeding: str,
-    numel: int,
-    key_words: list[int],
-    step: Tensor,
-    sample_ids: Tensor,
-) -> Tensor:
-    return torch.empty((numel,), dtype=torch.bool, device=sample_ids.device)
+def _(p: Tensor, sizes: list[int], blocks: list[int], seeding: str, numel: int, *key: Any) -> Tensor:
+    return torch.empty((numel,), dtype=torch.bool, device=key[-1].device)  # the sample ids' device
 
 
 def _seed_grid(
@@ -118,12 +107,10 @@ def drop_block_dense(
     from ``p`` as a tensor, so that a new ``p`` does not recompile (see the module docstring).
     """
     with torch.no_grad():
-        if window is None:
-            grid = _seed_grid(p, geo, seeding, generator, key, input.device, p_as_tensor)
-        else:
-            geo_g = global_geometry(input.shape, geo.channel_dim, geo.blocks, geo.shared, seeding, window)
-            grid_g = _seed_grid(p, geo_g, seeding, generator, key, input.device, p_as_tensor)
-            grid = localize_dense(grid_g, geo_g, geo, window)
+        geo_g = geo if window is None else global_geometry(geo, seeding, window)
+        grid = _seed_grid(p, geo_g, seeding, generator, key, input.device, p_as_tensor)
+        if window is not None:
+            grid = localize_dense(grid, geo_g, geo, window)
         blocks = grow_blocks(grid.view((geo.maps, *geo.grid)), geo).reshape(geo.map_shape)
         dropped = None
         if scale == "realized":  # counted over the map (channels once for a shared mask)

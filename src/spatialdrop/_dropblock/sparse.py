@@ -218,21 +218,19 @@ def draw_sparse(
 ) -> Tensor:
     """The flat seed indices into ``geo``'s seed grid, from ``seed`` or ``key``.
 
-    ``small``: int32 indices where the C sampler draws them (what the fused pass keeps).
+    ``small``: int32 indices where the C sampler draws them (what the fused pass keeps), unless
+    a ``window`` is given (its seeds are localized in int64).
     """
     generator = None
     if key is None:
         assert seed is not None, "draw_sparse: an unkeyed draw needs a seed"
         generator = torch.Generator(device=input.device).manual_seed(int(seed))
-    if window is None:
-        gamma = seed_rate(p, geo.sizes, geo.blocks, seeding)
-        return sampling.draw_grid(
-            geo.places, gamma, generator, input.device, dense=False, key=key, small=small
-        )
-    geo_g = global_geometry(input.shape, geo.channel_dim, geo.blocks, geo.shared, seeding, window)
+    geo_g = geo if window is None else global_geometry(geo, seeding, window)
     gamma = seed_rate(p, geo_g.sizes, geo_g.blocks, seeding)
-    drawn = sampling.draw_grid(geo_g.places, gamma, generator, input.device, dense=False, key=key)
-    return localize_sparse(drawn, geo_g, geo, window)
+    drawn = sampling.draw_grid(
+        geo_g.places, gamma, generator, input.device, dense=False, key=key, small=small and window is None
+    )
+    return drawn if window is None else localize_sparse(drawn, geo_g, geo, window)
 
 
 def write_sparse(

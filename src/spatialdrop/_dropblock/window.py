@@ -39,21 +39,14 @@ def _split(window: Sequence[int]) -> tuple[int, int, list[int], list[int]]:
     return int(window[0]), int(window[1]), [int(v) for v in window[2::2]], [int(v) for v in window[3::2]]
 
 
-def global_geometry(
-    local_shape: Sequence[int],
-    channel_dim: int,
-    blocks: Sequence[int],
-    shared: bool,
-    seeding: str,
-    window: Sequence[int],
-) -> Geometry:
-    """The geometry of the global maps of the local samples (the local batch, global C and L)."""
+def global_geometry(geo: Geometry, seeding: str, window: Sequence[int]) -> Geometry:
+    """The geometry of the global maps of the window ``geo``'s samples (its batch, global C and L)."""
     channels, _, sizes, _ = _split(window)
-    shape = list(local_shape)
-    shape[channel_dim] = channels
-    for d, size in zip([d for d in range(1, len(shape)) if d != channel_dim], sizes):
+    shape = [geo.batch] * (len(geo.sizes) + 2)
+    shape[geo.channel_dim] = channels
+    for d, size in zip(geo.spatial, sizes):
         shape[d] = size
-    return Geometry(shape, channel_dim, blocks, shared, seeding)
+    return Geometry(shape, geo.channel_dim, geo.blocks, geo.shared, seeding)
 
 
 def local_geometry(
@@ -63,33 +56,21 @@ def local_geometry(
     return Geometry(local_shape, channel_dim, blocks, shared, "uniform")
 
 
-def _local_coords(
-    seeds: Tensor, geo_g: Geometry, geo_l: Geometry, window: Sequence[int]
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """``(keep, map index in the window, uniform grid coords in the window)`` of global seeds."""
+def localize_sparse(seeds: Tensor, geo_g: Geometry, geo_l: Geometry, window: Sequence[int]) -> Tensor:
+    """Sorted flat indices into ``geo_l``'s grid of the global ``seeds`` whose blocks reach the window."""
     _, c0, _, starts = _split(window)
     rest, coords = grid_coords(seeds, geo_g.grid)
     keep = torch.ones_like(seeds, dtype=torch.bool)
     if geo_g.shared:
-        maps = rest  # the local sample
+        flat = rest  # the local sample
     else:
         sample, channel = rest // geo_g.channels, rest % geo_g.channels - c0
         keep &= (channel >= 0) & (channel < geo_l.channels)
-        maps = sample * geo_l.channels + channel
-    local: list[Tensor] = []
-    for coord, shift, start, size, b in zip(coords, geo_g.shift, starts, geo_l.sizes, geo_l.blocks):
-        j = coord + (shift - start)
-        keep &= (j >= 0) & (j < size + b - 1)
-        local.append(j)
-    return keep, maps, local
-
-
-def localize_sparse(seeds: Tensor, geo_g: Geometry, geo_l: Geometry, window: Sequence[int]) -> Tensor:
-    """Sorted flat indices into ``geo_l``'s grid of the global ``seeds`` whose blocks reach the window."""
-    keep, maps, local = _local_coords(seeds, geo_g, geo_l, window)
-    flat = maps
-    for j, g in zip(local, geo_l.grid):
-        flat = flat * g + j
+        flat = sample * geo_l.channels + channel
+    for coord, shift, start, places in zip(coords, geo_g.shift, starts, geo_l.grid):
+        j = coord + (shift - start)  # the uniform index in the window's grid of l + b - 1 places
+        keep &= (j >= 0) & (j < places)
+        flat = flat * places + j
     return flat[keep]  # ascending: the order of the global grid restricted to the window
 
 
@@ -99,13 +80,11 @@ def localize_dense(grid: Tensor, geo_g: Geometry, geo_l: Geometry, window: Seque
     g = grid.view((geo_g.batch, 1 if geo_g.shared else geo_g.channels, *geo_g.grid))
     if not geo_g.shared:
         g = g.narrow(1, c0, geo_l.channels)
-    for axis, (shift, start, size, b) in enumerate(
-        zip(geo_g.shift, starts, geo_l.sizes, geo_l.blocks), start=2
-    ):
+    for axis, (shift, start, places) in enumerate(zip(geo_g.shift, starts, geo_l.grid), start=2):
         if shift:  # a valid-seeding grid: pad to uniform indices (no seed in the first and last b - 1)
             pad = list(g.shape)
             pad[axis] = shift
             zeros = g.new_zeros(pad)
             g = torch.cat([zeros, g, zeros], dim=axis)
-        g = g.narrow(axis, start, size + b - 1)
+        g = g.narrow(axis, start, places)  # the window's uniform grid: l + b - 1 places
     return g.reshape((geo_l.maps, *geo_l.grid))
