@@ -204,15 +204,20 @@ def _(input: Tensor, *args: Any) -> Tensor:
     return torch.empty_like(input)
 
 
+_ARGS = [a.name for a in drop_block_triton._opoverload._schema.arguments]  # the schema's names
+_TENSORS = ("seed", "sample_ids", "step", "p")  # the op's tensors but the input
+
+
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    ctx.save_for_backward(*inputs[1:5])  # seed, sample_ids, step, p: the op's tensors but the input
-    ctx.options = inputs[5:]
+    args = dict(zip(_ARGS, inputs))
+    ctx.save_for_backward(*(args.pop(k) for k in _TENSORS))
+    ctx.options = {k: v for k, v in args.items() if k != "input"}
 
 
 def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     """The formula: the kernels again, on the gradient, from the same seed or key."""
-    g = drop_block_triton(grad, *ctx.saved_tensors, *ctx.options)
-    return (g,) + (None,) * (4 + len(ctx.options))
+    g = drop_block_triton(grad, **dict(zip(_TENSORS, ctx.saved_tensors)), **ctx.options)
+    return (g,) + (None,) * (len(_ARGS) - 1)
 
 
 torch.library.register_autograd(drop_block_triton, _backward, setup_context=_setup_context)
