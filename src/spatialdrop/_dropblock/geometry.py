@@ -129,6 +129,8 @@ def is_dense(t: Tensor) -> bool:
 
     Write plans address storage offsets, so they apply to such a tensor only.
     """
+    if t.is_contiguous():  # the common case, at the cost of one C call
+        return True
     # Sort-free (dynamo cannot sort SymInt tuples): each dim's stride is the product of the sizes
     # of the dims with smaller strides, and no two dims share a stride.
     dims = [(st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1]

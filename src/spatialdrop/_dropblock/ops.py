@@ -153,7 +153,7 @@ def select_path(input: Tensor, geo: Geometry, scale: str, inplace: bool, window:
         if window is None and 1 <= len(geo.sizes) <= 3 and not func and triton_ready(input):
             return Path.TRITON
         return Path.DENSE
-    direct = direct_call_ok(input)
+    direct = not func and direct_call_ok(input)
     fusable = direct and scale != "realized" and geo.places < 2**31 and fused.available(input, geo)
     if window is None and not inplace and fusable:
         return Path.FUSED
