@@ -315,13 +315,14 @@ def test_torchvision_resnet18_bf16_autocast() -> None:
 @pytest.mark.models
 @pytest.mark.slow
 def test_timm_resnet_converted_default_and_dynamic() -> None:
-    # later steps: measured 3.3e-4 apart at the third (torch 2.14.1, inductor's reduction order)
+    # later steps, measured at the third (torch 2.14.1, inductor's reduction order): 3.3e-4 apart
+    # in the default mode, 1.2e-3 with dynamic=True (its third batch is a new map size)
     eager_vs_compiled(timm_resnet, batches(RESNET), later_rtol=1e-3)
     eager_vs_compiled(
         timm_resnet,
         batches([(4, 3, 64, 64), (6, 3, 64, 64), (4, 3, 96, 96)]),
         compile_kwargs={"dynamic": True},
-        later_rtol=1e-3,
+        later_rtol=5e-3,
     )
 
 
